@@ -1,0 +1,127 @@
+"""Minibatches for sampling: one reproducible stream per chain, never the global RNG.
+
+The user passes any re-iterable of batches. For a ``DataLoader`` we draw the shuffling
+from the chain's own generator (so chains do not depend on each other or on the global
+random state); for a ``DataLoader`` over a ``TensorDataset`` with the default collate,
+batches are sliced straight from the tensors, which is what the loader would produce but
+without per-sample collation. Any other iterable is used as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in ``batch``: the leading dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            raise ValueError("loader: a batch is a 0-d tensor; batches need a sample dimension")
+        return batch.shape[0]
+    items = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(items, Iterable) and not isinstance(batch, (str, bytes)):
+        for item in items:
+            try:
+                return batch_size(item)
+            except TypeError:
+                continue
+    raise TypeError(f"loader: cannot find a tensor in a batch of type {type(batch).__name__}")
+
+
+def dataset_size(loader: Iterable) -> int | None:
+    """``len(loader.dataset)`` when the loader has a sized dataset, else ``None``."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def _shuffles(loader: DataLoader) -> bool | None:
+    """True/False for a loader with a standard random/sequential sampler, else None."""
+    if loader.batch_sampler is None or type(loader.batch_sampler).__name__ != "BatchSampler":
+        return None
+    if isinstance(loader.sampler, RandomSampler):
+        if loader.sampler.replacement or loader.sampler._num_samples is not None:
+            return None
+        return True
+    if isinstance(loader.sampler, SequentialSampler):
+        return False
+    return None
+
+
+class BatchStream:
+    """Epochs of minibatches from ``loader`` on ``device``, shuffled by a given generator."""
+
+    def __init__(self, loader: Iterable, device: torch.device):
+        if not isinstance(loader, DataLoader) and iter(loader) is loader:
+            raise TypeError(
+                "loader: got a one-shot iterator; pass a re-iterable such as a DataLoader or a list"
+            )
+        self.loader = loader
+        self.device = device
+        self.shuffle = _shuffles(loader) if isinstance(loader, DataLoader) else None
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+        if (
+            self.shuffle is not None
+            and isinstance(loader.dataset, TensorDataset)
+            and getattr(loader.collate_fn, "__name__", "") == "default_collate"
+        ):
+            self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Any]:
+        """One pass over the data, in an order drawn from ``generator`` when shuffling."""
+        loader = self.loader
+        if self.tensors is not None:
+            n = self.tensors[0].shape[0]
+            bs = loader.batch_size
+            order = torch.randperm(n, generator=generator) if self.shuffle else None
+            stop = n - n % bs if loader.drop_last else n
+            for start in range(0, stop, bs):
+                if order is None:
+                    yield [t[start : start + bs] for t in self.tensors]
+                else:
+                    idx = order[start : start + bs].to(self.device)
+                    yield [t[idx] for t in self.tensors]
+            return
+        if self.shuffle is not None:  # rebuilt so that its seed comes from our generator
+            seed = int(torch.randint(2**62, (), generator=generator))
+            loader = DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                shuffle=self.shuffle,
+                generator=torch.Generator().manual_seed(seed),
+                collate_fn=loader.collate_fn,
+                drop_last=loader.drop_last,
+                num_workers=loader.num_workers,
+                pin_memory=loader.pin_memory,
+            )
+        for batch in loader:
+            yield to_device(batch, self.device)
+
+    def forever(self, generator: torch.Generator) -> Iterator[Any]:
+        """Epoch after epoch; raises ``ValueError`` if the loader yields nothing."""
+        while True:
+            empty = True
+            for batch in self.epoch(generator):
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("loader: yielded no batches (is the dataset empty?)")

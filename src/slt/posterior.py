@@ -1,0 +1,162 @@
+"""The localized tempered posterior of a user's model, as a function of its parameters.
+
+p(w) ∝ exp(-nβ L_n(w) - (γ/2) ‖w - w*‖²), with L_n the mean per-sample NLL over n
+samples (Lau et al. 2023, arXiv 2308.12108). ``Posterior`` binds the user's model,
+data and ``loss_fn`` into the two things samplers need: the minibatch loss gradient at a
+parameter set, and the loss at w* on the same batch (the control variate). It works on
+two private copies of the model in eval mode -- one that holds the chain's parameters
+and one that stays at w* -- so the user's model, its mode and its gradients are never
+touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from slt.data import BatchStream, batch_size, dataset_size
+from slt.losses import LossFn
+
+_STOCHASTIC_IN_TRAIN = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.dropout._DropoutNd,
+)
+
+
+def _train_mode_layers(model: torch.nn.Module) -> list[str]:
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if m.training and isinstance(m, _STOCHASTIC_IN_TRAIN)
+    ]
+
+
+def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
+    """Raise unless ``loss`` is a floating 0-d (or one-element) tensor."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a torch.Tensor, got {type(loss).__name__} {where}")
+    if loss.numel() != 1 or not loss.is_floating_point():
+        raise ValueError(
+            f"loss_fn must return a floating scalar (the batch mean NLL), got a tensor of "
+            f"shape {tuple(loss.shape)} and dtype {loss.dtype} {where}"
+        )
+    return loss.reshape(())
+
+
+class Posterior:
+    """Localized tempered posterior around the parameters of ``model`` (taken as w*).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model at w*. Only its trainable (``requires_grad``) parameters are sampled.
+    loader : re-iterable of batches
+    loss_fn : callable ``(model, batch) -> Tensor``, the batch mean per-sample NLL.
+    n : int, optional
+        Number of samples behind L_n; defaults to ``len(loader.dataset)`` or a count.
+    nbeta : float, optional
+        Inverse temperature times n; defaults to n / log n (β* = 1/log n, Watanabe 2013).
+    localization : float
+        γ ≥ 0, strength of the Gaussian pull toward w*.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loader: Iterable,
+        loss_fn: LossFn,
+        *,
+        n: int | None = None,
+        nbeta: float | None = None,
+        localization: float = 1.0,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        if not (math.isfinite(localization) and localization >= 0):
+            raise ValueError(f"localization must be a finite number >= 0, got {localization!r}")
+        self.warnings: list[str] = []
+        layers = _train_mode_layers(model)
+        if layers:
+            msg = (
+                f"model is in training mode with BatchNorm/Dropout layers ({', '.join(layers[:3])}"
+                f"{', ...' if len(layers) > 3 else ''}); the posterior is evaluated in eval mode "
+                "on a copy (your model is left as it is)"
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            self.warnings.append(msg)
+
+        self.module = copy.deepcopy(model).eval()
+        self.reference = copy.deepcopy(model).eval()
+        for p in (*self.module.parameters(), *self.reference.parameters()):
+            p.grad = None
+        self.names = [name for name, p in self.module.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        ref = dict(self.reference.named_parameters())
+        own = dict(self.module.named_parameters())
+        self.center = {name: ref[name] for name in self.names}
+        self.params = {name: own[name] for name in self.names}
+        first = self.params[self.names[0]]
+        self.device, self.dtype = first.device, first.dtype
+        self.loss_fn = loss_fn
+        self.batches = BatchStream(loader, self.device)
+        self.init_loss, counted = self._full_loss_at_center()
+        self.n = n if n is not None else (dataset_size(loader) or counted)
+        if not (isinstance(self.n, int) and self.n >= 2):
+            raise ValueError(f"n must be an integer >= 2, got {self.n!r}")
+        self.nbeta = float(nbeta) if nbeta is not None else self.n / math.log(self.n)
+        if not (math.isfinite(self.nbeta) and self.nbeta > 0):
+            raise ValueError(f"nbeta must be a finite number > 0, got {nbeta!r}")
+        self.localization = float(localization)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def _full_loss_at_center(self) -> tuple[float, int]:
+        """L_n(w*) as the sample-weighted mean of batch losses over one pass, and the count."""
+        total, count = 0.0, 0
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for i, batch in enumerate(self.batches.epoch(generator)):
+                loss = check_scalar_loss(self.loss_fn(self.reference, batch), where=f"on batch {i}")
+                size = batch_size(batch)
+                total += float(loss) * size
+                count += size
+        if count == 0:
+            raise ValueError("loader: yielded no batches (is the dataset empty?)")
+        value = total / count
+        if not math.isfinite(value):
+            raise ValueError(
+                f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
+            )
+        return value, count
+
+    def reset(self) -> dict[str, torch.Tensor]:
+        """Put the chain parameters back at w* and return them (the sampler's init)."""
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.params.values()), list(self.center.values()))
+        return self.params
+
+    def grad_fn(self, params: dict[str, torch.Tensor], batch: Any):
+        """(∇L_B(w), L_B(w)) for the chain parameters ``params`` (those of ``reset``)."""
+        if params is not self.params:
+            raise ValueError("Posterior.grad_fn takes the parameter dict returned by reset()")
+        loss = self.loss_fn(self.module, batch)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        return grads, loss.detach()
+
+    def loss_at_center(self, batch: Any) -> torch.Tensor:
+        """L_B(w*) on ``batch``: the control variate for the chain's L_B(w)."""
+        with torch.no_grad():
+            return self.loss_fn(self.reference, batch).detach()

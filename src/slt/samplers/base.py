@@ -1,0 +1,70 @@
+"""The kernel interface every sampler implements.
+
+A kernel is a pair of functions over a dict of tensors, in the manner of BlackJAX:
+
+- ``init(params) -> state``
+- ``step(state, grad_fn, batch, generator) -> (state, info)``
+
+``grad_fn(params, batch) -> (grads, loss)`` returns the gradient of the minibatch mean
+loss L_B at ``params`` (a list of tensors in the order of ``params``) and the loss itself.
+Kernels never touch an ``nn.Module``, a file or the global random generator: all
+randomness comes from ``generator``.
+
+The state is *donated* to ``step``: its tensors are updated in place (as JAX's donated
+buffers), so the caller that wants to keep the old state clones it first. This keeps the
+hot path free of allocations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+Params = dict[str, torch.Tensor]
+GradFn = Callable[[Params, Any], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+class StepInfo(NamedTuple):
+    """What one step reports; ``loss`` is L_B at the state *before* the step (0-d tensor)."""
+
+    loss: torch.Tensor
+
+
+class Kernel(NamedTuple):
+    """A sampler: ``init(params) -> state`` and ``step(state, grad_fn, batch, generator)``."""
+
+    init: Callable[[Params], Any]
+    step: Callable[[Any, GradFn, Any, torch.Generator], tuple[Any, StepInfo]]
+
+
+def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """Standard normal noise shaped like ``params``, drawn in one call from ``generator``."""
+    first = params[0]
+    flat = torch.randn(
+        sum(p.numel() for p in params),
+        generator=generator,
+        device=first.device,
+        dtype=first.dtype,
+    )
+    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+def localized_drift(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    center: list[torch.Tensor],
+    *,
+    nbeta: float,
+    localization: float,
+) -> list[torch.Tensor]:
+    """Gradient of the localized tempered log density, -nβ ∇L_B(w) - γ (w - w*).
+
+    Overwrites and returns ``grads``.
+    """
+    torch._foreach_mul_(grads, -nbeta)
+    if localization != 0.0:
+        torch._foreach_add_(grads, params, alpha=-localization)
+        torch._foreach_add_(grads, center, alpha=localization)
+    return grads
