@@ -79,8 +79,9 @@ class LLCResult:
             f"burn-in {self.num_burnin})",
             f"  sampler {self.sampler}, step_size {self.step_size:g}, "
             f"localization {self.localization:g}, nβ {nb}, n {self.n}",
-            f"  L_n(w*) {self.init_loss:.6g}   d {self.num_params} (BIC's d/2 = {self.num_params / 2:g})"
-            f"   control variate {'on' if self.control_variate else 'off'}   {self.seconds:.1f} s",
+            f"  L_n(w*) {self.init_loss:.6g}   d {self.num_params} "
+            f"(BIC's d/2 = {self.num_params / 2:g})   "
+            f"control variate {'on' if self.control_variate else 'off'}   {self.seconds:.1f} s",
             f"  per chain: {per_chain}",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
