@@ -54,17 +54,17 @@ def run_chains(
     num_chains: int,
     num_steps: int,
     seed: int,
-    control_variate: bool = True,
     progress: bool = True,
 ) -> Trace:
     """Run ``num_chains`` chains of ``num_steps`` steps each, one after another.
 
-    With ``control_variate=False`` the loss at w* is not evaluated per batch and
-    ``loss_at_center`` holds L_n(w*) everywhere.
+    With the posterior's ``control_variate="none"`` the loss at w* is not evaluated per
+    batch and ``loss_at_center`` holds L_n(w*) everywhere.
     """
     shape = (num_chains, num_steps)
     loss = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
-    loss_at_center = torch.full_like(loss, float("nan") if control_variate else posterior.init_loss)
+    skip_center = posterior.control_variate == "none"
+    loss_at_center = torch.full_like(loss, posterior.init_loss if skip_center else float("nan"))
     diverged = np.zeros(num_chains, dtype=bool)
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
@@ -75,9 +75,10 @@ def run_chains(
         row, row_center = loss[chain], loss_at_center[chain]
         for t in range(num_steps):
             batch = next(batches)
-            if control_variate:
-                row_center[t] = posterior.loss_at_center(batch)
-            state, info = kernel.step(state, posterior.grad_fn, batch, noise_gen)
+            center_loss, grad_fn = posterior.at_center(batch)
+            if center_loss is not None:
+                row_center[t] = center_loss
+            state, info = kernel.step(state, grad_fn, batch, noise_gen)
             row[t] = info.loss
             if (t + 1) % _CHECK_EVERY == 0 or t + 1 == num_steps:
                 bar.update(t + 1 - steps_run[chain])

@@ -1,0 +1,95 @@
+"""One-hidden-layer tanh networks, 1-d in and out, no biases, true function 0.
+
+f(x) = Σ_h a_h tanh(b_h x) at w* = 0; λ = (H + i² + i)/(4i + 2), i = ⌊√H⌋ (Aoyagi 2006;
+Watanabe 2009). The noise is projected off x, the leading term of every tanh(b x), so w*
+is a minimizer of L_n up to terms of order b³.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from slt import theory
+from slt.losses import gaussian_nll
+from slt.zoo.base import Case, Settings, orthogonal_noise
+
+
+class TanhNetwork(torch.nn.Module):
+    """f(x) = Σ_h a_h tanh(b_h x), parameters a, b ∈ R^H, all zero at w*."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(hidden))
+        self.b = torch.nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.b) @ self.a.unsqueeze(1)
+
+
+def expected_llc(
+    x: np.ndarray,
+    y: np.ndarray,
+    sigma: float,
+    nbeta: float,
+    localization: float,
+    *,
+    hidden: int,
+    grid: int = 0,
+) -> float:
+    """Exact finite-n value of nβ E[L_n(w) - L_n(0)] for the tanh network with data (x, y).
+
+    Given b, K_n = aᵀA a - Bᵀa is quadratic in a, with A = TᵀT/(2σ²n), B = Tᵀy/(σ²n) and
+    T_ih = tanh(b_h x_i); the Gaussian integral over a is done in closed form and the one
+    over b ∈ R^H on a trapezoid grid (H ≤ 3). Needs γ > 0.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    n, t, g = x.size, float(nbeta), float(localization)
+    if g <= 0:
+        raise ValueError(f"localization must be > 0, got {localization}")
+    grid = grid or {1: 2001, 2: 301, 3: 81}[hidden]
+    b = np.linspace(-8 / math.sqrt(g), 8 / math.sqrt(g), grid)
+    tb = np.tanh(np.outer(b, x))  # (grid, n)
+    gram = tb @ tb.T / (2 * sigma**2 * n)  # (grid, grid)
+    lin = tb @ y / (sigma**2 * n)  # (grid,)
+    idx = np.stack(np.meshgrid(*[np.arange(grid)] * hidden, indexing="ij"), -1).reshape(-1, hidden)
+    A = gram[idx[:, :, None], idx[:, None, :]]  # (points, H, H)
+    B = lin[idx]  # (points, H)
+    P = 2 * t * A + g * np.eye(hidden)
+    cov = np.linalg.inv(P)
+    mu = np.einsum("pij,pj->pi", cov, t * B)
+    tk = t * (np.einsum("pij,pji->p", A, cov) + np.einsum("pi,pij,pj->p", mu, A, mu)
+              - np.einsum("pi,pi->p", B, mu))  # fmt: skip
+    _, logdet = np.linalg.slogdet(P)
+    logw = -0.5 * logdet + 0.5 * np.einsum("pi,pi->p", t * B, mu) - 0.5 * g * (b[idx] ** 2).sum(1)
+    w = np.exp(logw - logw.max())
+    return float((w * tk).sum() / w.sum())
+
+
+def tanh_network(
+    hidden: int, *, n: int = 4096, sigma: float = 0.5, seed: int = 0, settings=None
+) -> Case:
+    """The case y = Σ_h a_h tanh(b_h x) + N(0, σ²) with truth 0, x ~ N(0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, generator=generator)
+    y = orthogonal_noise(x, 1, sigma, generator)
+    lc = theory.tanh_1d(hidden)
+    return Case(
+        name=f"tanh(H={hidden})",
+        family="tanh",
+        model=TanhNetwork(hidden),
+        dataset=torch.utils.data.TensorDataset(x, y),
+        loss_fn=gaussian_nll(sigma),
+        lam=lc.lam,
+        m=lc.m,
+        settings=settings or Settings(),
+        expected=(
+            (lambda nbeta, loc: expected_llc(x, y, sigma, nbeta, loc, hidden=hidden))
+            if hidden <= 3
+            else None
+        ),
+        description="1-d tanh network, truth 0",
+    )
