@@ -22,6 +22,11 @@ class Settings:
     num_draws: int = 1500
     num_burnin: int = 500
     sampler: str = "sgld"
+    control_variate: str = "loss"
+
+    def estimate_kwargs(self) -> dict:
+        """Keyword arguments for :func:`slt.estimate_llc` (all but the batch size)."""
+        return {k: v for k, v in vars(self).items() if k != "batch_size"}
 
 
 @dataclass(frozen=True)

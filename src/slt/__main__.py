@@ -1,0 +1,3 @@
+from slt.cli import main
+
+main()

@@ -1,0 +1,207 @@
+"""``slt validate``: estimate λ on zoo models whose answer is known and print the table.
+
+A case with m = 1 passes if |λ̂ - λ| ≤ 10% of λ. A case with m > 1 is compared with what
+a finite-nβ estimator actually targets, which is below λ by about (m - 1)/log nβ
+(THEORY.md): the exact value by quadrature where the zoo provides it, else the
+asymptotic λ - (m - 1)/log nβ; it passes if within 10% of that target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from slt import zoo
+from slt.llc import estimate_llc
+
+TOLERANCE = 0.10
+
+# Two-parameter singular models: the flat directions relax at rate εγ/2, so γ = 8 and
+# ε = 1e-3 with 8 chains of 6,000 draws give a standard error of ~3% of the target.
+_SINGULAR_2D = zoo.Settings(
+    step_size=1e-3, localization=8.0, batch_size=1024, num_chains=8, num_draws=6000,
+    num_burnin=1000,
+)  # fmt: skip
+
+
+def default_cases() -> list[zoo.Case]:
+    """The known-answer set ``slt validate`` runs: every zoo family, ≈ 2 minutes on 2 cores."""
+    S = zoo.Settings
+    return [
+        zoo.regular(10),
+        zoo.regular(20, 3, settings=S(control_variate="gradient")),
+        zoo.reduced_rank(5, 4, 3, 2),
+        zoo.reduced_rank(10, 8, 6, 3),
+        zoo.deep_linear((8, 4, 8, 8), 4, settings=S(control_variate="gradient", batch_size=512)),
+        zoo.deep_linear((80, 50, 50, 80), 50, settings=S(step_size=1e-5, localization=10.0)),
+        zoo.potential((1, 1), sigma=1.0, settings=_SINGULAR_2D),
+        zoo.tanh_network(1, sigma=1.0, settings=_SINGULAR_2D),
+    ]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the validation table."""
+
+    name: str
+    family: str
+    d: int
+    lam: float
+    m: int
+    target: float  # what λ̂ should be at this nβ (λ when m = 1)
+    target_kind: str  # "λ", "exact", or "asymptotic"
+    llc: float
+    llc_std: float
+    nbeta: float
+    seconds: float
+    settings: dict
+
+    @property
+    def rel_error(self) -> float:
+        """(λ̂ - λ) / λ."""
+        return self.llc / self.lam - 1
+
+    @property
+    def passed(self) -> bool:
+        return abs(self.llc - self.target) <= TOLERANCE * abs(self.target)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rel_error": self.rel_error, "passed": self.passed}
+
+
+def target_for(case: zoo.Case, nbeta: float, localization: float) -> tuple[float, str]:
+    """The value a finite-nβ estimate of ``case`` should reach, and how it was obtained."""
+    if case.m == 1:
+        return float(case.lam), "λ"
+    if case.expected is not None:
+        return case.expected(nbeta, localization), "exact"
+    return float(case.lam) - (case.m - 1) / math.log(nbeta), "asymptotic"
+
+
+def run_case(case: zoo.Case, *, seed: int = 0) -> Row:
+    """Estimate λ on one case with its recommended settings."""
+    s = case.settings
+    res = estimate_llc(
+        case.model, case.loader(), case.loss_fn, seed=seed, progress=False, **s.estimate_kwargs()
+    )
+    target, kind = target_for(case, res.nbeta, res.localization)
+    return Row(
+        name=case.name,
+        family=case.family,
+        d=case.num_params,
+        lam=float(case.lam),
+        m=case.m,
+        target=target,
+        target_kind=kind,
+        llc=res.llc,
+        llc_std=res.llc_std,
+        nbeta=res.nbeta,
+        seconds=res.seconds,
+        settings=asdict(s),
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    """The table as aligned text."""
+    head = (
+        f"{'case':<28} {'d':>6} {'d/2':>7} {'λ':>8} {'m':>2} {'target':>9} "
+        f"{'λ̂ ± se':>18} {'λ̂/λ-1':>8} {'time':>6}  ok"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mark = {"λ": "", "exact": "*", "asymptotic": "~"}[r.target_kind]
+        lines.append(
+            f"{r.name:<28} {r.d:>6} {r.d / 2:>7g} {r.lam:>8.4g} {r.m:>2} "
+            f"{r.target:>8.4g}{mark or ' '} {r.llc:>9.4g} ± {r.llc_std:<6.2g} "
+            f"{r.rel_error:>+8.1%} {r.seconds:>5.1f}s  {'yes' if r.passed else 'NO'}"
+        )
+    lines.append(
+        f"target: λ for m = 1; * exact finite-nβ value by quadrature, ~ λ - (m-1)/log nβ, "
+        f"for m > 1. Pass: within {TOLERANCE:.0%} of the target."
+    )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """λ̂ against λ (log-log) with error bars, the diagonal, and the m > 1 targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    lo = min(min(r.lam, r.llc, r.target) for r in rows) / 1.5
+    hi = max(max(r.lam, r.llc) for r in rows) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, label="λ̂ = λ")
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="±10%")
+    for r in rows:
+        color = "tab:blue" if r.passed else "tab:red"
+        ax.errorbar(r.lam, r.llc, yerr=2 * r.llc_std, fmt="o", color=color, capsize=3)
+        if r.m > 1:
+            ax.plot(r.lam, r.target, marker="_", ms=14, color="k")
+        ax.annotate(r.name, (r.lam, r.llc), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.plot([], [], marker="_", ls="", ms=14, color="k", label="finite-nβ target (m > 1)")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="λ (theory)",
+           ylabel="λ̂ (± 2 se)", title="slt validate: λ̂ against the known λ")  # fmt: skip
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def validate(
+    cases: list[zoo.Case] | None = None,
+    *,
+    out: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Row]:
+    """Run the known-answer cases, print the table, and write ``table.json`` and
+    ``validate.png`` to ``out`` (if given). Returns the rows; all passed iff every
+    ``row.passed``."""
+    cases = default_cases() if cases is None else cases
+    rows: list[Row] = []
+    start = time.perf_counter()
+    bar = tqdm(cases, desc="validate", unit="case", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.name)
+        rows.append(run_case(case, seed=seed))
+    bar.close()
+    total = time.perf_counter() - start
+    print(format_table(rows))
+    print(f"{sum(r.passed for r in rows)}/{len(rows)} passed in {total:.0f} s")
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "slt_version": _version(),
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "seed": seed,
+            "seconds": total,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        (out / "table.json").write_text(
+            json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2)
+        )
+        try:
+            plot(rows, out / "validate.png")
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install 'slt[plot]')")
+        print(f"wrote {out / 'table.json'} and {out / 'validate.png'}")
+    return rows
+
+
+def _version() -> str:
+    from slt import __version__
+
+    return __version__
