@@ -107,7 +107,7 @@ def estimate_llc(
     num_draws: int = 1000,
     num_burnin: int = 250,
     sampler: str = "sgld",
-    control_variate: ControlVariate = "loss",
+    control_variate: ControlVariate = "gradient",
     seed: int = 0,
     progress: bool = True,
 ) -> LLCResult:
@@ -136,12 +136,15 @@ def estimate_llc(
     num_chains, num_draws, num_burnin : int
         Each chain takes ``num_burnin + num_draws`` steps; burn-in draws are discarded.
     sampler : {"sgld", "rmsprop_sgld"}
-    control_variate : {"loss", "gradient", "none"}
-        "loss" (default): subtract L_B(w*) on each draw's batch; one extra forward pass per
-        step, and a standard error several times smaller. "gradient": also use
-        ∇L_B(w) - ∇L_B(w*) + ∇L_n(w*) as the gradient, which removes most minibatch
-        gradient noise near w* (and the upward bias it causes) for one extra backward pass.
-        "none": plain SGLD with λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)).
+    control_variate : {"gradient", "loss", "none"}
+        "gradient" (default): use ∇L_B(w) - ∇L_B(w*) + ∇L_n(w*) as the gradient, which
+        removes most of the minibatch gradient noise near w* and the upward bias it causes
+        in λ̂ (measured: +5% to +13% on small deep linear networks at ε = 5e-5, b = 128),
+        and subtract L_B(w*) from each draw's loss. Costs a forward and a backward pass at
+        w* per step (about 1.5x plain SGLD) and one full-data gradient at the start.
+        "loss": only subtract L_B(w*) (one extra forward pass per step); this cuts the
+        spread of the per-draw λ̂, and the standard error where minibatch noise dominates
+        it. "none": plain SGLD, λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)).
     seed : int
         Chains are seeded from ``(seed, chain)``: the same seed gives the same numbers.
     progress : bool

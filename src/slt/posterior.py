@@ -84,7 +84,7 @@ class Posterior:
         n: int | None = None,
         nbeta: float | None = None,
         localization: float = 1.0,
-        control_variate: ControlVariate = "loss",
+        control_variate: ControlVariate = "gradient",
     ):
         if control_variate not in CONTROL_VARIATES:
             raise ValueError(

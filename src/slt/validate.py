@@ -36,10 +36,10 @@ def default_cases() -> list[zoo.Case]:
     S = zoo.Settings
     return [
         zoo.regular(10),
-        zoo.regular(20, 3, settings=S(control_variate="gradient")),
+        zoo.regular(20, 3),
         zoo.reduced_rank(5, 4, 3, 2),
         zoo.reduced_rank(10, 8, 6, 3),
-        zoo.deep_linear((8, 4, 8, 8), 4, settings=S(control_variate="gradient", batch_size=512)),
+        zoo.deep_linear((8, 4, 8, 8), 4),
         zoo.deep_linear((80, 50, 50, 80), 50, settings=S(step_size=1e-5, localization=10.0)),
         zoo.potential((1, 1), sigma=1.0, settings=_SINGULAR_2D),
         zoo.tanh_network(1, sigma=1.0, settings=_SINGULAR_2D),

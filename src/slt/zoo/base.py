@@ -22,7 +22,7 @@ class Settings:
     num_draws: int = 1500
     num_burnin: int = 500
     sampler: str = "sgld"
-    control_variate: str = "loss"
+    control_variate: str = "gradient"
 
     def estimate_kwargs(self) -> dict:
         """Keyword arguments for :func:`slt.estimate_llc` (all but the batch size)."""
