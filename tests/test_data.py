@@ -136,11 +136,6 @@ def test_custom_collate_is_not_bypassed():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fast path is chosen by isinstance(dataset, TensorDataset), so a subclass that "
-    "overrides __getitem__ (a transform) is sliced from .tensors and the override is skipped",
-)
 def test_tensor_dataset_subclass_getitem_is_respected():
     class Doubled(TensorDataset):
         def __getitem__(self, i):

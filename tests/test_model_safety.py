@@ -217,12 +217,6 @@ def test_global_rng_is_untouched(kind):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a DataLoader with a non-standard sampler is iterated as given, and "
-    "DataLoader.__iter__ draws its base seed from the global generator (loader.generator "
-    "is None), so estimate_llc advances torch's global RNG",
-)
 def test_global_rng_is_untouched_with_a_custom_sampler():
     x, y = make_tensors()
     sampler = WeightedRandomSampler(torch.ones(N), N, generator=torch.Generator().manual_seed(1))

@@ -67,6 +67,9 @@ def _shuffles(loader: DataLoader) -> bool | None:
     return None
 
 
+_END = object()
+
+
 class BatchStream:
     """Epochs of minibatches from ``loader`` on ``device``, shuffled by a given generator."""
 
@@ -81,7 +84,7 @@ class BatchStream:
         self.tensors: tuple[torch.Tensor, ...] | None = None
         if (
             self.shuffle is not None
-            and isinstance(loader.dataset, TensorDataset)
+            and type(loader.dataset) is TensorDataset  # a subclass may override __getitem__
             and getattr(loader.collate_fn, "__name__", "") == "default_collate"
         ):
             self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
@@ -112,8 +115,24 @@ class BatchStream:
                 drop_last=loader.drop_last,
                 num_workers=loader.num_workers,
                 pin_memory=loader.pin_memory,
+                worker_init_fn=loader.worker_init_fn,
+                multiprocessing_context=loader.multiprocessing_context,
+                persistent_workers=loader.persistent_workers,
+                prefetch_factor=loader.prefetch_factor,
+                timeout=loader.timeout,
             )
-        for batch in loader:
+            yield from (to_device(batch, self.device) for batch in loader)
+            return
+        # A loader we cannot rebuild (custom sampler, plain iterable) is used as given. A
+        # DataLoader draws its base seed, and a sampler usually its whole order, from the
+        # global generator when the iteration starts: do that on a forked global state.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+            first = next(batches, _END)
+        if first is _END:
+            return
+        yield to_device(first, self.device)
+        for batch in batches:
             yield to_device(batch, self.device)
 
     def forever(self, generator: torch.Generator) -> Iterator[Any]:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from slt import _checks
 from slt.chains import DivergenceError, run_chains
 from slt.losses import LossFn
 from slt.posterior import ControlVariate, Posterior
@@ -86,12 +87,6 @@ class LLCResult:
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def _check_positive_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def estimate_llc(
@@ -166,16 +161,11 @@ def estimate_llc(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    if (
-        isinstance(step_size, bool)
-        or not isinstance(step_size, (int, float))
-        or not (math.isfinite(step_size) and step_size > 0)
-    ):
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
-    num_chains = _check_positive_int("num_chains", num_chains, 1)
-    num_draws = _check_positive_int("num_draws", num_draws, 1)
-    num_burnin = _check_positive_int("num_burnin", num_burnin, 0)
-    seed = _check_positive_int("seed", seed, 0)
+    step_size = _checks.real("step_size", step_size, minimum=0, strict=True)
+    num_chains = _checks.integer("num_chains", num_chains, minimum=1)
+    num_draws = _checks.integer("num_draws", num_draws, minimum=1)
+    num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
+    seed = _checks.integer("seed", seed, minimum=0)
     start = time.perf_counter()
     posterior = Posterior(
         model,
@@ -187,7 +177,7 @@ def estimate_llc(
         control_variate=control_variate,
     )
     kernel = SAMPLERS[sampler](
-        step_size=float(step_size),
+        step_size=step_size,
         nbeta=posterior.nbeta,
         localization=posterior.localization,
         center=posterior.center,
@@ -235,7 +225,7 @@ def estimate_llc(
         n=posterior.n,
         num_params=posterior.num_params,
         localization=posterior.localization,
-        step_size=float(step_size),
+        step_size=step_size,
         sampler=sampler,
         num_chains=num_chains,
         num_draws=num_draws,

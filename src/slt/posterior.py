@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from slt import _checks
 from slt.data import BatchStream, batch_size, dataset_size
 from slt.losses import LossFn
 
@@ -95,8 +96,7 @@ class Posterior:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        if not (math.isfinite(localization) and localization >= 0):
-            raise ValueError(f"localization must be a finite number >= 0, got {localization!r}")
+        localization = _checks.real("localization", localization, minimum=0)
         self.warnings: list[str] = []
         layers = _train_mode_layers(model)
         if layers:
@@ -128,13 +128,14 @@ class Posterior:
         self.loss_fn = loss_fn
         self.batches = BatchStream(loader, self.device)
         self.init_loss, counted, self.init_grad = self._full_loss_at_center()
-        self.n = n if n is not None else (dataset_size(loader) or counted)
-        if not (isinstance(self.n, int) and self.n >= 2):
-            raise ValueError(f"n must be an integer >= 2, got {self.n!r}")
-        self.nbeta = float(nbeta) if nbeta is not None else self.n / math.log(self.n)
-        if not (math.isfinite(self.nbeta) and self.nbeta > 0):
-            raise ValueError(f"nbeta must be a finite number > 0, got {nbeta!r}")
-        self.localization = float(localization)
+        self.n = _checks.integer("n", n if n is not None else dataset_size(loader) or counted,
+                                 minimum=2)  # fmt: skip
+        self.nbeta = (
+            _checks.real("nbeta", nbeta, minimum=0, strict=True)
+            if nbeta is not None
+            else self.n / math.log(self.n)
+        )
+        self.localization = localization
 
     @property
     def num_params(self) -> int:

@@ -1,0 +1,26 @@
+"""Argument checks whose errors name the argument, the value, and what is accepted."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def real(name: str, value, *, minimum: float | None = None, strict: bool = False) -> float:
+    """``value`` as a finite float (numpy scalars included), optionally bounded below."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+    if not math.isfinite(value) or (
+        minimum is not None and (value <= minimum if strict else value < minimum)
+    ):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return value
+
+
+def integer(name: str, value, *, minimum: int) -> int:
+    """``value`` as an int (numpy integers included, bools refused), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -1,0 +1,69 @@
+"""``slt validate``: table, files, exit status."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+from typer.testing import CliRunner
+
+from slt import validate as validate_mod
+from slt import zoo
+from slt.cli import app
+
+
+def _tiny(lam=None):
+    s = zoo.Settings(num_chains=2, num_draws=300, num_burnin=100, step_size=1e-3)
+    case = zoo.regular(4, n=1024, settings=s)
+    return replace(case, lam=Fraction(lam)) if lam is not None else case
+
+
+def test_validate_writes_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = validate_mod.validate([_tiny()], out=tmp_path, progress=False)
+    assert rows[0].passed and rows[0].target_kind == "λ"
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["rows"][0]["name"] == "regular(4,1)" and table["rows"][0]["passed"]
+    assert (tmp_path / "validate.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "regular(4,1)" in out and "1/1 passed" in out
+
+
+def test_cli_exit_status(monkeypatch, tmp_path):
+    runner = CliRunner()
+    monkeypatch.setattr(validate_mod, "default_cases", lambda: [_tiny()])
+    ok = runner.invoke(app, ["validate", "--out", str(tmp_path), "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    monkeypatch.setattr(validate_mod, "default_cases", lambda: [_tiny(lam=100)])
+    bad = runner.invoke(app, ["validate", "--out", str(tmp_path), "--no-progress"])
+    assert bad.exit_code == 1 and "NO" in bad.output
+
+
+def test_targets_for_singular_cases():
+    pot = zoo.potential((1, 1), n=256)
+    value, kind = validate_mod.target_for(pot, 100.0, 2.0)
+    assert kind == "exact" and value == pytest.approx(pot.expected(100.0, 2.0))
+    rrr = zoo.reduced_rank(10, 8, 6, 3, n=256)
+    value, kind = validate_mod.target_for(rrr, 100.0, 1.0)
+    assert rrr.m == 2 and kind == "asymptotic"
+    assert value == pytest.approx(30 - 1 / 4.605170185988092)
+
+
+def test_default_cases_cover_every_family():
+    cases = validate_mod.default_cases()
+    assert len(cases) >= 8
+    assert {c.family for c in cases} == {
+        "regular",
+        "reduced_rank",
+        "deep_linear",
+        "potential",
+        "tanh",
+    }
+    assert max(c.num_params for c in cases if c.family == "deep_linear") >= 10_000
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "slt", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "validate" in out.stdout

@@ -1,0 +1,111 @@
+"""The zoo: exact minimizers, the right (λ, m), exact finite-nβ targets, and accuracy."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+from slt import theory, zoo
+from slt.zoo.potentials import expected_llc
+from slt.zoo.tanh import expected_llc as tanh_expected_llc
+
+
+def _full_grad(case):
+    x, y = case.dataset.tensors
+    model = case.model
+    loss = case.loss_fn(model, (x, y))
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [zoo.regular(6, 2, n=512), zoo.reduced_rank(5, 4, 3, 2, n=512),
+     zoo.deep_linear((6, 5, 4, 6), 3, n=512), zoo.potential((1, 2), n=512)],
+    ids=lambda c: c.name,
+)  # fmt: skip
+def test_center_is_an_exact_minimizer(case):
+    for g in _full_grad(case):
+        assert g.abs().max() < 1e-5
+
+
+def test_cases_carry_the_theory_values():
+    assert (zoo.regular(6, 2).lam, zoo.regular(6, 2).m) == (6, 1)
+    assert zoo.reduced_rank(5, 4, 3, 2).lam == theory.reduced_rank(5, 4, 3, 2).lam
+    c = zoo.deep_linear((6, 5, 4, 6), 3)
+    assert (c.lam, c.m) == (theory.deep_linear((6, 5, 4, 6), 3).lam, 1)
+    assert (zoo.potential((1, 1)).lam, zoo.potential((1, 1)).m) == (Fraction(1, 2), 2)
+    assert zoo.tanh_network(4).lam == theory.tanh_1d(4).lam
+    assert zoo.deep_linear((80, 50, 50, 80), 50).num_params >= 10_000
+
+
+def test_potential_loss_is_the_monomial():
+    case = zoo.potential((1, 2), n=256, sigma=0.5)
+    x, y = case.dataset.tensors
+    c = float(x.square().mean()) / (2 * 0.25)
+    with torch.no_grad():
+        base = float(case.loss_fn(case.model, (x, y)))
+    w = torch.tensor([0.7, -1.3])
+    with torch.no_grad():
+        case.model.w.copy_(w)
+        k_n = float(case.loss_fn(case.model, (x, y))) - base
+        case.model.w.zero_()
+    assert k_n == pytest.approx(c * (0.7 * 1.3**2) ** 2, rel=1e-4)
+
+
+def test_expected_llc_one_variable_closed_form():
+    # K = w², posterior precision 2t + γ: t E[w²] = t/(2t + γ)
+    assert expected_llc((1,), 500.0, 3.0) == pytest.approx(500 / 1003)
+
+
+def test_expected_llc_regular_pair_is_sum():
+    # K = w0² w1⁰... the sum rule is for sums; for a product with one variable the
+    # quadrature path must reproduce the closed form: k = (1, 1) at tiny t is ≈ t E[w0²w1²]
+    t, g = 1e-3, 2.0
+    assert expected_llc((1, 1), t, g) == pytest.approx(t / g**2, rel=1e-2)
+
+
+def test_expected_llc_has_the_multiplicity_two_log_correction():
+    # For a²b², t E[K] = 1/2 - 1/(log t + C) + o(1/log t) (THEORY.md): C must settle.
+    consts = [1 / (0.5 - expected_llc((1, 1), t, 1.0)) - math.log(t) for t in (1e6, 1e9, 1e12)]
+    assert abs(consts[1] - consts[2]) < 0.1
+    assert abs(consts[0] - consts[2]) < 0.3
+
+
+def test_tanh_quadrature_matches_potential_when_tanh_is_linear():
+    # With tiny inputs tanh(b x) = b x, so the tanh network is the potential a·b·x.
+    g = torch.Generator().manual_seed(0)
+    x = 1e-3 * torch.randn(4096, 1, generator=g)
+    y = zoo.orthogonal_noise(x, 1, 1e-3, g)
+    c = float(x.square().mean()) / (2 * 1e-6)
+    got = tanh_expected_llc(x.numpy(), y.numpy(), 1e-3, 400.0, 4.0, hidden=1)
+    assert got == pytest.approx(expected_llc((1, 1), 400.0 * c, 4.0), rel=2e-3)
+
+
+def test_tanh_quadrature_converges_in_the_grid():
+    case = zoo.tanh_network(2, n=1024)
+    x, y = (t.numpy() for t in case.dataset.tensors)
+    fine = tanh_expected_llc(x, y, 0.5, 200.0, 2.0, hidden=2, grid=401)
+    coarse = tanh_expected_llc(x, y, 0.5, 200.0, 2.0, hidden=2, grid=201)
+    assert fine == pytest.approx(coarse, rel=1e-3)
+
+
+@pytest.mark.parametrize("case", [zoo.regular(10), zoo.reduced_rank(5, 4, 3, 2)], ids=str)
+def test_zoo_accuracy_fast_subset(case):
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, progress=False,
+                           **case.settings.estimate_kwargs())  # fmt: skip
+    assert abs(res.llc / float(case.lam) - 1) < 0.10
+
+
+def test_singular_potential_hits_its_exact_finite_nbeta_target():
+    from slt.validate import default_cases
+
+    case = next(c for c in default_cases() if c.family == "potential")
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, progress=False,
+                           **case.settings.estimate_kwargs())  # fmt: skip
+    target = case.expected(res.nbeta, res.localization)
+    assert target < float(case.lam) - 0.1  # the finite-nβ target is well below λ = 1/2
+    assert abs(res.llc - target) < 0.10 * target
+    assert np.isfinite(res.llc_std) and res.llc_std < 0.05 * target
