@@ -153,7 +153,7 @@ def estimate_llc(
     >>> loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
     >>> model = torch.nn.Linear(2, 1, bias=False)
     >>> with torch.no_grad():
-    ...     model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    ...     _ = model.weight.copy_(torch.tensor([[1.0, -1.0]]))
     >>> res = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), num_draws=200,
     ...                        num_burnin=50, progress=False)
     >>> 0.5 < res.llc < 1.5   # d/2 = 1 for this regular model
