@@ -261,6 +261,9 @@ def devinterp_sgld_kwargs(run: Run, nbeta: float) -> dict:
 # ---- driver ---------------------------------------------------------------------------
 
 METHODS = {
+    "slt (control_variate=gradient, default)": lambda c, r, s, nb: run_slt(
+        c, r, s, control_variate="gradient"
+    ),
     "slt (control_variate=loss)": lambda c, r, s, nb: run_slt(c, r, s, control_variate="loss"),
     "slt (control_variate=none)": lambda c, r, s, nb: run_slt(c, r, s, control_variate="none"),
     "devinterp llc()": run_devinterp_llc,

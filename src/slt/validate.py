@@ -130,27 +130,40 @@ def format_table(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """λ̂ against λ (log-log) with error bars, the diagonal, and the m > 1 targets."""
+    """Left: λ̂ against λ (log-log) with the diagonal. Right: each case's relative error
+    against its target with ±2 se bars and the ±10% pass band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 3.2))
     lo = min(min(r.lam, r.llc, r.target) for r in rows) / 1.5
     hi = max(max(r.lam, r.llc) for r in rows) * 1.5
-    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, label="λ̂ = λ")
-    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="±10%")
+    left.plot([lo, hi], [lo, hi], color="0.6", lw=1, label="λ̂ = λ")
     for r in rows:
-        color = "tab:blue" if r.passed else "tab:red"
-        ax.errorbar(r.lam, r.llc, yerr=2 * r.llc_std, fmt="o", color=color, capsize=3)
+        color = "tab:blue" if r.m == 1 else "tab:orange"
+        left.errorbar(r.lam, r.llc, yerr=2 * r.llc_std, fmt="o", color=color, capsize=3)
         if r.m > 1:
-            ax.plot(r.lam, r.target, marker="_", ms=14, color="k")
-        ax.annotate(r.name, (r.lam, r.llc), fontsize=7, xytext=(4, -10), textcoords="offset points")
-    ax.plot([], [], marker="_", ls="", ms=14, color="k", label="finite-nβ target (m > 1)")
-    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="λ (theory)",
-           ylabel="λ̂ (± 2 se)", title="slt validate: λ̂ against the known λ")  # fmt: skip
-    ax.legend(loc="upper left", fontsize=8)
+            left.plot(r.lam, r.target, marker="_", ms=14, color="k")
+    left.plot([], [], "o", color="tab:blue", label="m = 1")
+    left.plot([], [], "o", color="tab:orange", label="m > 1")
+    left.plot([], [], marker="_", ls="", ms=14, color="k", label="finite-nβ target (m > 1)")
+    left.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="λ (theory)",
+             ylabel="λ̂ (± 2 se)", title="λ̂ against the known λ")  # fmt: skip
+    left.legend(loc="upper left", fontsize=8)
+
+    y = range(len(rows))
+    right.axvspan(-100 * TOLERANCE, 100 * TOLERANCE, color="0.9", label="pass band")
+    right.axvline(0, color="0.6", lw=1)
+    for i, r in enumerate(rows):
+        color = "tab:blue" if r.passed else "tab:red"
+        err = 100 * (r.llc / r.target - 1)
+        right.errorbar(err, i, xerr=200 * r.llc_std / r.target, fmt="o", color=color, capsize=3)
+    right.set_yticks(list(y), [f"{r.name} ({r.target_kind})" for r in rows], fontsize=8)
+    right.invert_yaxis()
+    right.set(xlabel="λ̂ / target − 1 (%), ± 2 se", title="error against the target")
+    fig.suptitle("slt validate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
