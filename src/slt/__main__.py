@@ -1,3 +1,3 @@
-from slt.cli import main
+from slt._entry import main
 
 main()

@@ -30,7 +30,3 @@ def validate(out: Path = _OUT, seed: int = _SEED, progress: bool = _PROGRESS) ->
 
     rows = run(out=out, seed=seed, progress=progress)
     raise typer.Exit(0 if all(r.passed for r in rows) else 1)
-
-
-def main() -> None:
-    app()
