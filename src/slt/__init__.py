@@ -6,11 +6,20 @@ from slt.losses import gaussian_nll, supervised
 
 __version__ = "0.1.0"
 
+
+def load(path):
+    """Read a result saved by ``LLCResult.save`` (:func:`slt.io.load`; needs ``slt[io]``)."""
+    from slt.io import load as _load
+
+    return _load(path)
+
+
 __all__ = [
     "DivergenceError",
     "LLCResult",
     "__version__",
     "estimate_llc",
     "gaussian_nll",
+    "load",
     "supervised",
 ]

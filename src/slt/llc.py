@@ -68,6 +68,12 @@ class LLCResult:
                 out[key] = list(value)
         return out
 
+    def save(self, path) -> None:
+        """Write to a netCDF file in ArviZ's layout (:func:`slt.io.save`; ``slt[io]``)."""
+        from slt.io import save
+
+        save(self, path)
+
     def __str__(self) -> str:
         ok = ~self.diverged
         nb = f"{self.nbeta:.4g}" + (" (default n/log n)" if self.nbeta_default else "")
