@@ -64,6 +64,7 @@ def _read_torch(path: Path):
     except pickle.UnpicklingError as err:
         text = " ".join(str(err).split())
         reason = text.partition("WeightsUnpickler error:")[2].partition(" Check the doc")[0]
+        reason = reason.partition(". Please use")[0]  # not torch's advice to allowlist it
         raise ValueError(
             f"refusing to load checkpoint {path}: PyTorch's weights-only unpickler rejected "
             f"it ({reason.strip() or text}). Either it is not a torch.save file, or it holds "
