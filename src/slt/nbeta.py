@@ -1,0 +1,140 @@
+"""λ̂ over a range of nβ: where the estimate has converged, and the input for fitting λ, m.
+
+Exact sampling of the tempered posterior gives nβ E[K] = λ - (m - 1)/log nβ + o(1/log nβ)
+(Watanabe 2009; THEORY.md), so a sweep over nβ shows how far a single estimate is from the
+asymptotic λ, and a fit of λ - (m - 1)/log nβ recovers both.
+
+The step size is rescaled with nβ by default: the stiffest posterior direction has
+precision ≈ nβ q_max, so keeping ε·nβ fixed keeps the discretization error fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slt.llc import LLCResult, estimate_llc
+from slt.losses import LossFn
+
+
+@dataclass(frozen=True)
+class NbetaSweep:
+    """λ̂ against nβ. Arrays are ``(point,)`` over the nβ grid, ascending."""
+
+    nbeta: np.ndarray  # (point,)
+    llc: np.ndarray  # (point,)
+    llc_std: np.ndarray  # (point,)
+    step_size: np.ndarray  # (point,)
+    n: int
+    results: tuple[LLCResult, ...] = field(repr=False)
+
+    @property
+    def relative_change(self) -> np.ndarray:
+        """(point - 1,) relative change of λ̂ from each nβ to the next."""
+        return np.diff(self.llc) / np.abs(self.llc[:-1])
+
+    def __str__(self) -> str:
+        lines = [
+            f"λ̂ against nβ (n = {self.n})",
+            f"{'nβ':>10} {'step_size':>10} {'λ̂ ± se':>20} {'Δ':>8}",
+        ]
+        for i, (nb, eps, v, se) in enumerate(
+            zip(self.nbeta, self.step_size, self.llc, self.llc_std)
+        ):
+            change = "" if i == 0 else f"{self.relative_change[i - 1]:+.1%}"
+            lines.append(f"{nb:>10.4g} {eps:>10.3g} {v:>11.4g} ± {se:<7.2g} {change:>8}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "nbeta": self.nbeta.tolist(),
+            "llc": self.llc.tolist(),
+            "llc_std": self.llc_std.tolist(),
+            "step_size": self.step_size.tolist(),
+            "n": self.n,
+        }
+
+    def plot(self, ax=None):
+        """λ̂ ± 2 se against log nβ; returns the matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        fig = ax.figure if ax is not None else plt.figure(figsize=(5, 3.5))
+        ax = ax if ax is not None else fig.add_subplot()
+        ax.errorbar(self.nbeta, self.llc, yerr=2 * self.llc_std, fmt="o-", capsize=3)
+        ax.set(xscale="log", xlabel="nβ", ylabel="λ̂ (± 2 se)", title="λ̂ against nβ")
+        fig.tight_layout()
+        return fig
+
+
+def default_nbetas(n: int, num: int = 6) -> np.ndarray:
+    """A geometric grid from (n/log n)/8 to 8 n/log n, ``num`` points."""
+    center = n / math.log(n)
+    return center * np.geomspace(1 / 8, 8, num)
+
+
+def llc_vs_nbeta(
+    model,
+    loader: Iterable,
+    loss_fn: LossFn,
+    *,
+    nbetas: Sequence[float] | None = None,
+    step_size: float = 1e-4,
+    rescale_step_size: bool = True,
+    progress: bool = True,
+    **kwargs,
+) -> NbetaSweep:
+    """Estimate λ̂ at each nβ in ``nbetas`` (default :func:`default_nbetas`).
+
+    ``step_size`` applies at the default nβ = n/log n; with ``rescale_step_size`` each
+    point uses ε · (n/log n) / nβ. Other keyword arguments go to
+    :func:`slt.estimate_llc` (the same ``seed`` at every point).
+
+    Examples
+    --------
+    >>> import slt
+    >>> case = slt.zoo.regular(3, n=512)
+    >>> sweep = slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, nbetas=[20, 80],
+    ...                          step_size=1e-3, num_chains=2, num_draws=200, num_burnin=50,
+    ...                          progress=False)
+    >>> sweep.nbeta.tolist()
+    [20.0, 80.0]
+    """
+    n = kwargs.get("n") or _dataset_size(loader)
+    grid = np.sort(np.asarray(nbetas if nbetas is not None else default_nbetas(n), dtype=float))
+    if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        raise ValueError(f"nbetas must be finite numbers > 0, got {nbetas!r}")
+    reference = n / math.log(n)
+    results = []
+    for nb in grid:
+        eps = step_size * reference / nb if rescale_step_size else step_size
+        results.append(
+            estimate_llc(
+                model,
+                loader,
+                loss_fn,
+                nbeta=float(nb),
+                step_size=float(eps),
+                progress=progress,
+                **kwargs,
+            )  # fmt: skip
+        )
+    return NbetaSweep(
+        nbeta=grid,
+        llc=np.array([r.llc for r in results]),
+        llc_std=np.array([r.llc_std for r in results]),
+        step_size=np.array([r.step_size for r in results]),
+        n=results[0].n,
+        results=tuple(results),
+    )
+
+
+def _dataset_size(loader) -> int:
+    from slt.data import dataset_size
+
+    size = dataset_size(loader)
+    if size is None:
+        raise ValueError("llc_vs_nbeta: pass n= when the loader has no sized dataset")
+    return size
