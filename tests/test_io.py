@@ -1,0 +1,245 @@
+"""``slt.io``: results saved to netCDF come back field by field identical."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+
+xr = pytest.importorskip("xarray")
+pytest.importorskip("h5netcdf")
+pytest.importorskip("h5py")
+from slt import io  # noqa: E402
+
+
+def _estimate(**kwargs):
+    x = torch.randn(96, 2, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    settings = {"num_chains": 2, "num_draws": 15, "num_burnin": 3, "progress": False} | kwargs
+    return slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **settings)
+
+
+SETTINGS = {
+    "sgld": {},
+    "rmsprop_sgld-loss-nbeta": {
+        "sampler": "rmsprop_sgld",
+        "control_variate": "loss",
+        "nbeta": 50.0,
+        "localization": 10.0,
+        "seed": 7,
+    },
+    "one-chain-none": {"control_variate": "none", "num_chains": 1, "step_size": 3e-4},
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {name: _estimate(**kwargs) for name, kwargs in SETTINGS.items()}
+
+
+def _diverged(res):
+    """A result with chain 0 diverged: NaNs in its trace and per-chain λ̂, unicode warnings."""
+    trace = res.trace.copy()
+    trace[0, 5:] = np.nan
+    trace[0, 7] = np.inf
+    per_chain = res.llc_per_chain.copy()
+    per_chain[0] = np.nan
+    return dataclasses.replace(
+        res,
+        trace=trace,
+        llc_per_chain=per_chain,
+        diverged=np.array([True, False]),
+        llc_std=math.nan,
+        warnings=res.warnings + ("chain 0 diverged: λ̂ ≠ ∞ — lower ε 🙂", 'quotes " and \\ too'),
+    )
+
+
+def assert_same(a, b, name=""):
+    """Same type and value; arrays bit for bit (NaN payloads too), NaN equal to NaN."""
+    assert type(a) is type(b), name
+    if isinstance(b, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), name
+    elif isinstance(b, dict | list | tuple):
+        assert json.dumps(a) == json.dumps(b), name
+    elif isinstance(b, float) and math.isnan(b):
+        assert math.isnan(a), name
+    else:
+        assert a == b, name
+
+
+def assert_identical(got, want):
+    assert type(got) is type(want)
+    for field in dataclasses.fields(want):
+        assert_same(getattr(got, field.name), getattr(want, field.name), field.name)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_round_trip_is_exact(results, tmp_path, name):
+    res = results[name]
+    res.save(tmp_path / "res.nc")
+    assert_identical(slt.load(tmp_path / "res.nc"), res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.nc"]  # no temp file left
+
+
+def test_round_trip_with_a_diverged_chain(results, tmp_path):
+    res = _diverged(results["sgld"])
+    io.save(res, str(tmp_path / "div.nc"))
+    back = io.load(str(tmp_path / "div.nc"))
+    assert_identical(back, res)
+    assert np.isnan(back.trace[0, 5]) and np.isposinf(back.trace[0, 7])
+    assert back.warnings[-2].endswith("🙂")
+
+
+def test_plain_xarray_reads_the_arviz_layout(results, tmp_path):
+    res = _diverged(results["sgld"])
+    res.save(tmp_path / "res.nc")
+    tree = xr.open_datatree(tmp_path / "res.nc")
+    assert {"posterior", "sample_stats"} <= set(tree.children)
+    post = xr.open_dataset(tmp_path / "res.nc", group="posterior")
+    assert post["llc"].dims == ("chain", "draw")
+    np.testing.assert_array_equal(post["llc"].values, res.llc_trace)
+    np.testing.assert_array_equal(post["loss"].values, res.trace)
+    np.testing.assert_array_equal(post["loss_at_center"].values, res.trace_at_center)
+    np.testing.assert_array_equal(post["chain"].values, [0, 1])
+    stats = tree["sample_stats"]
+    np.testing.assert_array_equal(stats["diverged"].values, [True, False])
+    np.testing.assert_array_equal(stats["llc_per_chain"].values, res.llc_per_chain)
+    for group in (tree, tree["posterior"], tree["sample_stats"]):
+        assert group.attrs["inference_library"] == "slt"
+        assert group.attrs["inference_library_version"] == slt.__version__
+        assert "created_at" in group.attrs
+    attrs = tree.attrs
+    assert attrs["llc"] == res.llc and attrs["seed"] == res.seed
+    assert attrs["sampler"] == "sgld" and attrs["nbeta_default"] == 1
+    assert json.loads(attrs["warnings"]) == list(res.warnings)
+    assert attrs["slt_schema"] == io.SCHEMA
+    post.close()
+    tree.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Extended(slt.LLCResult):
+    """LLCResult plus fields of the kinds others are adding."""
+
+    acceptance: np.ndarray = None  # (chain, draw) float32
+    per_sample: np.ndarray = None  # (chain, draw, k)
+    steps_run: np.ndarray = None  # (chain,) int64
+    mala_acceptance: float = 0.0
+    rhat: np.float64 = np.float64(1.0)
+    ess_bulk: float = math.nan
+    calibration: dict | None = None
+    note: str | None = None
+    fixed: bool = False
+    big: int = 0
+    ladder: tuple = ()
+    scalar_array: np.ndarray = None  # ()
+    extra_only_in_new_versions: int = 5
+
+
+@pytest.fixture
+def extended(results, monkeypatch):
+    monkeypatch.setitem(io._RESULT_TYPES, "Extended", Extended)
+    base = results["sgld"]
+    shape = base.trace.shape
+    return Extended(
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+        acceptance=np.linspace(0, 1, math.prod(shape), dtype=np.float32).reshape(shape),
+        per_sample=np.arange(math.prod(shape) * 3, dtype=np.int32).reshape(*shape, 3),
+        steps_run=np.array([18, 9]),
+        mala_acceptance=0.574,
+        rhat=np.float64(1.013),
+        calibration={"step_size": [1e-4, 3e-4], "chosen": 1e-4, "nan": math.nan, "ok": True},
+        note=None,
+        fixed=True,
+        big=2**70,
+        ladder=(0.5, 1.0, 2.0),
+        scalar_array=np.array(2.5, dtype=np.float16),
+    )
+
+
+def test_new_fields_are_placed_by_their_value(extended, tmp_path):
+    io.save(extended, tmp_path / "ext.nc")
+    assert_identical(io.load(tmp_path / "ext.nc"), extended)
+    tree = xr.open_datatree(tmp_path / "ext.nc")
+    stats = tree["sample_stats"]
+    assert stats["acceptance_rate"].dims == ("chain", "draw")  # ArviZ's name
+    assert stats["acceptance_rate"].dtype == np.float32
+    assert stats["per_sample"].dims == ("chain", "draw", "per_sample_dim_0")
+    assert stats["steps_run"].dims == ("chain",)
+    assert tree["scalar_array"].dims == ()
+    assert tree.attrs["mala_acceptance"] == 0.574 and tree.attrs["fixed"] == 1
+    assert json.loads(tree.attrs["calibration"])["chosen"] == 1e-4
+    tree.close()
+
+
+def test_unknown_content_does_not_break_load(extended, tmp_path, monkeypatch):
+    """A file from a newer slt, or edited with xarray: extras are ignored."""
+    io.save(extended, tmp_path / "new.nc")
+    with xr.open_datatree(tmp_path / "new.nc") as tree:
+        tree = tree.load()
+    post = tree["posterior"].to_dataset()
+    tree["posterior"] = post.assign(extra=post["loss"] * 2)
+    stats = tree["sample_stats"].to_dataset()
+    tree["sample_stats"] = stats.assign(lp=-stats["acceptance_rate"]).assign_attrs(note="hi")
+    fields = json.loads(tree.attrs["slt_fields"])
+    fields["from_the_future"] = {"kind": "array", "group": "sample_stats", "name": "lp"}
+    tree.attrs |= {"slt_fields": json.dumps(fields), "slt_schema": io.SCHEMA + 1, "x": "y"}
+    tree.to_netcdf(tmp_path / "edited.nc", engine="h5netcdf")
+    # and an older slt whose result class lacks a field the file has
+    older = dataclasses.make_dataclass(
+        "Extended",
+        [(f.name, f.type, f) for f in dataclasses.fields(Extended)][:-1],
+        frozen=True,
+    )
+    for cls in (Extended, older):
+        monkeypatch.setitem(io._RESULT_TYPES, "Extended", cls)
+        with pytest.warns(UserWarning, match="newer than this slt"):
+            back = io.load(tmp_path / "edited.nc")
+        for field in dataclasses.fields(cls):
+            assert_same(getattr(back, field.name), getattr(extended, field.name), field.name)
+
+
+def test_missing_extra_says_which(results, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xarray", None)
+    with pytest.raises(ImportError, match=r"pip install 'slt\[io\]'"):
+        results["sgld"].save(tmp_path / "res.nc")
+    with pytest.raises(ImportError, match=r"xarray is missing.*slt\[io\]"):
+        slt.load(tmp_path / "res.nc")
+
+
+def test_errors(results, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nowhere.nc"):
+        slt.load(tmp_path / "nowhere.nc")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        results["sgld"].save(tmp_path / "no" / "such" / "folder.nc")
+    with pytest.raises(TypeError, match="result dataclass"):
+        io.save({"llc": 1.0}, tmp_path / "dict.nc")
+    bad = Extended(**{**vars(results["sgld"]), "note": object()})
+    with pytest.raises(TypeError, match="field 'note' of type object"):
+        io.save(bad, tmp_path / "bad.nc")
+    results["sgld"].save(tmp_path / "res.nc")
+    newer = dataclasses.make_dataclass("LLCResult", [("llc", float), ("new_required", int)])
+    monkeypatch.setitem(io._RESULT_TYPES, "LLCResult", newer)
+    with pytest.raises(ValueError, match=r"res\.nc lacks field\(s\) new_required of LLCResult"):
+        slt.load(tmp_path / "res.nc")
+    xr.Dataset({"a": ("x", [1.0])}).to_netcdf(tmp_path / "other.nc", engine="h5netcdf")
+    with pytest.raises(ValueError, match="not a result saved by slt"):
+        slt.load(tmp_path / "other.nc")
+
+
+def test_core_import_stays_light():
+    heavy = ("xarray", "h5netcdf", "h5py", "safetensors", "slt.io", "slt.checkpoints")
+    code = f"import sys, slt; print([m for m in {heavy} if m in sys.modules], callable(slt.load))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] True"
