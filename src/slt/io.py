@@ -46,7 +46,7 @@ _DESCRIPTIONS = {
     "llc_per_chain": "λ̂ of each chain (NaN where it diverged)",
     "diverged": "the chain produced a non-finite loss",
 }
-_RESULT_TYPES = {"LLCResult": "slt.llc:LLCResult"}
+_RESULT_TYPES: dict[str, str | type] = {"LLCResult": "slt.llc:LLCResult"}  # name: class
 _RESERVED = {
     "slt_schema",
     "slt_result",
@@ -280,5 +280,8 @@ def _provenance() -> dict:
 def _result_type(name: str, path: Path) -> type:
     if name not in _RESULT_TYPES:
         raise ValueError(f"{path} holds a {name!r}; slt.load reads {sorted(_RESULT_TYPES)}")
-    module, attr = _RESULT_TYPES[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    target = _RESULT_TYPES[name]
+    if isinstance(target, str):
+        module, attr = target.split(":")
+        target = getattr(importlib.import_module(module), attr)
+    return target
