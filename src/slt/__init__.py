@@ -3,6 +3,7 @@
 from slt.chains import DivergenceError
 from slt.llc import LLCResult, estimate_llc
 from slt.losses import gaussian_nll, supervised
+from slt.plots import plot_trace  # matplotlib is imported only when a plot is drawn
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,6 @@ __all__ = [
     "estimate_llc",
     "gaussian_nll",
     "load",
+    "plot_trace",
     "supervised",
 ]
