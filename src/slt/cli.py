@@ -30,3 +30,259 @@ def validate(out: Path = _OUT, seed: int = _SEED, progress: bool = _PROGRESS) ->
 
     rows = run(out=out, seed=seed, progress=progress)
     raise typer.Exit(0 if all(r.passed for r in rows) else 1)
+
+
+_MODEL = typer.Option(
+    ...,
+    help='"pkg.module:factory" or "path/to/file.py:factory": a zero-argument callable '
+    "returning the nn.Module (or an nn.Module instance). The current folder is importable.",
+)
+_DATA = typer.Option(
+    ...,
+    help='"pkg.module:dataset" or "path/to/file.py:dataset": a map-style torch Dataset, '
+    "or a zero-argument callable returning one.",
+)
+_CHECKPOINT = typer.Option(
+    None,
+    exists=True,
+    dir_okay=False,
+    help="Weights at w*: .safetensors, or a torch.save state dict (read with "
+    "weights_only=True; files that would run code are refused). Loaded with strict=True.",
+)
+_LOSS = typer.Option(
+    "gaussian",
+    help='Mean per-sample NLL: "gaussian" (slt.gaussian_nll(sigma)), "cross_entropy" '
+    '(slt.supervised(F.cross_entropy)) or "pkg.module:loss_fn" with loss_fn(model, batch).',
+)
+_SIGMA = typer.Option(1.0, help="σ of the gaussian loss.")
+_BATCH = typer.Option(128, min=1, help="Minibatch size (the loader shuffles).")
+_STEP = typer.Option("1e-4", help='ε of the sampler, or "auto" to calibrate it.')
+_LOCALIZATION = typer.Option(1.0, help="γ, the pull toward w*.")
+_NBETA = typer.Option(None, help="nβ; default n / log n.")
+_CHAINS = typer.Option(4, min=1, help="Number of chains.")
+_DRAWS = typer.Option(1000, min=1, help="Draws per chain after burn-in.")
+_BURNIN = typer.Option(250, min=0, help="Burn-in steps per chain.")
+_SAMPLER = typer.Option("sgld", help='Sampler, e.g. "sgld" or "rmsprop_sgld".')
+_CV = typer.Option("gradient", help='Control variate: "gradient", "loss" or "none".')
+_LLC_SEED = typer.Option(0, min=0, help="Seed; chain c is seeded from (seed, c).")
+_LLC_OUT = typer.Option(Path("llc.nc"), help="netCDF file for the result (slt.load reads it).")
+
+
+@app.command()
+def llc(
+    model: str = _MODEL,
+    data: str = _DATA,
+    checkpoint: Path | None = _CHECKPOINT,
+    loss: str = _LOSS,
+    sigma: float = _SIGMA,
+    batch_size: int = _BATCH,
+    step_size: str = _STEP,
+    localization: float = _LOCALIZATION,
+    nbeta: float | None = _NBETA,
+    num_chains: int = _CHAINS,
+    num_draws: int = _DRAWS,
+    num_burnin: int = _BURNIN,
+    sampler: str = _SAMPLER,
+    control_variate: str = _CV,
+    seed: int = _LLC_SEED,
+    out: Path = _LLC_OUT,
+    progress: bool = _PROGRESS,
+) -> None:
+    """Estimate the local learning coefficient λ̂ of a model at w*; print and save it."""
+    import torch
+
+    import slt
+    from slt import io
+
+    try:
+        io._xarray()  # fail before sampling, not after
+    except ImportError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from err
+    step = _parse_step_size(step_size)
+    net = _build(model, "--model", _is_module, "a torch.nn.Module")
+    dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
+    loss_fn = _loss(loss, sigma)
+    if checkpoint is not None:
+        _load_checkpoint(net, checkpoint)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    try:
+        res = slt.estimate_llc(
+            net,
+            loader,
+            loss_fn,
+            nbeta=nbeta,
+            localization=localization,
+            step_size=step,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            num_burnin=num_burnin,
+            sampler=sampler,
+            control_variate=control_variate,
+            seed=seed,
+            progress=progress,
+        )
+    except (ValueError, TypeError, slt.DivergenceError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
+    typer.echo(str(res))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    io.save(res, out)
+    typer.echo(f"saved to {out}")
+
+
+def _parse_step_size(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f'expected a number or "auto", got {text!r}', param_hint="--step-size"
+        ) from None
+
+
+def _resolve(spec: str, option: str):
+    """The object named by "pkg.module:attr" or "path/to/file.py:attr" (attr may be dotted)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise typer.BadParameter(
+            f'expected "pkg.module:attr" or "path/to/file.py:attr", got {spec!r}',
+            param_hint=option,
+        )
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        file = Path(where).resolve()
+        if not file.is_file():
+            raise typer.BadParameter(f"file {where} does not exist", param_hint=option)
+        name = "_slt_cli_" + "".join(c if c.isalnum() else "_" for c in str(file))
+        if name not in sys.modules:  # --model and --data from one file share one module
+            if str(file.parent) not in sys.path:
+                sys.path.insert(0, str(file.parent))  # its sibling modules, as for a script
+            loader_spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        module = sys.modules[name]
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (where == err.name or where.startswith(err.name + ".")):
+                raise  # the module exists; something it imports does not
+            raise typer.BadParameter(
+                f"no module named {err.name!r} (run from the folder that holds it, set "
+                "PYTHONPATH, or give a file: path/to/file.py:attr)",
+                param_hint=option,
+            ) from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise typer.BadParameter(f"{where} has no attribute {attr!r}", param_hint=option)
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(spec: str, option: str, accept, what: str):
+    """The object ``spec`` names, or what it returns when called with no arguments."""
+    import inspect
+
+    obj = _resolve(spec, option)
+    if accept(obj):
+        return obj
+    if not callable(obj):
+        raise typer.BadParameter(
+            f"{spec} is of type {type(obj).__name__}, not {what} or a callable returning one",
+            param_hint=option,
+        )
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        raise typer.BadParameter(
+            f"{spec} must be callable with no arguments", param_hint=option
+        ) from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin): just call it
+    built = obj()
+    if not accept(built):
+        raise typer.BadParameter(
+            f"{spec}() returned an object of type {type(built).__name__}, not {what}",
+            param_hint=option,
+        )
+    return built
+
+
+def _is_module(obj) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _is_dataset(obj) -> bool:
+    import torch
+
+    if isinstance(obj, torch.utils.data.IterableDataset) or isinstance(obj, type | str):
+        return False
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+def _loss(loss: str, sigma: float):
+    import torch.nn.functional as F
+
+    import slt
+
+    if loss == "gaussian":
+        return slt.gaussian_nll(sigma)
+    if loss == "cross_entropy":
+        return slt.supervised(F.cross_entropy)
+    if ":" not in loss:
+        raise typer.BadParameter(
+            f'expected "gaussian", "cross_entropy" or "pkg.module:loss_fn", got {loss!r}',
+            param_hint="--loss",
+        )
+    fn = _resolve(loss, "--loss")
+    if not callable(fn):
+        raise typer.BadParameter(f"{loss} is not callable", param_hint="--loss")
+    return fn
+
+
+def _load_checkpoint(model, path: Path) -> None:
+    """Load ``path`` into ``model`` with strict=True; a clear error when the keys differ."""
+    from slt.checkpoints import load_state_dict
+
+    try:
+        state = load_state_dict(path)
+    except (ValueError, ImportError) as err:
+        raise typer.BadParameter(str(err), param_hint="--checkpoint") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise typer.BadParameter(
+            f"{path} does not fit the model: missing keys {_few(missing)}; "
+            f"unexpected keys {_few(unexpected)}",
+            param_hint="--checkpoint",
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise typer.BadParameter(
+            f"{path} does not fit the model: {err}", param_hint="--checkpoint"
+        ) from None
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "(none)"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
