@@ -82,8 +82,8 @@ def save(result, path: str | os.PathLike) -> None:
 
     Examples
     --------
-    >>> import slt, slt.io  # doctest: +SKIP
-    >>> slt.io.save(res, "llc.nc"); res2 = slt.load("llc.nc")  # doctest: +SKIP
+    ``res.save("llc.nc")`` (the same as ``slt.io.save(res, "llc.nc")``), then
+    ``slt.load("llc.nc")`` or ``xarray.open_datatree("llc.nc")``.
     """
     xr = _xarray()
     if not dataclasses.is_dataclass(result) or isinstance(result, type):
