@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import slt
+from slt import zoo
 
 xr = pytest.importorskip("xarray")
 pytest.importorskip("h5netcdf")
@@ -70,8 +71,17 @@ def assert_same(a, b, name=""):
     if isinstance(b, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert a.tobytes() == b.tobytes(), name
-    elif isinstance(b, dict | list | tuple):
-        assert json.dumps(a) == json.dumps(b), name
+    elif isinstance(b, dict):
+        assert list(a) == list(b), name
+        for key in b:
+            assert_same(a[key], b[key], f"{name}[{key!r}]")
+    elif isinstance(b, list | tuple):
+        assert len(a) == len(b), name
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{name}[{i}]")
+    elif dataclasses.is_dataclass(b):
+        for field in dataclasses.fields(b):
+            assert_same(getattr(a, field.name), getattr(b, field.name), f"{name}.{field.name}")
     elif isinstance(b, float) and math.isnan(b):
         assert math.isnan(a), name
     else:
@@ -144,6 +154,8 @@ class Extended(slt.LLCResult):
     big: int = 0
     ladder: tuple = ()
     scalar_array: np.ndarray = None  # ()
+    settings: object = None  # a dataclass of slt
+    candidates: tuple = ()  # of dataclasses
     extra_only_in_new_versions: int = 5
 
 
@@ -159,12 +171,21 @@ def extended(results, monkeypatch):
         steps_run=np.array([18, 9]),
         mala_acceptance=0.574,
         rhat=np.float64(1.013),
-        calibration={"step_size": [1e-4, 3e-4], "chosen": 1e-4, "nan": math.nan, "ok": True},
+        calibration={
+            "step_size": [1e-4, 3e-4],
+            "chosen": 1e-4,
+            "nan": math.nan,
+            "ok": True,
+            "grid": np.array([[1e-4, np.nan], [3e-4, 1e-3]], dtype=np.float32),
+            "pair": (np.int16(3), "b", None),
+        },
         note=None,
         fixed=True,
         big=2**70,
         ladder=(0.5, 1.0, 2.0),
         scalar_array=np.array(2.5, dtype=np.float16),
+        settings=zoo.Settings(step_size=2e-5, num_chains=3),
+        candidates=(zoo.Settings(), zoo.Settings(sampler="rmsprop_sgld")),
     )
 
 
@@ -243,3 +264,17 @@ def test_core_import_stays_light():
     code = f"import sys, slt; print([m for m in {heavy} if m in sys.modules], callable(slt.load))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] True"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Local:
+    value: float
+
+
+def test_a_file_never_makes_load_import_outside_slt(extended, tmp_path):
+    """Nested dataclasses are rebuilt only from slt's own modules; others stay dicts."""
+    io.save(dataclasses.replace(extended, calibration={"x": _Local(0.5)}), tmp_path / "f.nc")
+    with pytest.warns(UserWarning, match=r"cannot rebuild .*_Local; kept as a dict"):
+        back = io.load(tmp_path / "f.nc")
+    assert back.calibration == {"x": {"value": 0.5}}
+    assert back.settings == extended.settings and back.candidates == extended.candidates

@@ -12,9 +12,12 @@ A saved result is one netCDF-4 file (h5netcdf engine) that any xarray opens with
   ``(chain,)`` or ``(chain, draw, ...)`` array of the result (``acceptance`` is written
   as ArviZ's ``acceptance_rate``).
 - root attributes: every scalar field under its own name (bools as 0/1, None as the
-  string ``"None"``), tuples, lists and dicts as JSON strings (``warnings``), the slt
-  version, ``created_at``, and ``slt_schema`` / ``slt_result`` / ``slt_fields``, the
-  JSON index that :func:`load` uses to rebuild each field exactly.
+  string ``"None"``), tuples, lists, dicts and nested dataclasses as JSON strings
+  (``warnings`` is a plain JSON list), the slt version, ``created_at``, and
+  ``slt_schema`` / ``slt_result`` / ``slt_fields``, the JSON index that :func:`load` uses
+  to rebuild each field exactly. Inside JSON, numpy arrays and scalars, tuples and
+  dataclasses are tagged so that they come back as they were; a nested dataclass is
+  rebuilt only if its class is in slt (a file never makes ``load`` import anything else).
 
 Nothing here is specific to the fields of ``LLCResult``: placement follows each
 field's value, so fields added later are saved without changes to this module.
@@ -103,6 +106,8 @@ def save(result, path: str | os.PathLike) -> None:
     for name, value in fields.items():
         if isinstance(value, np.ndarray):
             group, var, dims = _place(name, value, chains, draws)
+            if var in groups[group]:
+                raise ValueError(f"result field {name!r} would overwrite {group}/{var}")
             groups[group][var] = xr.Variable(dims, value, attrs=_describe(var))
             index[name] = {"kind": "array", "group": group, "name": var}
         elif name in _RESERVED:
@@ -217,12 +222,14 @@ def _kind(name: str, value) -> str:
     for kind, types in (("int", int), ("float", float), ("str", str)):
         if isinstance(value, types):
             return kind
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return "json"
     for kind, types in (("tuple", tuple), ("list", list), ("json", dict)):
         if isinstance(value, types):
             return kind
     raise TypeError(
         f"cannot save field {name!r} of type {type(value).__name__}: slt.io saves arrays, "
-        "numbers, strings, bools, None, tuples, lists and dicts"
+        "numbers, strings, bools, None, tuples, lists, dicts and dataclasses of these"
     )
 
 
@@ -233,8 +240,10 @@ def _encode(kind: str, value):
         return int(value)
     if kind == "int":
         return int(value) if _INT64[0] <= value <= _INT64[1] else str(value)
-    if kind in ("tuple", "list", "json"):
-        return json.dumps(value, ensure_ascii=False, default=_plain)
+    if kind == "tuple":  # a plain JSON list at the top, readable without slt
+        return json.dumps([_to_json(v) for v in value], ensure_ascii=False)
+    if kind in ("list", "json"):
+        return json.dumps(_to_json(value), ensure_ascii=False)
     return value
 
 
@@ -250,17 +259,62 @@ def _decode(kind: str, stored):
     if kind == "str":
         return str(stored)
     if kind == "tuple":
-        return tuple(json.loads(stored))
+        return tuple(json.loads(stored, object_hook=_from_json))
     if kind in ("list", "json"):
-        return json.loads(stored)
+        return json.loads(stored, object_hook=_from_json)
     return stored  # "numpy": the stored numpy scalar, dtype kept
 
 
-def _plain(value):
-    """numpy values inside tuples and dicts, for JSON."""
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
+def _to_json(value):
+    """JSON-able form of a value nested in a field; tagged where JSON would lose the type."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        fields = {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+    if isinstance(value, np.ndarray):
+        return {
+            "__ndarray__": value.ravel().tolist(),
+            "dtype": value.dtype.str,
+            "shape": value.shape,
+        }
+    if isinstance(value, np.generic):
+        return {"__numpy__": value.item(), "dtype": value.dtype.str}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"cannot save a dict with non-string keys: {list(value)[:5]}")
+        return {k: _to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
     raise TypeError(f"cannot save {value!r} of type {type(value).__name__} inside a field")
+
+
+def _from_json(obj: dict):
+    if "__ndarray__" in obj:
+        return np.array(obj["__ndarray__"], dtype=obj["dtype"]).reshape(obj["shape"])
+    if "__numpy__" in obj:
+        return np.array(obj["__numpy__"], dtype=obj["dtype"])[()]
+    if "__tuple__" in obj:
+        return tuple(obj["__tuple__"])
+    if "__dataclass__" in obj:
+        module, _, qualname = obj["__dataclass__"].partition(":")
+        cls = None
+        if module == "slt" or module.startswith("slt."):  # never import what a file names
+            try:
+                cls = importlib.import_module(module)
+                for part in qualname.split("."):
+                    cls = getattr(cls, part)
+            except (ImportError, AttributeError):
+                cls = None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            warnings.warn(f"cannot rebuild {obj['__dataclass__']}; kept as a dict", stacklevel=4)
+            return obj["fields"]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj["fields"].items() if k in known})
+    return obj
 
 
 def _provenance() -> dict:
