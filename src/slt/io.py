@@ -177,11 +177,15 @@ def load(path: str | os.PathLike):
                 and field.default_factory is dataclasses.MISSING
             ):
                 missing.append(field.name)
-        elif entry["kind"] == "array":
-            node = tree if entry["group"] == "/" else tree[entry["group"]]
-            values[field.name] = np.asarray(node[entry["name"]].values)
-        else:
-            values[field.name] = _decode(entry["kind"], root[field.name])
+            continue
+        try:
+            if entry["kind"] == "array":
+                node = tree if entry["group"] == "/" else tree[entry["group"]]
+                values[field.name] = np.asarray(node[entry["name"]].values)
+            else:
+                values[field.name] = _decode(entry["kind"], root[field.name])
+        except KeyError:  # indexed but gone: the file was edited
+            missing.append(field.name)
     if missing:
         raise ValueError(f"{path} lacks field(s) {', '.join(missing)} of {cls.__name__}")
     return cls(**values)
