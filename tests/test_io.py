@@ -165,27 +165,29 @@ def extended(results, monkeypatch):
     base = results["sgld"]
     shape = base.trace.shape
     return Extended(
-        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
-        acceptance=np.linspace(0, 1, math.prod(shape), dtype=np.float32).reshape(shape),
-        per_sample=np.arange(math.prod(shape) * 3, dtype=np.int32).reshape(*shape, 3),
-        steps_run=np.array([18, 9]),
-        mala_acceptance=0.574,
-        rhat=np.float64(1.013),
-        calibration={
-            "step_size": [1e-4, 3e-4],
-            "chosen": 1e-4,
-            "nan": math.nan,
-            "ok": True,
-            "grid": np.array([[1e-4, np.nan], [3e-4, 1e-3]], dtype=np.float32),
-            "pair": (np.int16(3), "b", None),
-        },
-        note=None,
-        fixed=True,
-        big=2**70,
-        ladder=(0.5, 1.0, 2.0),
-        scalar_array=np.array(2.5, dtype=np.float16),
-        settings=zoo.Settings(step_size=2e-5, num_chains=3),
-        candidates=(zoo.Settings(), zoo.Settings(sampler="rmsprop_sgld")),
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        | dict(
+            acceptance=np.linspace(0, 1, math.prod(shape), dtype=np.float32).reshape(shape),
+            per_sample=np.arange(math.prod(shape) * 3, dtype=np.int32).reshape(*shape, 3),
+            steps_run=np.array([18, 9]),
+            mala_acceptance=0.574,
+            rhat=np.float64(1.013),
+            calibration={
+                "step_size": [1e-4, 3e-4],
+                "chosen": 1e-4,
+                "nan": math.nan,
+                "ok": True,
+                "grid": np.array([[1e-4, np.nan], [3e-4, 1e-3]], dtype=np.float32),
+                "pair": (np.int16(3), "b", None),
+            },
+            note=None,
+            fixed=True,
+            big=2**70,
+            ladder=(0.5, 1.0, 2.0),
+            scalar_array=np.array(2.5, dtype=np.float16),
+            settings=zoo.Settings(step_size=2e-5, num_chains=3),
+            candidates=(zoo.Settings(), zoo.Settings(sampler="rmsprop_sgld")),
+        )
     )
 
 
