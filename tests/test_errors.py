@@ -4,7 +4,8 @@ and the value (STYLE.md, principle 10), and diverging chains are reported, not a
 The divergence tests are deterministic by construction: a loss that overflows for every
 chain, or a ``loss_fn`` that counts its calls and turns NaN inside one chain only (the
 call pattern is fixed by :func:`slt.chains.run_chains`: one pass over the data at w*,
-then the chains one after another, one call per step with ``control_variate="none"``).
+then the chains one after another, one call per step with ``control_variate="none"`` and
+``acceptance_every=0``).
 """
 
 from __future__ import annotations
@@ -296,9 +297,10 @@ def test_divergence_after_the_first_check_window():
 class NaNInChain:
     """gaussian_nll(1), except NaN in chain ``bad`` for steps ``after`` <= t < ``until``.
 
-    With ``control_variate="none"`` the calls are: one per batch of the pass at w*, then
-    ``num_steps`` per chain, chain 0 first. ``loss * nan`` has NaN gradients (the chain's
-    parameters become NaN); ``loss + nan`` has finite ones (a transient NaN loss).
+    With ``control_variate="none"`` and ``acceptance_every=0`` the calls are: one per batch
+    of the pass at w*, then ``num_steps`` per chain, chain 0 first. ``loss * nan`` has NaN
+    gradients (the chain's parameters become NaN); ``loss + nan`` has finite ones (a
+    transient NaN loss).
     """
 
     def __init__(
@@ -334,6 +336,7 @@ def run_with_bad_chain(bad: int | None, num_chains: int, **kw):
     res = run(
         loss_fn=loss_fn,
         control_variate="none",
+        acceptance_every=0,
         step_size=1e-3,
         num_chains=num_chains,
         num_burnin=num_burnin,

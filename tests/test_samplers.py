@@ -38,7 +38,8 @@ def _step(kernel, params, grads, seed):
     return state
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# MALA may reject the move (its accept test is checked in test_samplers_more.py)
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"mala"}))
 def test_zero_gradient_at_center_moves_by_noise_only(name):
     center = _params()
     params = _clone(center)
@@ -49,10 +50,13 @@ def test_zero_gradient_at_center_moves_by_noise_only(name):
     scale = math.sqrt(1e-2)
     if name == "rmsprop_sgld":  # V = 0 so G = 1/δ
         scale *= math.sqrt(1 / 0.1)
+    if name == "sgnht":  # v = 0, so the first move is v = √(2aη) ξ, default a = 0.01
+        scale *= math.sqrt(2 * 0.01)
     for (k, w), xi in zip(params.items(), noise):
         torch.testing.assert_close(w - center[k], scale * xi, rtol=1e-5, atol=1e-7)
 
 
+# for MALA the target is flat here (zero loss, γ = 0): every proposal is accepted
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_noise_scales_as_sqrt_step_size(name):
     center = _params()

@@ -4,18 +4,33 @@ One generator per chain, seeded from ``(seed, chain)``, so a chain's draws do no
 on how many chains run or in what order. Nothing is copied to the host inside the loop:
 losses are written to preallocated tensors and checked for NaN/Inf every few hundred
 steps, so a diverged chain stops early without a per-step synchronisation.
+
+Every ``acceptance_every`` steps the runner can also record the Metropolis-Hastings
+acceptance probability that the kernel's move w_t → w_{t+1} would have had as a MALA
+proposal with the same step size ε on the same minibatch B_t (Furman & Lau 2024, arXiv
+2402.03698): with U(w) = nβ L_B(w) + (γ/2)‖w - w*‖²,
+
+    α = min(1, exp(U(w_t) - U(w_{t+1})) q(w_t|w_{t+1}) / q(w_{t+1}|w_t)),
+    q(w'|w) = N(w'; w - (ε/2) ∇U(w), ε I),
+
+from the plain minibatch gradient at both ends (not the control-variate one). It costs a
+copy of w_t and one extra forward and backward pass at w_{t+1} on B_t. The formula
+describes an SGLD move only; a kernel that reports its own ``acceptance`` (MALA) has it
+recorded at every step instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from slt.posterior import Posterior
-from slt.samplers.base import Kernel
+from slt.samplers.base import Kernel, localized_drift
+from slt.samplers.mala import acceptance_probability, log_acceptance_ratio, log_density
 
 _CHECK_EVERY = 200
 
@@ -30,13 +45,16 @@ class Trace:
 
     ``loss[c, t]`` is L_B(w_t) on chain c's t-th minibatch B, and ``loss_at_center[c, t]``
     is L_B(w*) on the same batch. ``diverged[c]`` is True if chain c produced a non-finite
-    loss; ``steps_run[c]`` is how many steps it took before stopping.
+    loss; ``steps_run[c]`` is how many steps it took before stopping. ``acceptance[c, t]``
+    is the MALA acceptance probability of step t (the move w_t → w_{t+1}), NaN where it
+    was not computed.
     """
 
     loss: np.ndarray  # (chain, draw)
     loss_at_center: np.ndarray  # (chain, draw)
     diverged: np.ndarray  # (chain,) bool
     steps_run: np.ndarray  # (chain,) int
+    acceptance: np.ndarray | None = None  # (chain, draw) in [0, 1], NaN where not computed
 
 
 def chain_generators(seed: int, chain: int, device: torch.device):
@@ -47,6 +65,50 @@ def chain_generators(seed: int, chain: int, device: torch.device):
     return data, noise
 
 
+class _MoveAcceptance:
+    """The MALA acceptance probability of a kernel's move on the batch it used.
+
+    ``before(grad_fn)`` snapshots w_t and returns a ``grad_fn`` that records the plain
+    ∇L_B(w_t) when the kernel calls it; ``after(loss, batch)``, with L_B(w_t) = ``loss``,
+    evaluates L_B and ∇L_B at the kernel's new w_{t+1} and returns min(1, r) (0-d tensor).
+    """
+
+    def __init__(self, posterior: Posterior, step_size: float):
+        self.posterior = posterior
+        self.step_size = step_size
+        self.params = list(posterior.params.values())
+        self.start = [torch.empty_like(p) for p in self.params]
+        self.grad = [torch.empty_like(p) for p in self.params]
+        self.density = dict(
+            center=list(posterior.center.values()),
+            nbeta=posterior.nbeta,
+            localization=posterior.localization,
+        )
+
+    def before(self, grad_fn):
+        with torch.no_grad():
+            torch._foreach_copy_(self.start, self.params)
+        return partial(grad_fn, record=self.grad)
+
+    def after(self, loss: torch.Tensor, batch) -> torch.Tensor:
+        grads, new_loss = self.posterior.grad_fn(self.posterior.params, batch)
+        d = self.density
+        with torch.no_grad():
+            drift = localized_drift(self.start, self.grad, d["center"], nbeta=d["nbeta"],
+                                    localization=d["localization"])  # fmt: skip
+            drift_new = localized_drift(self.params, grads, d["center"], nbeta=d["nbeta"],
+                                        localization=d["localization"])  # fmt: skip
+            log_ratio = log_acceptance_ratio(
+                torch._foreach_sub(self.params, self.start),
+                drift,
+                drift_new,
+                log_density(self.start, loss, **d),
+                log_density(self.params, new_loss, **d),
+                step_size=self.step_size,
+            )
+            return acceptance_probability(log_ratio)
+
+
 def run_chains(
     posterior: Posterior,
     kernel: Kernel,
@@ -55,31 +117,47 @@ def run_chains(
     num_steps: int,
     seed: int,
     progress: bool = True,
+    acceptance_every: int = 0,
+    step_size: float | None = None,
 ) -> Trace:
     """Run ``num_chains`` chains of ``num_steps`` steps each, one after another.
 
     With the posterior's ``control_variate="none"`` the loss at w* is not evaluated per
-    batch and ``loss_at_center`` holds L_n(w*) everywhere.
+    batch and ``loss_at_center`` holds L_n(w*) everywhere. With ``acceptance_every = k > 0``
+    the MALA acceptance of the kernel's move at step size ``step_size`` is recorded at the
+    steps t with t % k == 0 (meaningful for SGLD moves only; the caller decides). A kernel
+    whose info carries ``acceptance`` has it recorded at every step.
     """
     shape = (num_chains, num_steps)
     loss = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
     skip_center = posterior.control_variate == "none"
     loss_at_center = torch.full_like(loss, posterior.init_loss if skip_center else float("nan"))
+    acceptance = torch.full_like(loss, float("nan"))
+    if acceptance_every and step_size is None:
+        raise ValueError("run_chains: acceptance_every > 0 needs the kernel's step_size")
+    probe = _MoveAcceptance(posterior, step_size) if acceptance_every else None
     diverged = np.zeros(num_chains, dtype=bool)
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
     for chain in range(num_chains):
         data_gen, noise_gen = chain_generators(seed, chain, posterior.device)
         state = kernel.init(posterior.reset())
-        batches = posterior.batches.forever(data_gen)
-        row, row_center = loss[chain], loss_at_center[chain]
+        batches = posterior.stream(data_gen)
+        row, row_center, row_acceptance = loss[chain], loss_at_center[chain], acceptance[chain]
         for t in range(num_steps):
             batch = next(batches)
             center_loss, grad_fn = posterior.at_center(batch)
             if center_loss is not None:
                 row_center[t] = center_loss
+            probing = probe is not None and t % acceptance_every == 0
+            if probing:
+                grad_fn = probe.before(grad_fn)
             state, info = kernel.step(state, grad_fn, batch, noise_gen)
             row[t] = info.loss
+            if info.acceptance is not None:
+                row_acceptance[t] = info.acceptance
+            elif probing:
+                row_acceptance[t] = probe.after(info.loss, batch)
             if (t + 1) % _CHECK_EVERY == 0 or t + 1 == num_steps:
                 bar.update(t + 1 - steps_run[chain])
                 steps_run[chain] = t + 1
@@ -90,4 +168,10 @@ def run_chains(
         if not diverged[chain] and not bool(torch.isfinite(row).all()):
             diverged[chain] = True
     bar.close()
-    return Trace(loss.cpu().numpy(), loss_at_center.cpu().numpy(), diverged, steps_run)
+    return Trace(
+        loss.cpu().numpy(),
+        loss_at_center.cpu().numpy(),
+        diverged,
+        steps_run,
+        acceptance.cpu().numpy(),
+    )

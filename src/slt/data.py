@@ -70,6 +70,10 @@ def _shuffles(loader: DataLoader) -> bool | None:
 _END = object()
 
 
+class NotOneBatch(ValueError):
+    """The loader yields more than one batch per epoch where the whole dataset was needed."""
+
+
 class BatchStream:
     """Epochs of minibatches from ``loader`` on ``device``, shuffled by a given generator."""
 
@@ -134,6 +138,28 @@ class BatchStream:
         yield to_device(first, self.device)
         for batch in batches:
             yield to_device(batch, self.device)
+
+    def full_batch(self) -> Any:
+        """The whole dataset as one batch on ``device``, for samplers that need it every step.
+
+        For a ``DataLoader`` over a plain ``TensorDataset`` (the fast path above) it is the
+        full tensors, whatever the loader's batch size; otherwise the loader must yield
+        exactly one batch per epoch, and that batch is returned. Raises ``NotOneBatch`` (a
+        ``ValueError``) when it yields more, ``ValueError`` when it yields none.
+        """
+        if self.tensors is not None:
+            return list(self.tensors)
+        batches = self.epoch(torch.Generator().manual_seed(0))
+        first = next(batches, _END)
+        if first is _END:
+            raise ValueError("loader: yielded no batches (is the dataset empty?)")
+        if next(batches, _END) is not _END:
+            try:
+                count = f"{len(self.loader)} batches"
+            except TypeError:
+                count = "more than one batch"
+            raise NotOneBatch(f"loader yields {count} per epoch, not one")
+        return first
 
     def forever(self, generator: torch.Generator) -> Iterator[Any]:
         """Epoch after epoch; raises ``ValueError`` if the loader yields nothing."""

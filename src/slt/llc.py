@@ -22,9 +22,10 @@ import numpy as np
 
 from slt import _checks
 from slt.chains import DivergenceError, run_chains
+from slt.data import NotOneBatch
 from slt.losses import LossFn
-from slt.posterior import ControlVariate, Posterior
-from slt.samplers import SAMPLERS
+from slt.posterior import CONTROL_VARIATES, ControlVariate, Posterior
+from slt.samplers import FULL_BATCH, SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class LLCResult:
     control_variate: str
     seed: int
     seconds: float
+    # MALA acceptance probability of each post-burn-in step (the move w_t → w_{t+1}): every
+    # step for sampler="mala", every `acceptance_every` steps for "sgld" (the acceptance its
+    # move would have had under MALA), NaN where not computed and for the other samplers.
+    acceptance: np.ndarray | None = None  # (chain, draw)
+    mala_acceptance: float = math.nan  # mean of the computed values over non-diverged chains
+    acceptance_every: int = 0
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -74,6 +81,15 @@ class LLCResult:
 
         save(self, path)
 
+    def _acceptance_note(self) -> str:
+        if self.sampler == "mala":
+            return f"{self.mala_acceptance:.3g} (every step)"
+        if self.sampler != "sgld":
+            return f"n/a (not defined for {self.sampler} moves)"
+        if math.isnan(self.mala_acceptance):
+            return f"n/a (acceptance_every={self.acceptance_every})"
+        return f"{self.mala_acceptance:.3g} of SGLD moves (every {self.acceptance_every} steps)"
+
     def __str__(self) -> str:
         ok = ~self.diverged
         nb = f"{self.nbeta:.4g}" + (" (default n/log n)" if self.nbeta_default else "")
@@ -90,6 +106,7 @@ class LLCResult:
             f"(BIC's d/2 = {self.num_params / 2:g})   "
             f"control variate {self.control_variate}   {self.seconds:.1f} s",
             f"  per chain: {per_chain}",
+            f"  MALA acceptance {self._acceptance_note()}",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -111,6 +128,7 @@ def estimate_llc(
     control_variate: ControlVariate = "gradient",
     seed: int = 0,
     progress: bool = True,
+    acceptance_every: int = 20,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -136,7 +154,17 @@ def estimate_llc(
         ε of the SGLD step Δw = (ε/2)(-nβ∇L_B - γ(w - w*)) + N(0, ε).
     num_chains, num_draws, num_burnin : int
         Each chain takes ``num_burnin + num_draws`` steps; burn-in draws are discarded.
-    sampler : {"sgld", "rmsprop_sgld"}
+    sampler : {"sgld", "rmsprop_sgld", "sgnht", "mala"}
+        "sgld" (Welling & Teh 2011), "rmsprop_sgld" (pSGLD, Li et al. 2016), "sgnht"
+        (thermostat, Ding et al. 2014; ``step_size`` is its learning rate η) or "mala"
+        (Metropolis-adjusted Langevin, Roberts & Tweedie 1996: exact for any step size, up
+        to Monte Carlo error). MALA's accept test needs the target at two points on one
+        batch, so every MALA step uses the whole dataset as one batch: the full tensors
+        of a ``DataLoader`` over a ``TensorDataset``, or the single batch of a loader that
+        yields one per epoch (any other loader raises ``ValueError``). Each step then
+        costs a full pass, and the control variate is set to "none": with the full batch
+        L_B(w*) = L_n(w*) exactly and the gradient correction would be zero, so the extra
+        forward and backward pass at w* would be wasted.
     control_variate : {"gradient", "loss", "none"}
         "gradient" (default): use ∇L_B(w) - ∇L_B(w*) + ∇L_n(w*) as the gradient, which
         removes most of the minibatch gradient noise near w* and the upward bias it causes
@@ -150,6 +178,16 @@ def estimate_llc(
         Chains are seeded from ``(seed, chain)``: the same seed gives the same numbers.
     progress : bool
         Show a progress bar.
+    acceptance_every : int
+        For ``sampler="sgld"``, every this many steps record the Metropolis-Hastings
+        acceptance probability the SGLD move w_t → w_{t+1} would have had as a MALA
+        proposal on the same minibatch, with U(w) = nβ L_B(w) + (γ/2)‖w - w*‖² and its
+        plain minibatch gradient at both ends (Furman & Lau 2024, arXiv 2402.03698, as a
+        check of the step size: near 1 means the discretization is accurate, well below
+        1 that ε is too large). One extra forward and backward pass per check; 0 turns it
+        off. "mala" records its own acceptance at every step; for "rmsprop_sgld" and
+        "sgnht" the plain MALA formula does not describe the move (a preconditioned or
+        momentum step) and nothing is recorded (NaN).
 
     Examples
     --------
@@ -172,16 +210,28 @@ def estimate_llc(
     num_draws = _checks.integer("num_draws", num_draws, minimum=1)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     seed = _checks.integer("seed", seed, minimum=0)
+    acceptance_every = _checks.integer("acceptance_every", acceptance_every, minimum=0)
+    full_batch = sampler in FULL_BATCH
+    if full_batch and control_variate in CONTROL_VARIATES:
+        control_variate = "none"  # the full batch makes both control variates moot
     start = time.perf_counter()
-    posterior = Posterior(
-        model,
-        loader,
-        loss_fn,
-        n=n,
-        nbeta=nbeta,
-        localization=localization,
-        control_variate=control_variate,
-    )
+    try:
+        posterior = Posterior(
+            model,
+            loader,
+            loss_fn,
+            n=n,
+            nbeta=nbeta,
+            localization=localization,
+            control_variate=control_variate,
+            full_batch=full_batch,
+        )
+    except NotOneBatch as err:
+        raise ValueError(
+            f"sampler={sampler!r} needs the whole dataset as one batch at every step, but the "
+            f"{err}; pass a DataLoader over a TensorDataset (its full tensors are used, "
+            "whatever the batch size) or a loader with batch_size >= len(dataset)"
+        ) from None
     kernel = SAMPLERS[sampler](
         step_size=step_size,
         nbeta=posterior.nbeta,
@@ -195,6 +245,8 @@ def estimate_llc(
         num_steps=num_burnin + num_draws,
         seed=seed,
         progress=progress,
+        acceptance_every=acceptance_every if sampler == "sgld" else 0,
+        step_size=step_size,
     )
     loss = trace.loss[:, num_burnin:]
     at_center = trace.loss_at_center[:, num_burnin:]
@@ -213,6 +265,8 @@ def estimate_llc(
             f"chain(s) {bad} diverged (non-finite loss) and are excluded from llc; "
             "the step size is probably too large"
         )
+    acceptance = trace.acceptance[:, num_burnin:]
+    computed = acceptance[ok][np.isfinite(acceptance[ok])]
     good = per_chain[ok]
     llc_std = float(good.std(ddof=1) / math.sqrt(good.size)) if good.size > 1 else math.nan
     if good.size == 1:
@@ -239,4 +293,7 @@ def estimate_llc(
         control_variate=control_variate,
         seed=seed,
         seconds=time.perf_counter() - start,
+        acceptance=acceptance,
+        mala_acceptance=float(computed.mean()) if computed.size else math.nan,
+        acceptance_every=acceptance_every,
     )

@@ -12,9 +12,10 @@ touched.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any, Literal
 
@@ -74,6 +75,11 @@ class Posterior:
         gradient with far less minibatch noise near w* (Baker, Fearnhead, Fox & Nemeth
         2019, "Control variates for stochastic gradient MCMC", Stat. Comput. 29).
         "none": neither.
+    full_batch : bool
+        Give every step the whole dataset as one batch (:meth:`stream`), as MALA needs:
+        the full tensors of a ``DataLoader`` over a ``TensorDataset``, or the one batch of a
+        loader that yields exactly one per epoch. Otherwise ``slt.data.NotOneBatch``
+        (a ``ValueError``) is raised.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Posterior:
         nbeta: float | None = None,
         localization: float = 1.0,
         control_variate: ControlVariate = "gradient",
+        full_batch: bool = False,
     ):
         if control_variate not in CONTROL_VARIATES:
             raise ValueError(
@@ -136,6 +143,14 @@ class Posterior:
             else self.n / math.log(self.n)
         )
         self.localization = localization
+        self.full_data = self.batches.full_batch() if full_batch else None
+
+    def stream(self, generator: torch.Generator) -> Iterator[Any]:
+        """The batches of one chain: minibatches drawn with ``generator`` epoch after epoch,
+        or with ``full_batch`` the whole dataset at every step."""
+        if self.full_data is not None:
+            return itertools.repeat(self.full_data)
+        return self.batches.forever(generator)
 
     @property
     def num_params(self) -> int:
@@ -179,12 +194,18 @@ class Posterior:
             torch._foreach_copy_(list(self.params.values()), list(self.center.values()))
         return self.params
 
-    def grad_fn(self, params: dict[str, torch.Tensor], batch: Any, correction=None):
-        """(∇L_B(w) [- correction], L_B(w)) for the chain parameters (those of ``reset``)."""
+    def grad_fn(self, params: dict[str, torch.Tensor], batch: Any, correction=None, record=None):
+        """(∇L_B(w) [- correction], L_B(w)) for the chain parameters (those of ``reset``).
+
+        ``record``, a list of tensors shaped like the parameters, receives a copy of the
+        plain ∇L_B(w) before the correction is applied.
+        """
         if params is not self.params:
             raise ValueError("Posterior.grad_fn takes the parameter dict returned by reset()")
         loss = self.loss_fn(self.module, batch)
         grads = self._grads(loss, list(params.values()))
+        if record is not None:
+            torch._foreach_copy_(record, grads)
         if correction is not None:
             torch._foreach_sub_(grads, correction)
         return grads, loss.detach()

@@ -27,9 +27,16 @@ GradFn = Callable[[Params, Any], tuple[list[torch.Tensor], torch.Tensor]]
 
 
 class StepInfo(NamedTuple):
-    """What one step reports; ``loss`` is L_B at the state *before* the step (0-d tensor)."""
+    """What one step reports (0-d tensors).
+
+    ``loss`` is L_B at the state *before* the step. Metropolis-adjusted kernels (MALA) also
+    report ``acceptance``, the probability min(1, r) of accepting this step's proposal, and
+    ``accepted``, whether it was; the others leave them ``None``.
+    """
 
     loss: torch.Tensor
+    acceptance: torch.Tensor | None = None
+    accepted: torch.Tensor | None = None
 
 
 class Kernel(NamedTuple):
