@@ -187,7 +187,13 @@ def estimate_llc(
         1 that ε is too large). One extra forward and backward pass per check; 0 turns it
         off. "mala" records its own acceptance at every step; for "rmsprop_sgld" and
         "sgnht" the plain MALA formula does not describe the move (a preconditioned or
-        momentum step) and nothing is recorded (NaN).
+        momentum step) and nothing is recorded (NaN). Reading it: near 1 is good. On a
+        Gaussian posterior, full-batch SGLD is a reversible Gaussian chain, so
+        log r = log f(w_{t+1}) - log f(w_t) with f = p / (SGLD's stationary law) is
+        symmetric about 0 at stationarity and the mean acceptance stays above 1/2 for
+        any stable ε (measured: 0.69 at 90% of the stability limit, where λ̂ was 6x too
+        large). Values below 1/2 need a non-Gaussian posterior (a small deep linear
+        network at 75% of its stability limit at w*: 0.35-0.38).
 
     Examples
     --------

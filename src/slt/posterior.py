@@ -134,6 +134,7 @@ class Posterior:
         self.device, self.dtype = first.device, first.dtype
         self.loss_fn = loss_fn
         self.batches = BatchStream(loader, self.device)
+        self.full_data = self.batches.full_batch() if full_batch else None
         self.init_loss, counted, self.init_grad = self._full_loss_at_center()
         self.n = _checks.integer("n", n if n is not None else dataset_size(loader) or counted,
                                  minimum=2)  # fmt: skip
@@ -143,7 +144,6 @@ class Posterior:
             else self.n / math.log(self.n)
         )
         self.localization = localization
-        self.full_data = self.batches.full_batch() if full_batch else None
 
     def stream(self, generator: torch.Generator) -> Iterator[Any]:
         """The batches of one chain: minibatches drawn with ``generator`` epoch after epoch,
@@ -157,15 +157,16 @@ class Posterior:
         return sum(p.numel() for p in self.params.values())
 
     def _full_loss_at_center(self):
-        """L_n(w*) as the sample-weighted mean of batch losses over one pass, the count, and
-        (for the gradient control variate) ∇L_n(w*)."""
+        """L_n(w*) as the sample-weighted mean of batch losses over one pass (or on the full
+        batch), the count, and (for the gradient control variate) ∇L_n(w*)."""
         total, count = 0.0, 0
         with_grad = self.control_variate == "gradient"
         center = list(self.center.values())
         grad = [torch.zeros_like(p) for p in center] if with_grad else None
         generator = torch.Generator().manual_seed(0)
         with torch.set_grad_enabled(with_grad):
-            for i, batch in enumerate(self.batches.epoch(generator)):
+            batches = self.batches.epoch(generator) if self.full_data is None else [self.full_data]
+            for i, batch in enumerate(batches):
                 loss = check_scalar_loss(self.loss_fn(self.reference, batch), where=f"on batch {i}")
                 size = batch_size(batch)
                 if with_grad:
