@@ -69,8 +69,8 @@ def test_diverged_chain_is_marked_and_kept_off_the_axis_limits(plt, result):
 
 def test_draws_into_given_axes_and_tolerates_extra_fields(plt, result):
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    extra = {"acceptance": np.ones((3, 60)), "rhat": 1.5, "ess_bulk": 123.0}
-    extended = types.SimpleNamespace(**fields, **extra, llc_trace=result.llc_trace)
+    extra = {"acceptance": np.ones((3, 60)), "rhat": 1.5, "ess_bulk": 123.0, "new_field": 1}
+    extended = types.SimpleNamespace(**{**fields, **extra}, llc_trace=result.llc_trace)
     fig, axes = plt.subplots(1, 2)
     assert slt.plot_trace(extended, ax=axes) is fig
     assert len(axes[0].lines) == 4 and len(axes[1].lines) == 7
