@@ -27,6 +27,16 @@ from slt.samplers.base import gaussian_noise
 from slt.samplers.mala import log_acceptance_ratio
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second BLAS/OpenMP thread only helps when the core is free,
+    and on a shared 2-core machine it made the full-batch regressions 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _regression(n=512, scales=(1.0, 2.0, 0.5), sigma=1.0, seed=0):
     """Linear regression at its least-squares fit ŵ (as in test_llc_statistics.py), with
     q = eigenvalues of XᵀX/(nσ²)."""

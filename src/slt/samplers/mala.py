@@ -10,9 +10,10 @@ i.e. q(w'|w) = N(w'; w + (ε/2) g(w), ε I), the SGLD move, and accepts it with 
 
     α = min(1, p(w') q(w|w') / (p(w) q(w'|w)))
 
-(Roberts & Tweedie 1996, "Exponential convergence of Langevin distributions and their
-discrete approximations", Bernoulli 2(4), §1.4; Besag 1994 for the name). The chain then
-has p as its exact stationary law for any ε: the step size only changes how fast it mixes.
+(Rossky, Doll & Friedman 1978; Besag 1994; analysed and named by Roberts & Tweedie 1996,
+"Exponential convergence of Langevin distributions and their discrete approximations",
+Bernoulli 2(4)). The chain then has p as its exact stationary law for any ε: the step
+size only changes how fast it mixes.
 With Δ = w' - w the proposal ratio is, exactly and without the 1/ε cancellation of the
 two Gaussian exponents,
 

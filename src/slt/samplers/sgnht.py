@@ -11,8 +11,8 @@ and d parameters one step is
 
 The thermostat raises the friction ξ when the kinetic energy pᵀp/d is above its target 1
 and lowers it when below, so it absorbs the unknown variance of the minibatch gradient
-noise. We use the reparametrization of Chen, Fox & Guestrin 2014 (SGHMC, §3.3), as
-devinterp does: v = p h, η = h², α = ξ h, a = A h. One step is then
+noise. We use the reparametrization of Chen, Fox & Guestrin 2014 (SGHMC, "connection to
+SGD with momentum"), as devinterp does: v = p h, η = h², α = ξ h, a = A h. One step is then
 
     v ← (1 - α) v - η ∇U(w) + √(2 a η) N(0, I)
     w ← w + v
