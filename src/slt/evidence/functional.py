@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 
 from slt.data import BatchStream, batch_size
 from slt.losses import LossFn
@@ -95,27 +95,45 @@ class FlatLoss:
         parts = torch.split(w, self.sizes)
         return {f"model.{k}": p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
 
+    def batch_loss(self, w: torch.Tensor, batch: Any) -> torch.Tensor:
+        return functional_call(self.bound, self.params(w), (batch,)).reshape(())
+
     def loss(self, w: torch.Tensor) -> torch.Tensor:
-        """L_n(w) for one flat w (d,), differentiable by ``torch.func``."""
+        """L_n(w) for one flat w (d,), differentiable by ``torch.func`` (and ``vmap``-able)."""
         total = 0.0
         for weight, batch in zip(self.weights, self.batches):
-            out = functional_call(self.bound, self.params(w), (batch,))
-            total = total + weight * out.reshape(())
+            total = total + weight * self.batch_loss(w, batch)
+        return total
+
+    def _sum(self, fn) -> torch.Tensor:
+        """Σ_b (|b|/n) fn(b), batch by batch (one batch's graph in memory at a time)."""
+        total = None
+        for weight, batch in zip(self.weights, self.batches):
+            part = weight * fn(batch).detach()
+            total = part if total is None else total + part
         return total
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
-        return grad(self.loss)(w)
+        """∇L_n(w)."""
+        return self._sum(lambda b: grad(self.batch_loss)(w, b))
 
     def hvp(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """∇²L_n(w) v by forward-over-reverse differentiation."""
-        return jvp(grad(self.loss), (w,), (v,))[1]
+        """∇²L_n(w) v by reverse-over-reverse differentiation; v may be (d,) or (k, d)."""
 
-    def hessian(self, w: torch.Tensor, *, chunk_size: int = 64) -> torch.Tensor:
-        """The dense (d, d) Hessian, as Hessian-vector products with basis vectors."""
+        def one(b, u):
+            return grad(lambda x: torch.dot(grad(self.batch_loss)(x, b), u))(w)
+
+        if v.ndim == 1:
+            return self._sum(lambda b: one(b, v))
+        return self._sum(lambda b: vmap(lambda u: one(b, u))(v))
+
+    def hessian(self, w: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+        """The dense, symmetrized (d, d) Hessian, from Hessian-vector products with basis
+        vectors ``chunk_size`` at a time."""
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        cols = [vmap(lambda v: self.hvp(w, v))(eye[s : s + chunk_size])
-                for s in range(0, self.dim, chunk_size)]  # fmt: skip
-        h = torch.cat(cols)
+        h = torch.cat(
+            [self.hvp(w, eye[s : s + chunk_size]) for s in range(0, self.dim, chunk_size)]
+        )
         return (h + h.T) / 2
 
 
