@@ -1,8 +1,12 @@
 """slt: singular learning theory, measured on real PyTorch models."""
 
+import importlib
+
+from slt.calibrate import CalibrationResult, calibrate
 from slt.chains import DivergenceError
 from slt.llc import LLCResult, estimate_llc
 from slt.losses import gaussian_nll, supervised
+from slt.nbeta import NbetaSweep, llc_vs_nbeta
 from slt.plots import plot_trace  # matplotlib is imported only when a plot is drawn
 
 __version__ = "0.1.0"
@@ -15,12 +19,26 @@ def load(path):
     return _load(path)
 
 
+_SUBMODULES = ("theory", "zoo", "validate", "diagnostics", "io", "checkpoints", "evidence")
+
+
+def __getattr__(name):
+    """``slt.zoo``, ``slt.theory``, ... imported on first use."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"slt.{name}")
+    raise AttributeError(f"module 'slt' has no attribute {name!r}")
+
+
 __all__ = [
+    "CalibrationResult",
     "DivergenceError",
+    "NbetaSweep",
     "LLCResult",
     "__version__",
+    "calibrate",
     "estimate_llc",
     "gaussian_nll",
+    "llc_vs_nbeta",
     "load",
     "plot_trace",
     "supervised",

@@ -5,21 +5,25 @@ eigenvalue of the Hessian of L_n at w* (power iteration on Hessian-vector produc
 Full-batch SGLD on a Gaussian direction of precision P has stationary variance
 1/(P(1 - εP/4)) (exact; see tests/test_llc_statistics.py), so the grid starts where
 that inflation is ``max_stiff_bias`` in the stiffest direction, ε₀ = 4·max_stiff_bias/P_max,
-and halves. From the largest ε down, each candidate runs a short pilot and must pass:
+and halves (or drops at once below the stiffness the pilot chains found, see 3). From
+the largest ε down, each candidate runs a short pilot and must pass:
 
 1. no diverged chain;
-2. a stationary post-burn-in λ̂ trace (first and last thirds agree within their error);
-3. MALA acceptance of the SGLD moves ≥ ``min_acceptance`` (Furman & Lau 2024,
+2. a stationary post-burn-in λ̂ trace (no significant trend: slt.diagnostics' drift test);
+3. the stiffness where the pilot chains went, ε(nβ q + γ)/4 with q the top Hessian
+   eigenvalue at the pilot's last draw, within 3 × ``max_stiff_bias`` (a singular model
+   is flat at w* and stiff away from it; the next candidate jumps below that limit);
+4. MALA acceptance of the SGLD moves ≥ ``min_acceptance`` (Furman & Lau 2024,
    arXiv 2402.03698): a move MALA would often reject is a move SGLD makes with bias;
-4. minibatch gradient noise small against the injected noise: the ratio
+5. minibatch gradient noise small against the injected noise: the ratio
    ε nβ² Var[∇L_B]/4 (per coordinate, measured from minibatch gradients at w*; THEORY.md)
    ≤ ``max_noise_ratio`` — checked only without the gradient control variate, which
    removes most of that noise near w*;
-5. λ̂ flat as ε shrinks: λ̂(ε) and λ̂(ε/2) agree within ``flat_tolerance`` (relative)
-   plus two standard errors.
+6. λ̂ flat as ε shrinks: λ̂ at this ε and at the next smaller one agree within
+   ``flat_tolerance`` (relative) plus two Monte Carlo standard errors (ESS-based).
 
-The chosen ε is the largest candidate that passes 1-4 and whose next-smaller neighbour
-also passes 1-4 and agrees with it (5). The pilot uses the same nβ, γ, sampler and
+The chosen ε is the largest candidate that passes 1-5 and whose next-smaller neighbour
+also passes 1-5 and agrees with it (6). The pilot uses the same nβ, γ, sampler and
 control variate as the estimate it serves.
 """
 
@@ -47,6 +51,7 @@ class Candidate:
     diverged: bool
     acceptance: float  # mean MALA acceptance of the pilot's SGLD moves (NaN if unmeasured)
     noise_ratio: float  # ε nβ² Var[∇L_B] / 4 at w*
+    stiffness: float  # ε P / 4 with P = nβ q_max + γ at the pilot's last draw
     stationary: bool
     flat: bool | None  # agrees with the next smaller ε (None: not compared)
     passed: bool  # criteria 1-4
@@ -74,7 +79,7 @@ class CalibrationResult:
 
     def __str__(self) -> str:
         head = (
-            f"{'step_size':>10} {'λ̂ ± se':>18} {'accept':>7} {'noise':>7} {'stat.':>5} "
+            f"{'step_size':>10} {'λ̂ ± se':>18} {'accept':>7} {'noise':>7} {'εP/4':>6} {'stat.':>5} "
             f"{'flat':>5} {'ok':>3}  reasons"
         )
         lines = [
@@ -88,7 +93,8 @@ class CalibrationResult:
             mark = " <" if c.step_size == self.step_size else ""
             lines.append(
                 f"{c.step_size:>10.3g} {c.llc:>9.4g} ± {c.llc_std:<6.2g} {c.acceptance:>7.3f} "
-                f"{c.noise_ratio:>7.3f} {'yes' if c.stationary else 'no':>5} {flat:>5} "
+                f"{c.noise_ratio:>7.3f} {c.stiffness:>6.3f} {'yes' if c.stationary else 'no':>5} "
+                f"{flat:>5} "
                 f"{'yes' if c.passed else 'no':>3}  {'; '.join(c.reasons)}{mark}"
             )
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -112,9 +118,12 @@ class CalibrationResult:
         return fig
 
 
-def top_hessian_eigenvalue(posterior: Posterior, batch, *, iters: int = 20, seed: int = 0) -> float:
-    """Largest |eigenvalue| of the Hessian of L_B at w*, by power iteration on HVPs."""
-    params = list(posterior.reset().values())
+def top_hessian_eigenvalue(
+    posterior: Posterior, batch, *, iters: int = 20, seed: int = 0, at_center: bool = True
+) -> float:
+    """Largest |eigenvalue| of the Hessian of L_B at w* (or, with ``at_center=False``, at
+    the posterior's current parameters), by power iteration on Hessian-vector products."""
+    params = list((posterior.reset() if at_center else posterior.params).values())
     g = torch.Generator(device=posterior.device).manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) for p in params]
     eig = 0.0
@@ -149,23 +158,12 @@ def minibatch_gradient_variance(
     return float(stacked.var(dim=0, unbiased=True).mean())
 
 
-def _stationary(llc_trace: np.ndarray, diverged: np.ndarray, z: float = 4.0) -> bool:
-    """First and last thirds of the pooled per-draw λ̂ agree within ``z`` batch-means SEs."""
-    x = llc_trace[~diverged]
-    if x.size == 0 or x.shape[1] < 30:
-        return True
-    third = x.shape[1] // 3
-    first, last = x[:, :third], x[:, -third:]
+def _stationary(llc_trace: np.ndarray, diverged: np.ndarray) -> bool:
+    """No drift in the per-draw λ̂: |slope / se| ≤ slt.diagnostics.MAX_DRIFT_Z."""
+    from slt.diagnostics import MAX_DRIFT_Z, diagnose
 
-    def mean_se(a):
-        batches = (
-            a.reshape(a.shape[0], 5, -1).mean(axis=2).ravel() if a.shape[1] >= 5 else a.ravel()
-        )
-        return batches.mean(), batches.std(ddof=1) / math.sqrt(batches.size)
-
-    m1, s1 = mean_se(first[:, : third - third % 5])
-    m2, s2 = mean_se(last[:, : third - third % 5])
-    return abs(m1 - m2) <= z * math.hypot(s1, s2) + 1e-12
+    z = diagnose(llc_trace, diverged=diverged).drift_z
+    return not (abs(z) > MAX_DRIFT_Z)
 
 
 def calibrate(
@@ -174,98 +172,122 @@ def calibrate(
     loss_fn: LossFn,
     *,
     step_sizes: Sequence[float] | None = None,
+    n: int | None = None,
     nbeta: float | None = None,
     localization: float = 1.0,
     sampler: str = "sgld",
     control_variate: str = "gradient",
-    num_chains: int = 2,
-    num_draws: int = 200,
-    num_burnin: int = 100,
-    max_stiff_bias: float = 0.05,
+    num_chains: int = 1,
+    num_draws: int = 250,
+    num_burnin: int | None = None,
+    max_stiff_bias: float = 0.02,
     min_acceptance: float = 0.9,
     max_noise_ratio: float = 0.1,
     flat_tolerance: float = 0.05,
     num_candidates: int = 6,
+    max_pilot_steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationResult:
     """Pick the largest step size that passes the criteria of this module's docstring.
 
     ``step_sizes`` (descending after sorting) overrides the grid
-    4·max_stiff_bias/P_max · 2^-k, k < ``num_candidates``. Pilot chains use
-    ``num_chains × (num_burnin + num_draws)`` steps per candidate; the search stops at the
-    first candidate confirmed by its neighbour.
+    4·max_stiff_bias/P_max · 2^-k, k < ``num_candidates``. The k-th candidate's pilot runs
+    ``num_chains`` chains of ``2^k × (num_burnin + num_draws)`` steps, so every pilot covers
+    the same diffusion time ε·steps and λ̂(ε) and λ̂(ε/2) are compared at equal mixing.
+    The search stops at the first candidate confirmed by its neighbour, or before a
+    candidate whose pilot would take the total past ``max_pilot_steps`` (all chains).
 
     Examples
     --------
     >>> import slt
     >>> case = slt.zoo.regular(4, n=512)
     >>> cal = slt.calibrate(case.model, case.loader(), case.loss_fn, progress=False)
-    >>> 0 < cal.step_size <= 0.2 / (cal.nbeta * cal.top_hessian_eigenvalue)
+    >>> 0 < cal.step_size <= 0.08 / (cal.nbeta * cal.top_hessian_eigenvalue)
     True
     """
-    from slt.llc import estimate_llc
+    from slt.chains import DivergenceError
+    from slt.llc import build_posterior, sample_llc
 
     start = time.perf_counter()
-    posterior = Posterior(model, loader, loss_fn, nbeta=nbeta, localization=localization,
-                          control_variate="none")  # fmt: skip
+    if sampler == "mala":
+        control_variate = "none"
+    posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,
+                                localization=localization, control_variate=control_variate,
+                                sampler=sampler)  # fmt: skip
+    nb, gamma = posterior.nbeta, posterior.localization
     probe = next(posterior.batches.forever(torch.Generator().manual_seed(seed)))
     q_max = top_hessian_eigenvalue(posterior, probe, seed=seed)
     grad_var = minibatch_gradient_variance(posterior, seed=seed)
-    p_max = posterior.nbeta * q_max + posterior.localization
+    scale = 0.1 if sampler == "rmsprop_sgld" else 1.0  # its preconditioner reaches 1/δ = 10
+
+    def stiff_limit(q: float) -> float:  # ε with εP/4 = max_stiff_bias
+        return scale * 4 * max_stiff_bias / (nb * q + gamma) if nb * q + gamma > 0 else math.inf
+
     if step_sizes is None:
-        if p_max <= 0:
-            raise ValueError(
-                "calibrate: the loss is flat at w* and localization is 0; pass step_sizes"
-            )
-        scale = 0.1 if sampler == "rmsprop_sgld" else 1.0  # its preconditioner reaches 1/δ = 10
-        top = scale * 4 * max_stiff_bias / p_max
-        grid = [top * 2.0**-k for k in range(num_candidates)]
+        if not math.isfinite(stiff_limit(q_max)):
+            raise ValueError("calibrate: L_n is flat at w* and localization is 0; pass step_sizes")
+        grid = None
+        eps = stiff_limit(q_max)
     else:
         grid = sorted((float(e) for e in step_sizes), reverse=True)
         if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
             raise ValueError(f"step_sizes must be finite numbers > 0, got {step_sizes!r}")
-    pilot = dict(nbeta=nbeta, localization=localization, sampler=sampler,
-                 control_variate=control_variate, num_chains=num_chains, num_draws=num_draws,
-                 num_burnin=num_burnin, seed=seed, progress=False)  # fmt: skip
+        eps = grid[0]
+    first = eps
+    if num_burnin is None:  # the stiff directions relax 20 e-folds at the first candidate
+        num_burnin = max(50, math.ceil(20 * scale / (eps * (nb * q_max + gamma))))
     check_noise = control_variate != "gradient"
 
-    def trial(eps: float) -> tuple[Candidate, object]:
-        reasons = []
+    def trial(eps: float, stretch: int) -> tuple[Candidate, float]:
+        noise = eps * nb**2 * grad_var / 4
         try:
-            res = estimate_llc(model, loader, loss_fn, step_size=eps, **pilot)
-        except Exception as err:  # every chain diverged
-            if type(err).__name__ != "DivergenceError":
-                raise
-            cand = Candidate(eps, math.nan, math.nan, True, math.nan,
-                             eps * posterior.nbeta**2 * grad_var / 4, False, None, False,
-                             ("all chains diverged",))  # fmt: skip
-            return cand, None
-        acceptance = float(getattr(res, "mala_acceptance", math.nan))
-        noise = eps * posterior.nbeta**2 * grad_var / 4
+            res = sample_llc(posterior, sampler=sampler, step_size=eps, num_chains=num_chains,
+                             num_draws=num_draws * stretch, num_burnin=num_burnin * stretch,
+                             seed=seed)  # fmt: skip
+        except DivergenceError:
+            cand = Candidate(eps, math.nan, math.nan, True, math.nan, noise, math.inf, False,
+                             None, False, ("all chains diverged",))  # fmt: skip
+            return cand, math.nan
+        finite = all(bool(torch.isfinite(p).all()) for p in posterior.params.values())
+        q_here = top_hessian_eigenvalue(posterior, probe, iters=10, seed=seed, at_center=False)
+        q_here = q_here if finite else math.nan
+        stiffness = eps * (nb * max(q_here, q_max) + gamma) / 4 / scale if finite else math.inf
+        acceptance = float(res.mala_acceptance)
         stationary = _stationary(res.llc_trace, res.diverged)
+        reasons = []
         if res.diverged.any():
             reasons.append("divergence")
         if not stationary:
             reasons.append("non-stationary")
+        if stiffness > max_stiff_bias * 3:  # the chains found much stiffer regions than w*
+            reasons.append(f"εP/4 = {stiffness:.2f} where the chains went")
         if math.isfinite(acceptance) and acceptance < min_acceptance:
             reasons.append(f"acceptance {acceptance:.2f} < {min_acceptance:g}")
         if check_noise and noise > max_noise_ratio:
             reasons.append(f"gradient noise ratio {noise:.2f} > {max_noise_ratio:g}")
-        cand = Candidate(eps, res.llc, res.llc_std, bool(res.diverged.any()), acceptance, noise,
-                         stationary, None, not reasons, tuple(reasons))  # fmt: skip
-        return cand, res
+        se = res.mcse if math.isfinite(res.mcse) else res.llc_std
+        cand = Candidate(eps, res.llc, se, bool(res.diverged.any()), acceptance, noise,
+                         stiffness, stationary, None, not reasons, tuple(reasons))  # fmt: skip
+        return cand, q_here
 
     tried: list[Candidate] = []
     chosen = None
-    for eps in grid:
-        cand, _ = trial(eps)
+    spent = 0
+    for k in range(len(grid) if grid is not None else num_candidates):
+        eps = grid[k] if grid is not None else first * 2.0**-k
+        stretch = max(1, round(first / eps))
+        cost = num_chains * stretch * (num_burnin + num_draws)
+        if tried and max_pilot_steps is not None and spent + cost > max_pilot_steps:
+            break
+        spent += cost
+        cand, q_here = trial(eps, stretch)
         if tried and tried[-1].passed and cand.passed:
             prev = tried[-1]
             tol = flat_tolerance * abs(cand.llc) + 2 * math.hypot(prev.llc_std, cand.llc_std)
             flat = abs(prev.llc - cand.llc) <= tol
-            tried[-1] = _replace(prev, flat=flat, reasons=prev.reasons + (() if flat else (
-                f"λ̂ changes by {abs(prev.llc / cand.llc - 1):.0%} at ε/2",)))  # fmt: skip
+            change = () if flat else (f"λ̂ changes by {abs(prev.llc / cand.llc - 1):.0%} below",)
+            tried[-1] = _replace(prev, flat=flat, reasons=prev.reasons + change)
             if flat:
                 chosen = prev.step_size
                 tried.append(cand)
@@ -273,8 +295,14 @@ def calibrate(
         tried.append(cand)
     notes = []
     if chosen is None:
-        passing = [c for c in tried if c.passed]
-        chosen = passing[-1].step_size if passing else tried[-1].step_size
+        # Short pilots at small ε are often still drifting, so without a confirmed pair the
+        # largest candidate that is stable and not too stiff is the safer choice.
+        bad = ("εP/4", "acceptance", "gradient noise")
+        stable = [
+            c for c in tried if not c.diverged and not any(r.startswith(bad) for r in c.reasons)
+        ]
+        usable = [c for c in tried if not c.diverged]
+        chosen = (stable[0] if stable else usable[-1] if usable else tried[-1]).step_size
         notes.append(
             "no step size passed every criterion with a confirming neighbour; using "
             f"{chosen:.3g} — treat the estimate with care (more pilot draws, a smaller grid, "
@@ -285,14 +313,21 @@ def calibrate(
         candidates=tuple(tried),
         top_hessian_eigenvalue=q_max,
         gradient_variance=grad_var,
-        nbeta=posterior.nbeta,
-        localization=posterior.localization,
-        settings={k: v for k, v in pilot.items() if k != "progress"}
-        | {
+        nbeta=nb,
+        localization=gamma,
+        settings={
+            "sampler": sampler,
+            "control_variate": control_variate,
+            "num_chains": num_chains,
+            "num_draws": num_draws,
+            "num_burnin": num_burnin,
+            "seed": seed,
+            "max_stiff_bias": max_stiff_bias,
             "min_acceptance": min_acceptance,
             "max_noise_ratio": max_noise_ratio,
             "flat_tolerance": flat_tolerance,
-        },  # fmt: skip
+            "pilot_steps": spent,
+        },
         warnings=tuple(notes),
         seconds=time.perf_counter() - start,
     )

@@ -21,6 +21,7 @@ recorded at every step instead.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -55,6 +56,23 @@ class Trace:
     diverged: np.ndarray  # (chain,) bool
     steps_run: np.ndarray  # (chain,) int
     acceptance: np.ndarray | None = None  # (chain, draw) in [0, 1], NaN where not computed
+
+
+@contextmanager
+def flush_denormals():
+    """Flush subnormal floats to zero while sampling, then restore the caller's setting.
+
+    Tiny step sizes leave weights in flat directions at subnormal values, where CPU float
+    arithmetic is 10-100x slower (measured: 20x on a 10k-parameter linear network at
+    ε = 4e-6). torch has no getter for the mode, so it is read off a probe: a subnormal
+    float32 times one is zero exactly when flushing is on.
+    """
+    was_on = bool(torch.tensor(1e-40, dtype=torch.float32).mul(1.0) == 0)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
 
 
 def chain_generators(seed: int, chain: int, device: torch.device):
@@ -139,34 +157,35 @@ def run_chains(
     diverged = np.zeros(num_chains, dtype=bool)
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
-    for chain in range(num_chains):
-        data_gen, noise_gen = chain_generators(seed, chain, posterior.device)
-        state = kernel.init(posterior.reset())
-        batches = posterior.stream(data_gen)
-        row, row_center, row_acceptance = loss[chain], loss_at_center[chain], acceptance[chain]
-        for t in range(num_steps):
-            batch = next(batches)
-            center_loss, grad_fn = posterior.at_center(batch)
-            if center_loss is not None:
-                row_center[t] = center_loss
-            probing = probe is not None and t % acceptance_every == 0
-            if probing:
-                grad_fn = probe.before(grad_fn)
-            state, info = kernel.step(state, grad_fn, batch, noise_gen)
-            row[t] = info.loss
-            if info.acceptance is not None:
-                row_acceptance[t] = info.acceptance
-            elif probing:
-                row_acceptance[t] = probe.after(info.loss, batch)
-            if (t + 1) % _CHECK_EVERY == 0 or t + 1 == num_steps:
-                bar.update(t + 1 - steps_run[chain])
-                steps_run[chain] = t + 1
-                if not torch.isfinite(row[t]):
-                    diverged[chain] = True
-                    break
-        bar.update(0)
-        if not diverged[chain] and not bool(torch.isfinite(row).all()):
-            diverged[chain] = True
+    with flush_denormals():
+        for chain in range(num_chains):
+            data_gen, noise_gen = chain_generators(seed, chain, posterior.device)
+            state = kernel.init(posterior.reset())
+            batches = posterior.stream(data_gen)
+            row, row_center, row_acceptance = loss[chain], loss_at_center[chain], acceptance[chain]
+            for t in range(num_steps):
+                batch = next(batches)
+                center_loss, grad_fn = posterior.at_center(batch)
+                if center_loss is not None:
+                    row_center[t] = center_loss
+                probing = probe is not None and t % acceptance_every == 0
+                if probing:
+                    grad_fn = probe.before(grad_fn)
+                state, info = kernel.step(state, grad_fn, batch, noise_gen)
+                row[t] = info.loss
+                if info.acceptance is not None:
+                    row_acceptance[t] = info.acceptance
+                elif probing:
+                    row_acceptance[t] = probe.after(info.loss, batch)
+                if (t + 1) % _CHECK_EVERY == 0 or t + 1 == num_steps:
+                    bar.update(t + 1 - steps_run[chain])
+                    steps_run[chain] = t + 1
+                    if not torch.isfinite(row[t]):
+                        diverged[chain] = True
+                        break
+            bar.update(0)
+            if not diverged[chain] and not bool(torch.isfinite(row).all()):
+                diverged[chain] = True
     bar.close()
     return Trace(
         loss.cpu().numpy(),

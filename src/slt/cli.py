@@ -21,14 +21,22 @@ def _root() -> None:
 _OUT = typer.Option(Path("validate-out"), help="Folder for table.json and validate.png.")
 _SEED = typer.Option(0, help="Seed of every chain.")
 _PROGRESS = typer.Option(True, help="Show a progress bar.")
+_VALIDATE_STEP = typer.Option(
+    None, help='"auto" to calibrate every case\'s step size instead of using its recommended one.'
+)
 
 
 @app.command()
-def validate(out: Path = _OUT, seed: int = _SEED, progress: bool = _PROGRESS) -> None:
+def validate(
+    out: Path = _OUT, seed: int = _SEED, step_size: str | None = _VALIDATE_STEP,
+    progress: bool = _PROGRESS,
+) -> None:  # fmt: skip
     """Estimate λ on models whose answer is known and print the table; exit 1 on a miss."""
     from slt.validate import validate as run
 
-    rows = run(out=out, seed=seed, progress=progress)
+    if step_size not in (None, "auto"):
+        raise typer.BadParameter(f'--step-size must be "auto" or absent, got {step_size!r}')
+    rows = run(out=out, seed=seed, step_size=step_size, progress=progress)
     raise typer.Exit(0 if all(r.passed for r in rows) else 1)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from slt import _checks
 from slt.chains import DivergenceError, run_chains
 from slt.data import NotOneBatch
+from slt.diagnostics import diagnose, warnings_for
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate, Posterior
 from slt.samplers import FULL_BATCH, SAMPLERS
@@ -59,6 +60,12 @@ class LLCResult:
     acceptance: np.ndarray | None = None  # (chain, draw)
     mala_acceptance: float = math.nan  # mean of the computed values over non-diverged chains
     acceptance_every: int = 0
+    # Diagnostics of the per-draw λ̂ trace over usable chains (slt.diagnostics).
+    rhat: float = math.nan  # rank-normalized split R̂; NaN with one usable chain
+    ess_bulk: float = math.nan  # bulk ESS, total over usable chains
+    ess_tail: float = math.nan  # tail ESS (5%/95% quantiles), total
+    mcse: float = math.nan  # Monte Carlo standard error of llc, sd/√ESS (minibatch noise included)
+    calibration: dict | None = None  # what step_size="auto" tried and chose (CalibrationResult)
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -106,8 +113,15 @@ class LLCResult:
             f"(BIC's d/2 = {self.num_params / 2:g})   "
             f"control variate {self.control_variate}   {self.seconds:.1f} s",
             f"  per chain: {per_chain}",
-            f"  MALA acceptance {self._acceptance_note()}",
+            f"  R̂ {self.rhat:.3f}   ESS bulk {self.ess_bulk:.0f} tail {self.ess_tail:.0f}   "
+            f"MCSE {self.mcse:.2g}   MALA acceptance {self._acceptance_note()}",
         ]
+        if self.calibration is not None:
+            cal = self.calibration
+            lines.append(
+                f"  step_size chosen by calibration: {cal['step_size']:.3g} from "
+                f"{len(cal['candidates'])} candidates in {cal['seconds']:.1f} s"
+            )
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -120,7 +134,7 @@ def estimate_llc(
     n: int | None = None,
     nbeta: float | None = None,
     localization: float = 1.0,
-    step_size: float = 1e-4,
+    step_size: float | str = 1e-4,
     num_chains: int = 4,
     num_draws: int = 1000,
     num_burnin: int = 250,
@@ -150,8 +164,12 @@ def estimate_llc(
         nβ; defaults to n / log n (β* = 1/log n, the WBIC temperature).
     localization : float
         γ, the strength of the pull toward w*.
-    step_size : float
-        ε of the SGLD step Δw = (ε/2)(-nβ∇L_B - γ(w - w*)) + N(0, ε).
+    step_size : float or "auto"
+        ε of the SGLD step Δw = (ε/2)(-nβ∇L_B - γ(w - w*)) + N(0, ε). "auto" first runs
+        :func:`slt.calibrate` with short pilot chains (one per candidate, within a budget
+        of a fifth of this estimate's steps, with this call's nβ, γ, sampler and control
+        variate) and uses the step size it picks; the result's ``calibration`` records
+        every candidate and why.
     num_chains, num_draws, num_burnin : int
         Each chain takes ``num_burnin + num_draws`` steps; burn-in draws are discarded.
     sampler : {"sgld", "rmsprop_sgld", "sgnht", "mala"}
@@ -211,7 +229,9 @@ def estimate_llc(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    step_size = _checks.real("step_size", step_size, minimum=0, strict=True)
+    auto = isinstance(step_size, str) and step_size == "auto"
+    if not auto:
+        step_size = _checks.real("step_size", step_size, minimum=0, strict=True)
     num_chains = _checks.integer("num_chains", num_chains, minimum=1)
     num_draws = _checks.integer("num_draws", num_draws, minimum=1)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
@@ -220,9 +240,36 @@ def estimate_llc(
     full_batch = sampler in FULL_BATCH
     if full_batch and control_variate in CONTROL_VARIATES:
         control_variate = "none"  # the full batch makes both control variates moot
+    calibration = None
+    if auto:
+        from slt.calibrate import calibrate
+
+        budget = num_chains * (num_burnin + num_draws) // 5
+        cal = calibrate(
+            model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
+            sampler=sampler, control_variate=control_variate, max_pilot_steps=budget,
+            seed=seed, progress=progress,
+        )  # fmt: skip
+        step_size, calibration = cal.step_size, cal.to_dict()
     start = time.perf_counter()
+    posterior = build_posterior(
+        model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
+        control_variate=control_variate, sampler=sampler,
+    )  # fmt: skip
+    return sample_llc(
+        posterior, sampler=sampler, step_size=step_size, num_chains=num_chains,
+        num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
+        acceptance_every=acceptance_every, nbeta_default=nbeta is None,
+        calibration=calibration, start=start,
+    )  # fmt: skip
+
+
+def build_posterior(
+    model, loader, loss_fn, *, n, nbeta, localization, control_variate, sampler
+) -> Posterior:
+    """The :class:`Posterior` an estimate with ``sampler`` needs (full batch for MALA)."""
     try:
-        posterior = Posterior(
+        return Posterior(
             model,
             loader,
             loss_fn,
@@ -230,7 +277,7 @@ def estimate_llc(
             nbeta=nbeta,
             localization=localization,
             control_variate=control_variate,
-            full_batch=full_batch,
+            full_batch=sampler in FULL_BATCH,
         )
     except NotOneBatch as err:
         raise ValueError(
@@ -238,6 +285,27 @@ def estimate_llc(
             f"{err}; pass a DataLoader over a TensorDataset (its full tensors are used, "
             "whatever the batch size) or a loader with batch_size >= len(dataset)"
         ) from None
+
+
+def sample_llc(
+    posterior: Posterior,
+    *,
+    sampler: str,
+    step_size: float,
+    num_chains: int,
+    num_draws: int,
+    num_burnin: int,
+    seed: int,
+    progress: bool = False,
+    acceptance_every: int = 20,
+    nbeta_default: bool = False,
+    calibration: dict | None = None,
+    start: float | None = None,
+) -> LLCResult:
+    """Run the chains on a built ``posterior`` and summarise them (arguments checked by
+    :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
+    start = time.perf_counter() if start is None else start
+    control_variate = posterior.control_variate
     kernel = SAMPLERS[sampler](
         step_size=step_size,
         nbeta=posterior.nbeta,
@@ -265,18 +333,15 @@ def estimate_llc(
             f"all {num_chains} chains diverged (non-finite loss) with step_size={step_size:g}; "
             "try a step size 3-10x smaller, or a larger localization"
         )
-    if trace.diverged.any():
-        bad = ", ".join(str(c) for c in np.flatnonzero(trace.diverged))
-        notes.append(
-            f"chain(s) {bad} diverged (non-finite loss) and are excluded from llc; "
-            "the step size is probably too large"
-        )
     acceptance = trace.acceptance[:, num_burnin:]
     computed = acceptance[ok][np.isfinite(acceptance[ok])]
     good = per_chain[ok]
     llc_std = float(good.std(ddof=1) / math.sqrt(good.size)) if good.size > 1 else math.nan
-    if good.size == 1:
-        notes.append("only one usable chain: no standard error (use num_chains >= 2)")
+    diag = diagnose(posterior.nbeta * (loss - at_center), diverged=trace.diverged,
+                    nbeta=posterior.nbeta)  # fmt: skip
+    notes += warnings_for(diag)
+    if calibration is not None:
+        notes += [f"calibration: {w}" for w in calibration["warnings"]]
     return LLCResult(
         llc=float(good.mean()),
         llc_std=llc_std,
@@ -287,7 +352,7 @@ def estimate_llc(
         diverged=trace.diverged,
         warnings=tuple(notes),
         nbeta=posterior.nbeta,
-        nbeta_default=nbeta is None,
+        nbeta_default=nbeta_default,
         n=posterior.n,
         num_params=posterior.num_params,
         localization=posterior.localization,
@@ -302,4 +367,9 @@ def estimate_llc(
         acceptance=acceptance,
         mala_acceptance=float(computed.mean()) if computed.size else math.nan,
         acceptance_every=acceptance_every,
+        rhat=diag.rhat,
+        ess_bulk=diag.ess_bulk,
+        ess_tail=diag.ess_tail,
+        mcse=diag.mcse,
+        calibration=calibration,
     )

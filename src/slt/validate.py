@@ -85,12 +85,12 @@ def target_for(case: zoo.Case, nbeta: float, localization: float) -> tuple[float
     return float(case.lam) - (case.m - 1) / math.log(nbeta), "asymptotic"
 
 
-def run_case(case: zoo.Case, *, seed: int = 0) -> Row:
-    """Estimate λ on one case with its recommended settings."""
+def run_case(case: zoo.Case, *, seed: int = 0, step_size: float | str | None = None) -> Row:
+    """Estimate λ on one case with its recommended settings (``step_size`` overrides ε;
+    "auto" calibrates it)."""
     s = case.settings
-    res = estimate_llc(
-        case.model, case.loader(), case.loss_fn, seed=seed, progress=False, **s.estimate_kwargs()
-    )
+    kwargs = s.estimate_kwargs() | ({} if step_size is None else {"step_size": step_size})
+    res = estimate_llc(case.model, case.loader(), case.loss_fn, seed=seed, progress=False, **kwargs)
     target, kind = target_for(case, res.nbeta, res.localization)
     return Row(
         name=case.name,
@@ -104,7 +104,7 @@ def run_case(case: zoo.Case, *, seed: int = 0) -> Row:
         llc_std=res.llc_std,
         nbeta=res.nbeta,
         seconds=res.seconds,
-        settings=asdict(s),
+        settings=asdict(s) | {"step_size": res.step_size},
     )
 
 
@@ -174,18 +174,19 @@ def validate(
     *,
     out: str | Path | None = None,
     seed: int = 0,
+    step_size: float | str | None = None,
     progress: bool = True,
 ) -> list[Row]:
     """Run the known-answer cases, print the table, and write ``table.json`` and
-    ``validate.png`` to ``out`` (if given). Returns the rows; all passed iff every
-    ``row.passed``."""
+    ``validate.png`` to ``out`` (if given). ``step_size="auto"`` replaces every case's
+    recommended ε by calibration. Returns the rows; all passed iff every ``row.passed``."""
     cases = default_cases() if cases is None else cases
     rows: list[Row] = []
     start = time.perf_counter()
     bar = tqdm(cases, desc="validate", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.name)
-        rows.append(run_case(case, seed=seed))
+        rows.append(run_case(case, seed=seed, step_size=step_size))
     bar.close()
     total = time.perf_counter() - start
     print(format_table(rows))
