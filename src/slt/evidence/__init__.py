@@ -9,14 +9,17 @@
 
 from slt.evidence.baselines import BICResult, LaplaceResult, bic, laplace
 from slt.evidence.functional import module_nll
+from slt.evidence.lambda_m import LambdaMResult, estimate_lambda_m
 from slt.evidence.quadrature import QuadratureResult, quadrature_free_energy
 from slt.evidence.spectrum import hessian_spectrum
 
 __all__ = [
     "BICResult",
+    "LambdaMResult",
     "LaplaceResult",
     "QuadratureResult",
     "bic",
+    "estimate_lambda_m",
     "hessian_spectrum",
     "laplace",
     "module_nll",
