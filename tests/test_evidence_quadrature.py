@@ -178,6 +178,22 @@ def test_module_nll_is_the_mean_gaussian_nll_at_each_point():
     torch.testing.assert_close(module_nll(model, loader, slt.gaussian_nll(0.5))(w), want)
 
 
+def test_module_nll_falls_back_to_a_loop_when_vmap_cannot_run_the_model():
+    x, y = _linear_data(32, 2)
+    gauss = slt.gaussian_nll(0.5)
+
+    def branching(model, batch):  # data-dependent control flow: vmap refuses it
+        return gauss(model, batch) if bool((model.weight.sum() > -100).item()) else None
+
+    w = torch.randn(5, 2, dtype=torch.float64)
+    plain = module_nll(torch.nn.Linear(2, 1, bias=False), (x, y), gauss)
+    looped = module_nll(torch.nn.Linear(2, 1, bias=False), (x, y), branching)
+    with pytest.warns(RuntimeWarning, match="one parameter point at a time"):
+        values = looped(w)
+    torch.testing.assert_close(values, plain(w))
+    assert not looped.vectorized
+
+
 def test_quadrature_through_module_nll_matches_the_gaussian_integral():
     n, sigma = 200, 0.5
     x, y = _linear_data(n, 2, seed=1)

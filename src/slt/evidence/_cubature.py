@@ -194,7 +194,13 @@ def graded_cells(
     meets the box ``points[p] ± reach × scales[p]`` bisected until its width in each
     dimension j where ``scales[p, j] < sharp[j]`` is at most ``width`` × ``scales[p, j]``: a
     mesh graded toward each point across its sharp directions, on both sides of it even when
-    it sits (up to rounding) on a face. Returns (lo, hi), each (C, d)."""
+    it sits (up to rounding) on a face. Returns (lo, hi), each (C, d).
+
+    >>> lo, hi = graded_cells([np.array([0.0, 1.0])], np.zeros((1, 1)), np.full((1, 1), 1 / 64),
+    ...                       sharp=np.ones(1))
+    >>> sorted(lo.ravel().tolist())   # widths 1/8, 1/8, 1/4, 1/2 toward the point at 0
+    [0.0, 0.125, 0.25, 0.5]
+    """
     dim = len(breaks)
     lo = np.stack(np.meshgrid(*[b[:-1] for b in breaks], indexing="ij"), -1).reshape(-1, dim)
     hi = np.stack(np.meshgrid(*[b[1:] for b in breaks], indexing="ij"), -1).reshape(-1, dim)

@@ -48,7 +48,7 @@ def _line_minima(e: np.ndarray, axes: list[np.ndarray], e0: float, cutoff: float
     return np.vstack(pts), np.concatenate(dims), np.vstack(brackets)
 
 
-def _golden(energy, points: np.ndarray, dims: np.ndarray, bracket: np.ndarray, iters: int = 60):
+def _golden(energy, points: np.ndarray, dims: np.ndarray, bracket: np.ndarray, iters: int = 45):
     """Minimize E along dimension ``dims[p]`` within ``bracket[p]``, all points at once."""
     a, b = bracket[:, 0].copy(), bracket[:, 1].copy()
     rows = np.arange(len(points))
@@ -73,19 +73,33 @@ def _golden(energy, points: np.ndarray, dims: np.ndarray, bracket: np.ndarray, i
 
 
 def widths(energy, points: np.ndarray, std: np.ndarray, levels: int = 48) -> np.ndarray:
-    """(P, d): per point and dimension, the largest σ·2^-k over which E rises by ≤ 1."""
+    """(P, d): per point and dimension, the largest σ·2^-k (k < ``levels``) over which E
+    rises by at most 1 on both sides, by bisection on k (the rise grows with the step).
+
+    >>> import numpy as np
+    >>> def energy(w):   # E = 100 w_0² + w_1²/2: widths 2^-4 (1/√100 ≈ 0.1) and 1
+    ...     e = 100 * w[:, 0] ** 2 + 0.5 * w[:, 1] ** 2
+    ...     return e, e
+    >>> widths(energy, np.zeros((1, 2)), np.ones(2)).tolist()
+    [[0.0625, 1.0]]
+    """
     num, dim = points.shape
-    h = std[None, :] * 2.0 ** -np.arange(levels)[:, None]  # (K, d)
-    probe = np.repeat(points[:, None, None, None, :], levels, 1)
-    probe = np.repeat(np.repeat(probe, dim, 2), 2, 3).copy()  # (P, K, d, 2, d)
-    for j in range(dim):
-        probe[:, :, j, 0, j] += h[None, :, j]
-        probe[:, :, j, 1, j] -= h[None, :, j]
-    e = energy(probe.reshape(-1, dim))[0].reshape(num, levels, dim, 2).max(-1)
-    rise = e - energy(points)[0][:, None, None]  # (P, K, d)
-    ok = rise <= 1.0
-    first = np.where(ok.any(1), ok.argmax(1), levels - 1)  # (P, d)
-    return h[first, np.arange(dim)[None, :]]
+    e_p = energy(points)[0]
+    lo = np.zeros((num, dim), dtype=int)
+    hi = np.full((num, dim), levels - 1)
+    rows, cols = np.indices((num, dim))
+    while np.any(lo < hi):
+        active = lo < hi
+        p, j = rows[active], cols[active]
+        mid = (lo[active] + hi[active]) // 2
+        h = std[j] * 2.0**-mid
+        probe = np.repeat(points[p], 2, 0)
+        probe[np.arange(len(p) * 2), np.repeat(j, 2)] += np.stack([h, -h], 1).ravel()
+        rise = energy(probe)[0].reshape(-1, 2).max(1) - e_p[p]
+        ok = rise <= 1.0
+        hi[p[ok], j[ok]] = mid[ok]
+        lo[p[~ok], j[~ok]] = mid[~ok] + 1
+    return std[None, :] * 2.0**-lo
 
 
 def find_features(energy, box: np.ndarray, mean: np.ndarray, std: np.ndarray, *, cutoff: float):

@@ -23,18 +23,8 @@ import torch
 
 from slt import _checks
 from slt.evidence.functional import FlatLoss, log_normal
-from slt.evidence.spectrum import hessian_spectrum
+from slt.evidence.spectrum import hessian_spectrum, zero_threshold
 from slt.losses import LossFn
-
-# Eigenvalues with |λ| ≤ 1e-6 × max(|λ|_max, 1) count as zero. Measured on the zoo at its
-# exact minimizers (data stored in float32, Hessian computed in float64): the directions that
-# are flat by symmetry come out at 1e-10 to 1e-8 × λ_max, of either sign (the data's float32
-# rounding leaves a residual of that size in L_n), the curved ones at ≥ 0.1 × λ_max (deep
-# linear 6-5-4-6 and 20-15-10-12, reduced rank 5-4-3-2; λ_max ≈ 1-4). The threshold sits two
-# decades above the first group. The floor (1e-6 in absolute terms) is for a Hessian that is
-# zero altogether: a²b² at the origin, where the same rounding gives eigenvalues ±1e-8.
-RELATIVE_THRESHOLD = 1e-6
-ABSOLUTE_THRESHOLD = 1e-6
 
 
 @dataclass(frozen=True)
@@ -207,7 +197,7 @@ def laplace(
         σ and μ of the prior N(μ, σ² I).
     threshold : float, optional
         Eigenvalues with |λ| ≤ threshold count as zero for ``rank`` and ``num_small``.
-        Default 1e-6 × max(|λ|_max, 1) (see ``RELATIVE_THRESHOLD`` for the measurement).
+        Default 1e-6 × max(|λ|_max, 1) (:func:`slt.evidence.spectrum.zero_threshold`).
     dense_max : int
         Up to this d the whole Hessian is formed and diagonalized. Above it, the
         ``num_eigs`` largest eigenvalues come from Lanczos (``eigsh``) on Hessian-vector
@@ -232,9 +222,9 @@ def laplace(
     d, p = flat.dim, 1.0 / (n * std * std)
     spec, h = hessian_spectrum(flat, w, dense_max=dense_max, num_eigs=num_eigs, seed=seed)
     ev = spec.eigenvalues
-    top = float(np.abs(ev).max()) if ev.size else 0.0
-    thr = (max(RELATIVE_THRESHOLD * top, ABSOLUTE_THRESHOLD) if threshold is None
-           else _checks.real("threshold", threshold, minimum=0))  # fmt: skip
+    thr = zero_threshold(ev)
+    if threshold is not None:
+        thr = _checks.real("threshold", threshold, minimum=0)
     small = np.abs(ev) <= thr
     with np.errstate(invalid="ignore", divide="ignore"):
         logs = np.where(ev + p > 0, np.log(ev + p), np.nan)
@@ -268,10 +258,7 @@ def laplace(
             "upper value)"
             + ("" if floor <= thr else f"; rank ≥ {rank}, so {rank / 2:g} ≤ λ ≤ {d / 2:g}")
         )
-    if unknown and floor > thr:
-        bracket = (rank / 2, d / 2)
-    else:
-        bracket = (rank / 2, rank / 2 + (d - rank) / 4)
+    bracket = (rank / 2, d / 2 if unknown and floor > thr else rank / 2 + (d - rank) / 4)
     return LaplaceResult(
         free_energy=base + 0.5 * log_det,
         free_energy_upper=base + 0.5 * log_det_upper,

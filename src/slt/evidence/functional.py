@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -150,16 +151,31 @@ class ModuleNLL:
         work = max(1, flat.n)
         self.chunk_size = chunk_size or max(1, (1 << 21) // work)
         self._batched = vmap(flat.loss)
+        self.vectorized = True  # set to False if vmap fails on this model
 
     def __call__(self, w) -> torch.Tensor:
         w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w)
         if w.ndim != 2 or w.shape[1] != self.dim:
             raise ValueError(f"nll: w must have shape (points, {self.dim}), got {tuple(w.shape)}")
         w = w.to(self.flat.dtype).to(self.flat.device)
+        out = []
         with torch.no_grad():
-            out = [self._batched(w[s : s + self.chunk_size])
-                   for s in range(0, w.shape[0], self.chunk_size)]  # fmt: skip
+            for s in range(0, w.shape[0], self.chunk_size):
+                out.append(self._chunk(w[s : s + self.chunk_size]))
         return torch.cat(out).double().cpu() if out else torch.empty(0, dtype=torch.float64)
+
+    def _chunk(self, w: torch.Tensor) -> torch.Tensor:
+        if self.vectorized:
+            try:
+                return self._batched(w)
+            except RuntimeError as err:  # e.g. data-dependent control flow in the model
+                self.vectorized = False
+                warnings.warn(
+                    f"module_nll: torch.func.vmap failed ({str(err).splitlines()[0]}); "
+                    "evaluating one parameter point at a time (slow)",
+                    RuntimeWarning, stacklevel=3,
+                )  # fmt: skip
+        return torch.stack([self.flat.loss(p) for p in w])
 
     def __repr__(self) -> str:
         return f"ModuleNLL(dim={self.dim}, n={self.flat.n}, names={self.names})"

@@ -41,7 +41,7 @@ class QuadratureResult:
     minimizers: np.ndarray  # (k, d) local minimizers of nβ L_n - log φ found in the box
     bounds: np.ndarray  # (d, 2) the integration box
     tail: float  # bound on the mass outside the box, relative to the integral
-    num_evals: int
+    num_evals: int  # points at which L_n was evaluated (search and cubature)
     num_cells: int
     converged: bool
     seconds: float
@@ -101,11 +101,16 @@ def quadrature_free_energy(
     (the axes of a²b²) are then resolved by the error-driven bisection across them.
 
     ``error`` is Σ|K - G| plus a bound on the mass outside the box (the prior's tail
-    mass there × exp(-nβ (min L_n - L_n(w0)))), converted to F. |K - G| is the error
-    estimate of the Gauss rule; the Kronrod value returned is far more accurate, so this is
-    a pessimistic estimate, not a proof: against closed forms (tests) the actual error was
-    ≤ 1e-10 while ``error`` was ~1e-9. Like any cubature it can miss a peak that no node
-    and no minimizer found comes near: pass its location in ``breaks``.
+    mass there × exp(E0 - nβ min L_n)), converted to F. |K - G| is the error estimate of
+    the Gauss rule; the Kronrod value returned is far more accurate, so this is a
+    pessimistic estimate, not a proof. Measured against closed forms (Gaussian-linear
+    models with d = 1, 2, 3, a²b², a²b²c², n from 10 to 10⁶, β = 1 and 0.05): actual
+    errors 0 to 2e-12, reported ``error`` 7e-11 to 3e-9. Like any cubature it can miss a
+    peak that no node and no minimizer found comes near: pass its location in ``breaks``.
+
+    Cost: d ≤ 2 takes 0.7–2.5 × 10⁵ evaluations of L_n (0.1 s for a closed-form L_n; 30–40
+    s through :func:`module_nll` at n = 4096 on 2 cores). d = 3 takes 2 × 10⁶ (regular)
+    to 3.4 × 10⁷ (a²b²c² at n = 10⁴, 5 s closed-form): use a closed-form or cheap L_n there.
 
     Parameters
     ----------
@@ -153,9 +158,10 @@ def quadrature_free_energy(
     if not np.all(np.isfinite(box)) or np.any(box[:, 1] <= box[:, 0]):
         raise ValueError(f"bounds must be finite (d, 2) rows with low < high, got {bounds!r}")
     nbeta, log_norm = n * beta, float(np.sum(np.log(std * math.sqrt(2 * math.pi))))
-    state = {"l_min": math.inf, "l_ref": 0.0}
+    state = {"l_min": math.inf, "l_ref": 0.0, "evals": 0}
 
     def loss(w: np.ndarray) -> np.ndarray:
+        state["evals"] += len(w)
         out = nll(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)))
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else out
         out = np.asarray(out, dtype=np.float64).reshape(-1)
@@ -220,7 +226,7 @@ def quadrature_free_energy(
         minimizers=minimizers,
         bounds=box,
         tail=tail / i,
-        num_evals=cub.evals,
+        num_evals=state["evals"],
         num_cells=len(cub.lo),
         converged=converged,
         seconds=time.perf_counter() - t0,
