@@ -4,6 +4,7 @@ reported as it is, the Hessian-rank bracket against known learning coefficients.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -137,6 +138,7 @@ def test_results_are_frozen_and_print_the_diagnosis():
     text = str(res)
     assert f"rank {res.rank} of 27" in text and "r/2 ≤ λ ≤ r/2 + (d - r)/4" in text
     assert f"{res.num_small} eigenvalues with |λ| ≤" in text
+    assert json.loads(json.dumps(res.to_dict()))["rank"] == res.rank
     with pytest.raises(ValueError, match="prior_std"):
         laplace(case.model, case.loader(256), case.loss_fn, prior_std=0.0)
 

@@ -4,6 +4,7 @@ finite-nβ expectations of the normal-crossing potentials a², a²b², a²b²c²
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -85,6 +86,7 @@ def test_result_is_frozen_and_prints_lambda_m_and_the_integers():
     text = str(res)
     assert "λ = " in text and "m as an integer: 2" in text and "consistent at 95%" in text
     assert res.residuals.shape == NBETA.shape
+    assert json.loads(json.dumps(res.to_dict()))["m_int"] == 2
 
 
 def test_bad_input_is_named():

@@ -11,6 +11,7 @@ Every check asserts the actual error is below the reported ``error`` and that th
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -228,4 +229,5 @@ def test_an_exhausted_budget_is_reported():
         res = quadrature_free_energy(lambda w: (w[:, 0] * w[:, 1]) ** 2, n=100, dim=2,
                                      rtol=1e-14, max_evals=200_000)  # fmt: skip
     assert not res.converged and "NOT converged" in str(res)
+    assert json.loads(json.dumps(res.to_dict()))["converged"] is False
     assert res.error > 1e-14

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt.evidence._result import ToDict
 from slt.evidence.functional import FlatLoss, log_normal
 from slt.evidence.spectrum import hessian_spectrum, zero_threshold
 from slt.losses import LossFn
 
 
 @dataclass(frozen=True)
-class BICResult:
+class BICResult(ToDict):
     """BIC = n L_n(ŵ) + (d/2) log n at the model's parameters ŵ."""
 
     bic: float
@@ -48,7 +49,7 @@ class BICResult:
 
 
 @dataclass(frozen=True)
-class LaplaceResult:
+class LaplaceResult(ToDict):
     """The Laplace free energy with the Hessian's near-zero eigenvalues reported."""
 
     free_energy: float  # n L_n(ŵ) - log φ(ŵ) + (d/2) log(n/2π) + ½ log det H

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from slt.evidence._result import ToDict
+
 
 @dataclass(frozen=True)
-class LambdaMResult:
+class LambdaMResult(ToDict):
     """λ and m fitted to λ̂(nβ). Arrays are ``(point,)`` over the nβ values used."""
 
     lam: float  # intercept: λ̂ extrapolated to 1/log nβ = 0

@@ -22,12 +22,13 @@ from scipy import special
 from slt import _checks
 from slt.evidence._cubature import RULES, Cubature, graded_cells
 from slt.evidence._minima import find_features, widths
+from slt.evidence._result import ToDict
 
 NLL = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]  # (points, d) -> (points,)
 
 
 @dataclass(frozen=True)
-class QuadratureResult:
+class QuadratureResult(ToDict):
     """F(β) by quadrature, with an error bound and E_β[n L_n]. ``minimizers`` is (k, d)."""
 
     free_energy: float  # F(β) = -log ∫ exp(-nβ L_n) φ
