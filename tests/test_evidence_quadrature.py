@@ -143,6 +143,16 @@ def test_a2b2c2_matches_its_semi_closed_form(n):
     assert abs(res.free_energy - _a2b2c2_free_energy(n)) <= res.error <= 1e-7
 
 
+def test_extra_break_points_change_nothing_but_the_mesh():
+    def sq(w):
+        return (w[:, 0] * w[:, 1]) ** 2
+
+    plain = quadrature_free_energy(sq, n=1000, dim=2)
+    more = quadrature_free_energy(sq, n=1000, dim=2, breaks=[[0.3, 0.0], [-2.0, 1.0]])
+    assert more.num_cells != plain.num_cells
+    assert abs(more.free_energy - plain.free_energy) <= more.error + plain.error
+
+
 def test_derivative_in_beta_is_the_expected_nll():
     # dF/dβ = E_β[n L_n]: the identity thermodynamic integration rests on (a²b², singular)
     def nll(w):

@@ -92,14 +92,16 @@ def quadrature_free_energy(
 
     Method. With E(w) = nβ L_n(w) - log φ(w) and E0 its minimum (over a coarse grid, then
     polished by L-BFGS-B from the lowest grid points), F = E0 - log ∫ exp(-(E - E0)) over a
-    box. The integral is adaptive tensor-product Gauss–Kronrod cubature (15-point Kronrod
-    with the embedded 7-point Gauss rule per dimension, QUADPACK's qk15): cells are bisected
-    across the dimension that dominates their |K - G|, largest first, until
-    Σ|K - G| ≤ ``rtol`` × the integral (same for E_β[n L_n]). The initial mesh has break
-    points at every minimizer found (and at ``breaks``), and the cells at each minimizer are
-    bisected toward it until their width is 4× the distance over which E rises by 1, so a
-    sharp peak (width ~ (nβ)^(-1/2)) is resolved from the start; singular minimizer sets
-    (the axes of a²b²) are then resolved by the error-driven bisection across them.
+    box (log-sum-exp). The integral is adaptive tensor-product Gauss–Kronrod cubature
+    (15-point Kronrod with the embedded 7-point Gauss rule per dimension, QUADPACK's qk15):
+    cells are bisected across the dimension that dominates their |K - G|, largest first,
+    until Σ|K - G| ≤ ``rtol`` × the integral (and the same for E_β[n L_n]). Before that,
+    the mesh is built to see every sharp feature: break points at the minimizers found (and
+    at ``breaks``); the minimum of E along every grid line, polished by golden section,
+    which samples singular minimizer sets (the axes of a²b², the planes of a²b²c²) where
+    their density is not negligible; and at each such point, the cells around it bisected
+    across each direction in which E rises by 1 within σ/32, until they are 8× that
+    distance wide. Then no peak narrower than the grid hides between the nodes.
 
     ``error`` is Σ|K - G| plus a bound on the mass outside the box (the prior's tail
     mass there × exp(E0 - nβ min L_n)), converted to F. |K - G| is the error estimate of
