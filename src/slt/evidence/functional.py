@@ -56,8 +56,8 @@ class FlatLoss:
     model : torch.nn.Module
         Copied (never modified), put in eval mode and, unless ``dtype`` is None, cast to
         ``dtype``. Only trainable parameters are variables; the rest stay fixed.
-    loader : a ``DataLoader`` or other re-iterable of batches, read once (unshuffled order
-        does not matter: the result is the size-weighted mean of batch losses).
+    loader : a ``DataLoader`` or other re-iterable of batches, read once and kept in
+        memory (order does not matter: L_n is the size-weighted mean of batch losses).
     loss_fn : callable ``(model, batch) -> Tensor``, the batch mean per-sample NLL.
     dtype : torch.dtype or None
         float64 by default: n L_n at n = 10⁴ needs more than float32's 7 digits.
