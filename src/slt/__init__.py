@@ -20,12 +20,20 @@ def load(path):
 
 
 _SUBMODULES = ("theory", "zoo", "validate", "diagnostics", "io", "checkpoints", "evidence")
+_LAZY = {
+    "bic": "slt.evidence",
+    "laplace": "slt.evidence",
+    "estimate_lambda_m": "slt.evidence",
+    "quadrature_free_energy": "slt.evidence",
+}
 
 
 def __getattr__(name):
-    """``slt.zoo``, ``slt.theory``, ... imported on first use."""
+    """``slt.zoo``, ``slt.theory``, ``slt.bic``, ... imported on first use."""
     if name in _SUBMODULES:
         return importlib.import_module(f"slt.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'slt' has no attribute {name!r}")
 
 
@@ -35,11 +43,15 @@ __all__ = [
     "NbetaSweep",
     "LLCResult",
     "__version__",
+    "bic",
     "calibrate",
+    "estimate_lambda_m",
     "estimate_llc",
     "gaussian_nll",
+    "laplace",
     "llc_vs_nbeta",
     "load",
     "plot_trace",
+    "quadrature_free_energy",
     "supervised",
 ]

@@ -20,11 +20,14 @@ the largest ε down, each candidate runs a short pilot and must pass:
    ≤ ``max_noise_ratio`` — checked only without the gradient control variate, which
    removes most of that noise near w*;
 6. λ̂ flat as ε shrinks: λ̂ at this ε and at the next smaller one agree within
-   ``flat_tolerance`` (relative) plus two Monte Carlo standard errors (ESS-based).
+   ``flat_tolerance`` (relative) plus two Monte Carlo standard errors (ESS-based). If
+   two standard errors alone exceed ``flat_tolerance``, the pilots cannot tell and the
+   comparison counts as inconclusive, not as agreement.
 
 The chosen ε is the largest candidate that passes 1-5 and whose next-smaller neighbour
-also passes 1-5 and agrees with it (6). The pilot uses the same nβ, γ, sampler and
-control variate as the estimate it serves.
+also passes 1-5 and agrees with it (6). Without such a pair (budget spent, or every
+comparison inconclusive) it is the smallest candidate that passed 1-5. The pilots use
+the same nβ, γ, sampler and control variate as the estimate they serve.
 """
 
 from __future__ import annotations
@@ -284,25 +287,25 @@ def calibrate(
         cand, q_here = trial(eps, stretch)
         if tried and tried[-1].passed and cand.passed:
             prev = tried[-1]
-            tol = flat_tolerance * abs(cand.llc) + 2 * math.hypot(prev.llc_std, cand.llc_std)
-            flat = abs(prev.llc - cand.llc) <= tol
-            change = () if flat else (f"λ̂ changes by {abs(prev.llc / cand.llc - 1):.0%} below",)
-            tried[-1] = _replace(prev, flat=flat, reasons=prev.reasons + change)
-            if flat:
-                chosen = prev.step_size
-                tried.append(cand)
-                break
+            noise = 2 * math.hypot(prev.llc_std, cand.llc_std)
+            if noise > flat_tolerance * abs(cand.llc):  # the pilots cannot resolve a change
+                tried[-1] = _replace(prev, reasons=prev.reasons + ("comparison inconclusive",))
+            else:
+                flat = abs(prev.llc - cand.llc) <= flat_tolerance * abs(cand.llc) + noise
+                change = () if flat else (f"λ̂ changes by {abs(prev.llc / cand.llc - 1):.0%}",)
+                tried[-1] = _replace(prev, flat=flat, reasons=prev.reasons + change)
+                if flat:
+                    chosen = prev.step_size
+                    tried.append(cand)
+                    break
         tried.append(cand)
     notes = []
     if chosen is None:
-        # Short pilots at small ε are often still drifting, so without a confirmed pair the
-        # largest candidate that is stable and not too stiff is the safer choice.
-        bad = ("εP/4", "acceptance", "gradient noise")
-        stable = [
-            c for c in tried if not c.diverged and not any(r.startswith(bad) for r in c.reasons)
-        ]
+        # Without a confirmed pair, the smallest candidate that passed 1-5 is the safe choice
+        # (every pilot covers the same diffusion time, so small ε is not less relaxed).
+        passing = [c for c in tried if c.passed]
         usable = [c for c in tried if not c.diverged]
-        chosen = (stable[0] if stable else usable[-1] if usable else tried[-1]).step_size
+        chosen = (passing[-1] if passing else usable[-1] if usable else tried[-1]).step_size
         notes.append(
             "no step size passed every criterion with a confirming neighbour; using "
             f"{chosen:.3g} — treat the estimate with care (more pilot draws, a smaller grid, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -27,6 +28,11 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate, Posterior
 from slt.samplers import FULL_BATCH, SAMPLERS
+
+# Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
+# Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
+# already meant λ̂ several times too large; well-chosen steps give 0.95-0.99.
+MIN_SGLD_ACCEPTANCE = 0.9
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,8 @@ def estimate_llc(
         model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
         control_variate=control_variate, sampler=sampler,
     )  # fmt: skip
+    for message in posterior.warnings:  # e.g. a train-mode model: point at the caller
+        warnings.warn(message, UserWarning, stacklevel=2)
     return sample_llc(
         posterior, sampler=sampler, step_size=step_size, num_chains=num_chains,
         num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
@@ -340,6 +348,19 @@ def sample_llc(
     diag = diagnose(posterior.nbeta * (loss - at_center), diverged=trace.diverged,
                     nbeta=posterior.nbeta)  # fmt: skip
     notes += warnings_for(diag)
+    mala_acceptance = float(computed.mean()) if computed.size else math.nan
+    if sampler == "sgld" and mala_acceptance < MIN_SGLD_ACCEPTANCE:
+        notes.append(
+            f"SGLD moves would have MALA acceptance {mala_acceptance:.2f} "
+            f"(< {MIN_SGLD_ACCEPTANCE}): step_size={step_size:g} is too large for an unbiased "
+            "λ̂ (SGLD inflates the posterior's spread); use a smaller step size or "
+            'step_size="auto"'
+        )
+    if sampler == "mala" and mala_acceptance < 0.2:
+        notes.append(
+            f"MALA accepted only {mala_acceptance:.0%} of its proposals: the chains barely "
+            "move and λ̂ is biased toward 0; use a smaller step size"
+        )
     if calibration is not None:
         notes += [f"calibration: {w}" for w in calibration["warnings"]]
     return LLCResult(
@@ -365,7 +386,7 @@ def sample_llc(
         seed=seed,
         seconds=time.perf_counter() - start,
         acceptance=acceptance,
-        mala_acceptance=float(computed.mean()) if computed.size else math.nan,
+        mala_acceptance=mala_acceptance,
         acceptance_every=acceptance_every,
         rhat=diag.rhat,
         ess_bulk=diag.ess_bulk,

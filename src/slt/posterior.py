@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import warnings
 from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any, Literal
@@ -112,7 +111,6 @@ class Posterior:
                 f"{', ...' if len(layers) > 3 else ''}); the posterior is evaluated in eval mode "
                 "on a copy (your model is left as it is)"
             )
-            warnings.warn(msg, UserWarning, stacklevel=3)
             self.warnings.append(msg)
 
         self.module = copy.deepcopy(model).eval()

@@ -1,0 +1,120 @@
+"""Step-size calibration, step_size="auto", the too-large-step warning, and λ̂ against nβ."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+from slt import zoo
+from slt.calibrate import top_hessian_eigenvalue
+from slt.chains import flush_denormals
+from slt.posterior import Posterior
+
+
+def _regression(n=1024, scales=(1.0, 2.0, 0.5), seed=0):
+    """Gaussian regression at its least-squares minimizer, H = XᵀX/n known exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, len(scales), generator=g) * torch.tensor(scales)
+    y = x @ torch.randn(len(scales), 1, generator=g) + torch.randn(n, 1, generator=g)
+    model = torch.nn.Linear(len(scales), 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    q = np.linalg.eigvalsh((x.T @ x / n).double().numpy())
+    return model, torch.utils.data.TensorDataset(x, y), q
+
+
+def test_power_iteration_finds_the_top_hessian_eigenvalue():
+    model, data, q = _regression()
+    posterior = Posterior(model, torch.utils.data.DataLoader(data, batch_size=len(data)),
+                          slt.gaussian_nll(1.0), control_variate="none")  # fmt: skip
+    assert top_hessian_eigenvalue(posterior, list(data.tensors)) == pytest.approx(q.max(), rel=1e-3)
+
+
+def test_calibration_choice_where_the_answer_is_known():
+    # Full batch on a Gaussian target: SGLD's relative bias in λ̂ at ε is known exactly,
+    # E[λ̂](ε)/E[λ̂](0) = Σ w_i/(1 - εP_i/4) / Σ w_i. The grid's first candidate keeps the
+    # inflation of the stiffest direction at max_stiff_bias (2%), so the chosen ε must be
+    # within it; a 20x larger step (bias > 25%) must never be chosen.
+    model, data, q = _regression()
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data))
+    cal = slt.calibrate(model, loader, slt.gaussian_nll(1.0), localization=1.0, progress=False)
+    nb = cal.nbeta
+    p = nb * q + 1.0
+    w = nb * q / p
+
+    def bias(eps):
+        return float(np.sum(w / (1 - eps * p / 4)) / np.sum(w) - 1)
+
+    assert 0 < bias(cal.step_size) <= 0.02 + 1e-9
+    assert bias(20 * cal.step_size) > 0.25
+    chosen = [c for c in cal.candidates if c.step_size == cal.step_size][0]
+    assert chosen.passed and chosen.flat and not cal.warnings
+    assert "step_size" in str(cal) and len(cal.to_dict()["candidates"]) == len(cal.candidates)
+
+
+def test_explicit_grid_rejects_a_step_that_is_too_large():
+    model, data, q = _regression()
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data))
+    p_max = 1024 / math.log(1024) * q.max() + 1
+    huge, fine, finer = 3.0 / p_max, 0.05 / p_max, 0.025 / p_max
+    cal = slt.calibrate(model, loader, slt.gaussian_nll(1.0), step_sizes=[fine, huge, finer],
+                        num_burnin=400, progress=False)  # fmt: skip
+    first = cal.candidates[0]
+    assert first.step_size == pytest.approx(huge) and not first.passed
+    assert cal.step_size == pytest.approx(fine)
+
+
+def test_auto_step_size_lands_within_ten_percent_and_costs_little():
+    case = zoo.reduced_rank(7, 5, 4, 3, seed=2)  # m = 1, not a validate case
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, step_size="auto",
+                           num_draws=1500, num_burnin=500, progress=False)  # fmt: skip
+    assert abs(res.llc / float(case.lam) - 1) < 0.10, str(res)
+    cal = res.calibration
+    assert cal["step_size"] == res.step_size
+    # the pilot budget is a fifth of the estimate's steps (time is measured by benchmarks)
+    assert cal["settings"]["pilot_steps"] <= res.num_chains * (1500 + 500) // 5
+    assert "chosen by calibration" in str(res)
+
+
+def test_too_large_step_size_is_caught():
+    # Stable (εP_max < 4) but far too large: λ̂ is inflated. It must not pass silently.
+    model, data, q = _regression(n=4096)
+    loader = torch.utils.data.DataLoader(data, batch_size=128, shuffle=True)
+    p_max = 4096 / math.log(4096) * q.max() + 1
+    res = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), step_size=2.0 / p_max,
+                           num_draws=500, num_burnin=100, progress=False)  # fmt: skip
+    assert res.mala_acceptance < slt.llc.MIN_SGLD_ACCEPTANCE
+    assert any("too large" in w for w in res.warnings)
+    good = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), step_size=0.02 / p_max,
+                            num_draws=500, num_burnin=300, progress=False)  # fmt: skip
+    assert not any("too large" in w for w in good.warnings)
+
+
+def test_flush_denormals_restores_the_callers_mode():
+    def flushing():
+        return bool(torch.tensor(1e-40, dtype=torch.float32).mul(1.0) == 0)
+
+    for before in (False, True):
+        torch.set_flush_denormal(before)
+        with flush_denormals():
+            assert flushing()
+        assert flushing() is before
+    torch.set_flush_denormal(False)
+
+
+def test_llc_vs_nbeta_rescales_the_step_and_tracks_the_gaussian_target():
+    model, data, q = _regression(n=512)
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data))
+    sweep = slt.llc_vs_nbeta(model, loader, slt.gaussian_nll(1.0), nbetas=[200, 50],
+                             step_size=2e-4, localization=5.0, num_chains=4, num_draws=1000,
+                             num_burnin=300, progress=False)  # fmt: skip
+    assert sweep.nbeta.tolist() == [50.0, 200.0]
+    ref = 512 / math.log(512)
+    np.testing.assert_allclose(sweep.step_size, 2e-4 * ref / sweep.nbeta)
+    for nb, eps, llc, se in zip(sweep.nbeta, sweep.step_size, sweep.llc, sweep.llc_std):
+        p = nb * q + 5.0
+        expected = 0.5 * float(np.sum(nb * q / (p * (1 - eps * p / 4))))
+        assert abs(llc - expected) < 4 * se + 0.02 * expected
+    assert "nβ" in str(sweep) and len(sweep.relative_change) == 1
