@@ -343,10 +343,16 @@ def test_acceptance_off_and_undefined_samplers_record_nan():
 
 
 def test_acceptance_probe_leaves_the_chain_unchanged():
+    # The probe takes no random numbers and restores nothing by copying, so the chains are
+    # the same; its extra tensors can shift memory alignment and with it the SIMD path of a
+    # reduction, which moved a few losses by one ulp on a fresh install. Equality to 1e-12
+    # still fails for any real perturbation (an extra noise draw or a moved parameter).
     with_probe = _run(acceptance_every=3)
     without = _run(acceptance_every=0)
-    np.testing.assert_array_equal(with_probe.trace, without.trace)
-    np.testing.assert_array_equal(with_probe.trace_at_center, without.trace_at_center)
+    np.testing.assert_allclose(with_probe.trace, without.trace, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        with_probe.trace_at_center, without.trace_at_center, rtol=1e-12, atol=0
+    )
 
 
 def _top_hessian_eigenvalue(case):
