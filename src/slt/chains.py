@@ -21,6 +21,7 @@ recorded at every step instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -98,7 +99,7 @@ class _MoveAcceptance:
         self.start = [torch.empty_like(p) for p in self.params]
         self.grad = [torch.empty_like(p) for p in self.params]
         self.density = dict(
-            center=list(posterior.center.values()),
+            center=list(posterior.anchor.values()),
             nbeta=posterior.nbeta,
             localization=posterior.localization,
         )
@@ -137,6 +138,7 @@ def run_chains(
     progress: bool = True,
     acceptance_every: int = 0,
     step_size: float | None = None,
+    observe: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """Run ``num_chains`` chains of ``num_steps`` steps each, one after another.
 
@@ -144,7 +146,9 @@ def run_chains(
     batch and ``loss_at_center`` holds L_n(w*) everywhere. With ``acceptance_every = k > 0``
     the MALA acceptance of the kernel's move at step size ``step_size`` is recorded at the
     steps t with t % k == 0 (meaningful for SGLD moves only; the caller decides). A kernel
-    whose info carries ``acceptance`` has it recorded at every step.
+    whose info carries ``acceptance`` has it recorded at every step. ``observe(chain, t)``,
+    if given, is called before every step with the chain's parameters at w_t (in
+    ``posterior.params``), e.g. to record per-sample losses; it must not change them.
     """
     shape = (num_chains, num_steps)
     loss = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
@@ -164,6 +168,8 @@ def run_chains(
             batches = posterior.stream(data_gen)
             row, row_center, row_acceptance = loss[chain], loss_at_center[chain], acceptance[chain]
             for t in range(num_steps):
+                if observe is not None:
+                    observe(chain, t)
                 batch = next(batches)
                 center_loss, grad_fn = posterior.at_center(batch)
                 if center_loss is not None:

@@ -72,6 +72,7 @@ class LLCResult:
     ess_tail: float = math.nan  # tail ESS (5%/95% quantiles), total
     mcse: float = math.nan  # Monte Carlo standard error of llc, sd/√ESS (minibatch noise included)
     calibration: dict | None = None  # what step_size="auto" tried and chose (CalibrationResult)
+    per_sample_path: str | None = None  # HDF5 file of per-sample losses (record="per_sample")
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -149,6 +150,9 @@ def estimate_llc(
     seed: int = 0,
     progress: bool = True,
     acceptance_every: int = 20,
+    record: str = "loss",
+    record_every: int = 10,
+    record_path: str | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -219,6 +223,14 @@ def estimate_llc(
         large). Values below 1/2 need a non-Gaussian posterior (a small deep linear
         network at 75% of its stability limit at w*: 0.35-0.38).
 
+    record : {"loss", "per_sample"}
+        "per_sample" also evaluates the per-sample NLL of every sample at every
+        ``record_every``-th post-burn-in step (a full pass over the data each time, in a
+        fixed order) and streams the rows to the HDF5 file ``record_path`` as the dataset
+        ``per_sample_loss`` (chain, draw, sample); memory stays O(n). Needs ``slt[io]``.
+    record_every, record_path : int, str
+        See ``record``.
+
     Examples
     --------
     >>> import torch, slt
@@ -243,6 +255,11 @@ def estimate_llc(
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     seed = _checks.integer("seed", seed, minimum=0)
     acceptance_every = _checks.integer("acceptance_every", acceptance_every, minimum=0)
+    if record not in ("loss", "per_sample"):
+        raise ValueError(f'record must be "loss" or "per_sample", got {record!r}')
+    record_every = _checks.integer("record_every", record_every, minimum=1)
+    if record == "per_sample" and record_path is None:
+        raise ValueError('record="per_sample" streams to a file: pass record_path="....h5"')
     full_batch = sampler in FULL_BATCH
     if full_batch and control_variate in CONTROL_VARIATES:
         control_variate = "none"  # the full batch makes both control variates moot
@@ -269,11 +286,12 @@ def estimate_llc(
         num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
         acceptance_every=acceptance_every, nbeta_default=nbeta is None,
         calibration=calibration, start=start,
+        record_every=record_every if record == "per_sample" else 0, record_path=record_path,
     )  # fmt: skip
 
 
 def build_posterior(
-    model, loader, loss_fn, *, n, nbeta, localization, control_variate, sampler
+    model, loader, loss_fn, *, n, nbeta, localization, control_variate, sampler, prior_mean=None
 ) -> Posterior:
     """The :class:`Posterior` an estimate with ``sampler`` needs (full batch for MALA)."""
     try:
@@ -286,6 +304,7 @@ def build_posterior(
             localization=localization,
             control_variate=control_variate,
             full_batch=sampler in FULL_BATCH,
+            prior_mean=prior_mean,
         )
     except NotOneBatch as err:
         raise ValueError(
@@ -309,27 +328,41 @@ def sample_llc(
     nbeta_default: bool = False,
     calibration: dict | None = None,
     start: float | None = None,
+    record_every: int = 0,
+    record_path: str | None = None,
 ) -> LLCResult:
     """Run the chains on a built ``posterior`` and summarise them (arguments checked by
     :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
     start = time.perf_counter() if start is None else start
     control_variate = posterior.control_variate
+    recorder = None
+    if record_every:
+        from slt.record import PerSampleRecorder
+
+        recorder = PerSampleRecorder(posterior, num_chains=num_chains, start=num_burnin,
+                                     every=record_every, path=record_path,
+                                     num_draws=num_draws)  # fmt: skip
     kernel = SAMPLERS[sampler](
         step_size=step_size,
         nbeta=posterior.nbeta,
         localization=posterior.localization,
-        center=posterior.center,
+        center=posterior.anchor,
     )
-    trace = run_chains(
-        posterior,
-        kernel,
-        num_chains=num_chains,
-        num_steps=num_burnin + num_draws,
-        seed=seed,
-        progress=progress,
-        acceptance_every=acceptance_every if sampler == "sgld" else 0,
-        step_size=step_size,
-    )
+    try:
+        trace = run_chains(
+            posterior,
+            kernel,
+            num_chains=num_chains,
+            num_steps=num_burnin + num_draws,
+            seed=seed,
+            progress=progress,
+            acceptance_every=acceptance_every if sampler == "sgld" else 0,
+            step_size=step_size,
+            observe=recorder,
+        )
+    finally:
+        if recorder is not None:
+            recorder.close()
     loss = trace.loss[:, num_burnin:]
     at_center = trace.loss_at_center[:, num_burnin:]
     per_chain = posterior.nbeta * (loss - at_center).mean(axis=1)
@@ -393,4 +426,5 @@ def sample_llc(
         ess_tail=diag.ess_tail,
         mcse=diag.mcse,
         calibration=calibration,
+        per_sample_path=None if recorder is None else str(record_path),
     )

@@ -16,6 +16,65 @@ import torch
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
+def per_sample(loss_fn: LossFn) -> LossFn:
+    """``(model, batch) -> (b,)`` per-sample NLLs for ``loss_fn``.
+
+    The adapters here carry an exact ``per_sample``; for any other ``loss_fn`` each sample
+    is evaluated as a batch of one under ``torch.func.vmap`` (or, if the model cannot be
+    vmapped, one at a time), so the batch mean of the result equals ``loss_fn``'s value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> batch = (torch.randn(5, 2), torch.randn(5, 1))
+    >>> losses = per_sample(gaussian_nll(0.5))(model, batch)
+    >>> losses.shape, torch.allclose(losses.mean(), gaussian_nll(0.5)(model, batch))
+    (torch.Size([5]), True)
+    """
+    exact = getattr(loss_fn, "per_sample", None)
+    if exact is not None:
+        return exact
+
+    def one(model, sample):
+        return loss_fn(model, _unsqueeze(sample))
+
+    def by_sample(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        try:
+            return torch.func.vmap(lambda s: one(model, s))(batch)
+        except Exception:  # data-dependent control flow, in-place ops, ...: one at a time
+            size = _batch_size(batch)
+            return torch.stack([one(model, _index(batch, i)) for i in range(size)])
+
+    return by_sample
+
+
+def _unsqueeze(sample: Any) -> Any:
+    if isinstance(sample, torch.Tensor):
+        return sample.unsqueeze(0)
+    if isinstance(sample, dict):
+        return {k: _unsqueeze(v) for k, v in sample.items()}
+    if isinstance(sample, (list, tuple)):
+        return type(sample)(_unsqueeze(v) for v in sample)
+    return sample
+
+
+def _index(batch: Any, i: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[i]
+    if isinstance(batch, dict):
+        return {k: _index(v, i) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_index(v, i) for v in batch)
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    from slt.data import batch_size
+
+    return batch_size(batch)
+
+
 def supervised(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
     """``loss_fn`` for ``(x, y)`` batches: ``criterion(model(x), y)``.
 
@@ -37,6 +96,12 @@ def supervised(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
         x, y = batch
         return criterion(model(x), y)
 
+    def per_sample(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        losses = criterion(model(x), y, reduction="none")
+        return losses.reshape(losses.shape[0], -1).mean(1)
+
+    loss_fn.per_sample = per_sample
     loss_fn.__qualname__ = f"supervised({getattr(criterion, '__name__', repr(criterion))})"
     return loss_fn
 
@@ -61,10 +126,14 @@ def gaussian_nll(sigma: float = 1.0) -> LossFn:
     inv_two_var = 1.0 / (2.0 * sigma * sigma)
     const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
 
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    def per_sample(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         residual = (model(x) - y).reshape(y.shape[0], -1)
-        return (residual.square().sum(1) * inv_two_var).mean() + residual.shape[1] * const
+        return residual.square().sum(1) * inv_two_var + residual.shape[1] * const
 
+    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return per_sample(model, batch).mean()
+
+    loss_fn.per_sample = per_sample
     loss_fn.__qualname__ = f"gaussian_nll(sigma={sigma})"
     return loss_fn

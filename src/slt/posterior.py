@@ -74,6 +74,11 @@ class Posterior:
         gradient with far less minibatch noise near w* (Baker, Fearnhead, Fox & Nemeth
         2019, "Control variates for stochastic gradient MCMC", Stat. Comput. 29).
         "none": neither.
+    prior_mean : float, optional
+        None (default): the Gaussian term is the localization (γ/2)‖w - w*‖² around w*.
+        A number μ: it is instead a proper prior N(μ, γ⁻¹ I) on every sampled parameter,
+        -(γ/2)‖w - μ‖², so the target is the global tempered posterior (for WBIC and free
+        energies); chains still start at w* and w* stays the control-variate reference.
     full_batch : bool
         Give every step the whole dataset as one batch (:meth:`stream`), as MALA needs:
         the full tensors of a ``DataLoader`` over a ``TensorDataset``, or the one batch of a
@@ -92,6 +97,7 @@ class Posterior:
         localization: float = 1.0,
         control_variate: ControlVariate = "gradient",
         full_batch: bool = False,
+        prior_mean: float | None = None,
     ):
         if control_variate not in CONTROL_VARIATES:
             raise ValueError(
@@ -142,6 +148,12 @@ class Posterior:
             else self.n / math.log(self.n)
         )
         self.localization = localization
+        if prior_mean is None:
+            self.anchor = self.center
+        else:
+            mean = _checks.real("prior_mean", prior_mean)
+            self.anchor = {k: torch.full_like(v, mean) for k, v in self.center.items()}
+        self.prior_mean = prior_mean
 
     def stream(self, generator: torch.Generator) -> Iterator[Any]:
         """The batches of one chain: minibatches drawn with ``generator`` epoch after epoch,
