@@ -190,6 +190,7 @@ def calibrate(
     flat_tolerance: float = 0.05,
     num_candidates: int = 4,
     max_pilot_steps: int | None = None,
+    params=None,
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationResult:
@@ -218,7 +219,7 @@ def calibrate(
         control_variate = "none"
     posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,
                                 localization=localization, control_variate=control_variate,
-                                sampler=sampler)  # fmt: skip
+                                sampler=sampler, params=params)  # fmt: skip
     nb, gamma = posterior.nbeta, posterior.localization
     probe = next(posterior.batches.forever(torch.Generator().manual_seed(seed)))
     q_max = top_hessian_eigenvalue(posterior, probe, seed=seed)

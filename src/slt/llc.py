@@ -153,6 +153,7 @@ def estimate_llc(
     record: str = "loss",
     record_every: int = 10,
     record_path: str | None = None,
+    params=None,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -230,6 +231,13 @@ def estimate_llc(
         ``per_sample_loss`` (chain, draw, sample); memory stays O(n). Needs ``slt[io]``.
     record_every, record_path : int, str
         See ``record``.
+    params : str, list of str, or callable, optional
+        Sample only the parameters whose names match (exact names or glob patterns such
+        as ``"layers.0.*"``, or a predicate ``(name, parameter) -> bool``) and hold the
+        others at w*: the weight-refined LLC of that part of the network (Wang, Hoogland,
+        van Wingerden, Furman & Murfet 2024, arXiv 2410.02984). A loader over a subset of
+        the data gives the data-refined LLC (pass ``n`` if it should differ from the
+        subset's size). ``num_params`` then counts the sampled parameters only.
 
     Examples
     --------
@@ -271,13 +279,13 @@ def estimate_llc(
         cal = calibrate(
             model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
             sampler=sampler, control_variate=control_variate, max_pilot_steps=budget,
-            seed=seed, progress=progress,
+            params=params, seed=seed, progress=progress,
         )  # fmt: skip
         step_size, calibration = cal.step_size, cal.to_dict()
     start = time.perf_counter()
     posterior = build_posterior(
         model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
-        control_variate=control_variate, sampler=sampler,
+        control_variate=control_variate, sampler=sampler, params=params,
     )  # fmt: skip
     for message in posterior.warnings:  # e.g. a train-mode model: point at the caller
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -291,7 +299,17 @@ def estimate_llc(
 
 
 def build_posterior(
-    model, loader, loss_fn, *, n, nbeta, localization, control_variate, sampler, prior_mean=None
+    model,
+    loader,
+    loss_fn,
+    *,
+    n,
+    nbeta,
+    localization,
+    control_variate,
+    sampler,
+    prior_mean=None,
+    params=None,
 ) -> Posterior:
     """The :class:`Posterior` an estimate with ``sampler`` needs (full batch for MALA)."""
     try:
@@ -305,6 +323,7 @@ def build_posterior(
             control_variate=control_variate,
             full_batch=sampler in FULL_BATCH,
             prior_mean=prior_mean,
+            params=params,
         )
     except NotOneBatch as err:
         raise ValueError(

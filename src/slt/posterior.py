@@ -12,9 +12,10 @@ touched.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -39,6 +40,35 @@ def _train_mode_layers(model: torch.nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if m.training and isinstance(m, _STOCHASTIC_IN_TRAIN)
     ]
+
+
+ParamSelection = str | Sequence[str] | Callable[[str, torch.Tensor], bool] | None
+
+
+def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection) -> list[str]:
+    """The names in ``trainable`` chosen by ``params`` (names or glob patterns, or a
+    predicate on (name, parameter)); errors name what matched nothing."""
+    if params is None:
+        return list(trainable)
+    if callable(params):
+        chosen = [n for n, p in trainable.items() if params(n, p)]
+    else:
+        patterns = [params] if isinstance(params, str) else list(params)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(
+                f"params must be a name, a glob pattern, a list of them, or a predicate; got "
+                f"{params!r}"
+            )
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in trainable)]
+        if unmatched:
+            raise ValueError(
+                f"params: {unmatched} match no trainable parameter; the trainable ones are "
+                f"{list(trainable)[:8]}{' ...' if len(trainable) > 8 else ''}"
+            )
+        chosen = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"params={params!r} selects no trainable parameter")
+    return chosen
 
 
 def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
@@ -79,6 +109,10 @@ class Posterior:
         A number μ: it is instead a proper prior N(μ, γ⁻¹ I) on every sampled parameter,
         -(γ/2)‖w - μ‖², so the target is the global tempered posterior (for WBIC and free
         energies); chains still start at w* and w* stays the control-variate reference.
+    params : names, glob patterns, or a predicate ``(name, parameter) -> bool``, optional
+        Sample only these trainable parameters and hold the rest at w*: the
+        weight-refined LLC of that part of the network (Wang et al. 2024, arXiv 2410.02984).
+        Default: all trainable parameters.
     full_batch : bool
         Give every step the whole dataset as one batch (:meth:`stream`), as MALA needs:
         the full tensors of a ``DataLoader`` over a ``TensorDataset``, or the one batch of a
@@ -98,6 +132,7 @@ class Posterior:
         control_variate: ControlVariate = "gradient",
         full_batch: bool = False,
         prior_mean: float | None = None,
+        params: ParamSelection = None,
     ):
         if control_variate not in CONTROL_VARIATES:
             raise ValueError(
@@ -123,15 +158,16 @@ class Posterior:
         self.reference = copy.deepcopy(model).eval()
         for p in (*self.module.parameters(), *self.reference.parameters()):
             p.grad = None
-        self.names = [name for name, p in self.module.named_parameters() if p.requires_grad]
-        if not self.names:
+        trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        if not trainable:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-        ref = dict(self.reference.named_parameters())
+        self.names = select_parameters(trainable, params)
         own = dict(self.module.named_parameters())
+        for name, p in own.items():  # the rest stay at w* (weight-refined LLC)
+            p.requires_grad_(name in self.names)
+        ref = dict(self.reference.named_parameters())
         for name, p in ref.items():
-            p.requires_grad_(
-                control_variate == "gradient" and name in own and own[name].requires_grad
-            )
+            p.requires_grad_(control_variate == "gradient" and name in self.names)
         self.center = {name: ref[name] for name in self.names}
         self.params = {name: own[name] for name in self.names}
         first = self.params[self.names[0]]
