@@ -28,6 +28,7 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate, Posterior
 from slt.samplers import FULL_BATCH, SAMPLERS
+from slt.vmapped import VMAP_SAMPLERS
 
 # Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
 # Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
@@ -154,6 +155,7 @@ def estimate_llc(
     record_every: int = 10,
     record_path: str | None = None,
     params=None,
+    chain_method: str = "auto",
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -231,6 +233,14 @@ def estimate_llc(
         ``per_sample_loss`` (chain, draw, sample); memory stays O(n). Needs ``slt[io]``.
     record_every, record_path : int, str
         See ``record``.
+    chain_method : {"auto", "loop", "vmap"}
+        "loop" runs the chains one after another; "vmap" steps all chains at once with
+        ``torch.func.vmap`` (same batches and noise per chain, equal to the loop up to
+        rounding; "sgld" and "rmsprop_sgld" only, without the acceptance diagnostic or
+        per-sample recording). "auto" takes "vmap" where it applies — ``acceptance_every=0``,
+        ``record="loss"``, 4 or more chains — and falls back to the loop if the model cannot
+        be vmapped. Measured on 2 CPU cores: 4x faster per chain-step at 16 chains of a
+        10-parameter model, 1.1-1.2x at 4 chains.
     params : str, list of str, or callable, optional
         Sample only the parameters whose names match (exact names or glob patterns such
         as ``"layers.0.*"``, or a predicate ``(name, parameter) -> bool``) and hold the
@@ -263,6 +273,8 @@ def estimate_llc(
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     seed = _checks.integer("seed", seed, minimum=0)
     acceptance_every = _checks.integer("acceptance_every", acceptance_every, minimum=0)
+    if chain_method not in ("auto", "loop", "vmap"):
+        raise ValueError(f'chain_method must be "auto", "loop" or "vmap", got {chain_method!r}')
     if record not in ("loss", "per_sample"):
         raise ValueError(f'record must be "loss" or "per_sample", got {record!r}')
     record_every = _checks.integer("record_every", record_every, minimum=1)
@@ -295,7 +307,21 @@ def estimate_llc(
         acceptance_every=acceptance_every, nbeta_default=nbeta is None,
         calibration=calibration, start=start,
         record_every=record_every if record == "per_sample" else 0, record_path=record_path,
+        chain_method=chain_method,
     )  # fmt: skip
+
+
+def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress):
+    from slt.vmapped import run_chains_vmap, stacked
+
+    kernel = SAMPLERS[sampler](
+        step_size=step_size,
+        nbeta=posterior.nbeta,
+        localization=posterior.localization,
+        center=stacked(posterior.anchor, num_chains),
+    )
+    return run_chains_vmap(posterior, kernel, num_chains=num_chains, num_steps=num_steps,
+                           seed=seed, progress=progress)  # fmt: skip
 
 
 def build_posterior(
@@ -349,6 +375,7 @@ def sample_llc(
     start: float | None = None,
     record_every: int = 0,
     record_path: str | None = None,
+    chain_method: str = "loop",
 ) -> LLCResult:
     """Run the chains on a built ``posterior`` and summarise them (arguments checked by
     :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
@@ -367,21 +394,37 @@ def sample_llc(
         localization=posterior.localization,
         center=posterior.anchor,
     )
-    try:
-        trace = run_chains(
-            posterior,
-            kernel,
-            num_chains=num_chains,
-            num_steps=num_burnin + num_draws,
-            seed=seed,
-            progress=progress,
-            acceptance_every=acceptance_every if sampler == "sgld" else 0,
-            step_size=step_size,
-            observe=recorder,
+    vmappable = sampler in VMAP_SAMPLERS and not acceptance_every and not record_every
+    if chain_method == "vmap" and not vmappable:
+        raise ValueError(
+            f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with acceptance_every=0 '
+            f"and record='loss'; got sampler={sampler!r}, acceptance_every={acceptance_every}"
         )
-    finally:
-        if recorder is not None:
-            recorder.close()
+    trace = None
+    if chain_method == "vmap" or (chain_method == "auto" and vmappable and num_chains >= 4):
+        try:
+            trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
+                              seed, progress)  # fmt: skip
+        except Exception:
+            if chain_method == "vmap":
+                raise
+            trace = None  # the model cannot be vmapped: run the loop
+    if trace is None:
+        try:
+            trace = run_chains(
+                posterior,
+                kernel,
+                num_chains=num_chains,
+                num_steps=num_burnin + num_draws,
+                seed=seed,
+                progress=progress,
+                acceptance_every=acceptance_every if sampler == "sgld" else 0,
+                step_size=step_size,
+                observe=recorder,
+            )
+        finally:
+            if recorder is not None:
+                recorder.close()
     loss = trace.loss[:, num_burnin:]
     at_center = trace.loss_at_center[:, num_burnin:]
     per_chain = posterior.nbeta * (loss - at_center).mean(axis=1)

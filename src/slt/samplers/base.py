@@ -46,8 +46,30 @@ class Kernel(NamedTuple):
     step: Callable[[Any, GradFn, Any, torch.Generator], tuple[Any, StepInfo]]
 
 
+class ChainGenerators:
+    """One generator per chain for kernels that step all chains at once (``chain_method=
+    "vmap"``): parameters carry a leading chain dimension, and chain c's noise is drawn
+    from its own generator exactly as the one-chain-at-a-time loop would draw it."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def noise_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        first = params[0]
+        size = sum(p[0].numel() for p in params)
+        flat = torch.stack([
+            torch.randn(size, generator=g, device=first.device, dtype=first.dtype)
+            for g in self.generators
+        ])  # fmt: skip
+        chunks = flat.split([p[0].numel() for p in params], dim=1)
+        return [chunk.reshape(p.shape) for chunk, p in zip(chunks, params)]
+
+
 def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
-    """Standard normal noise shaped like ``params``, drawn in one call from ``generator``."""
+    """Standard normal noise shaped like ``params``, drawn in one call from ``generator``
+    (or per chain, from a :class:`ChainGenerators`)."""
+    if isinstance(generator, ChainGenerators):
+        return generator.noise_like(params)
     first = params[0]
     flat = torch.randn(
         sum(p.numel() for p in params),
