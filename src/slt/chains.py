@@ -170,8 +170,8 @@ def run_chains(
             for t in range(num_steps):
                 if observe is not None:
                     observe(chain, t)
-                batch = next(batches)
-                center_loss, grad_fn = posterior.at_center(batch)
+                batch, index = next(batches)
+                center_loss, grad_fn = posterior.at_center(batch, index)
                 if center_loss is not None:
                     row_center[t] = center_loss
                 probing = probe is not None and t % acceptance_every == 0

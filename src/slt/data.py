@@ -93,20 +93,29 @@ class BatchStream:
         ):
             self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
 
+    def indexed_epoch(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
+        """One pass as (batch, sample indices); the indices are None off the fast path."""
+        if self.tensors is None:
+            for batch in self.epoch(generator):
+                yield batch, None
+            return
+        n = self.tensors[0].shape[0]
+        bs = self.loader.batch_size
+        order = torch.randperm(n, generator=generator) if self.shuffle else None
+        stop = n - n % bs if self.loader.drop_last else n
+        for start in range(0, stop, bs):
+            if order is None:
+                yield [t[start : start + bs] for t in self.tensors], slice(start, start + bs)
+            else:
+                idx = order[start : start + bs].to(self.device)
+                yield [t[idx] for t in self.tensors], idx
+
     def epoch(self, generator: torch.Generator) -> Iterator[Any]:
         """One pass over the data, in an order drawn from ``generator`` when shuffling."""
         loader = self.loader
         if self.tensors is not None:
-            n = self.tensors[0].shape[0]
-            bs = loader.batch_size
-            order = torch.randperm(n, generator=generator) if self.shuffle else None
-            stop = n - n % bs if loader.drop_last else n
-            for start in range(0, stop, bs):
-                if order is None:
-                    yield [t[start : start + bs] for t in self.tensors]
-                else:
-                    idx = order[start : start + bs].to(self.device)
-                    yield [t[idx] for t in self.tensors]
+            for batch, _ in self.indexed_epoch(generator):
+                yield batch
             return
         if self.shuffle is not None:  # rebuilt so that its seed comes from our generator
             seed = int(torch.randint(2**62, (), generator=generator))
@@ -161,12 +170,13 @@ class BatchStream:
             raise NotOneBatch(f"loader yields {count} per epoch, not one")
         return first
 
-    def forever(self, generator: torch.Generator) -> Iterator[Any]:
-        """Epoch after epoch; raises ``ValueError`` if the loader yields nothing."""
+    def forever(self, generator: torch.Generator, *, indexed: bool = False) -> Iterator[Any]:
+        """Epoch after epoch (of ``(batch, indices)`` pairs if ``indexed``); raises
+        ``ValueError`` if the loader yields nothing."""
         while True:
             empty = True
-            for batch in self.epoch(generator):
+            for item in self.indexed_epoch(generator) if indexed else self.epoch(generator):
                 empty = False
-                yield batch
+                yield item
             if empty:
                 raise ValueError("loader: yielded no batches (is the dataset empty?)")

@@ -16,6 +16,19 @@ import torch
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
+class LossModule(torch.nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``: lets ``torch.func.functional_call`` swap
+    the model's parameters under any ``loss_fn``."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 def per_sample(loss_fn: LossFn) -> LossFn:
     """``(model, batch) -> (b,)`` per-sample NLLs for ``loss_fn``.
 
@@ -37,7 +50,7 @@ def per_sample(loss_fn: LossFn) -> LossFn:
         return exact
 
     def one(model, sample):
-        return loss_fn(model, _unsqueeze(sample))
+        return loss_fn(model, unsqueeze(sample))
 
     def by_sample(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         try:
@@ -49,13 +62,14 @@ def per_sample(loss_fn: LossFn) -> LossFn:
     return by_sample
 
 
-def _unsqueeze(sample: Any) -> Any:
+def unsqueeze(sample: Any) -> Any:
+    """A batch of one from a single sample (a leading dimension on every tensor)."""
     if isinstance(sample, torch.Tensor):
         return sample.unsqueeze(0)
     if isinstance(sample, dict):
-        return {k: _unsqueeze(v) for k, v in sample.items()}
+        return {k: unsqueeze(v) for k, v in sample.items()}
     if isinstance(sample, (list, tuple)):
-        return type(sample)(_unsqueeze(v) for v in sample)
+        return type(sample)(unsqueeze(v) for v in sample)
     return sample
 
 

@@ -23,9 +23,11 @@ import torch
 
 from slt import _checks
 from slt.data import BatchStream, batch_size, dataset_size
-from slt.losses import LossFn
+from slt.losses import LossFn, LossModule, unsqueeze
 
 ControlVariate = Literal["loss", "gradient", "none"]
+_CACHE_MAX_FLOATS = 2**24  # per-sample gradients at w* are cached up to 64 MB (float32)
+_CACHE_MAX_PARAMS = 4096  # beyond this, gathering a batch's rows costs about a backward pass
 CONTROL_VARIATES = ("loss", "gradient", "none")
 
 _STOCHASTIC_IN_TRAIN = (
@@ -190,13 +192,75 @@ class Posterior:
             mean = _checks.real("prior_mean", prior_mean)
             self.anchor = {k: torch.full_like(v, mean) for k, v in self.center.items()}
         self.prior_mean = prior_mean
+        self._build_cache()
 
-    def stream(self, generator: torch.Generator) -> Iterator[Any]:
-        """The batches of one chain: minibatches drawn with ``generator`` epoch after epoch,
-        or with ``full_batch`` the whole dataset at every step."""
+    def stream(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
+        """The (batch, sample indices) of one chain: minibatches drawn with ``generator``
+        epoch after epoch, or with ``full_batch`` the whole dataset at every step. The
+        indices are None where the loader does not expose them."""
         if self.full_data is not None:
-            return itertools.repeat(self.full_data)
-        return self.batches.forever(generator)
+            return itertools.repeat((self.full_data, None))
+        return self.batches.forever(generator, indexed=True)
+
+    def _build_cache(self) -> None:
+        """Per-sample losses (and gradients) at w* of every sample, so that the control
+        variates on a batch are a gather and a mean instead of a forward (and backward)
+        pass: L_B(w*) = mean_{i∈B} ℓ_i(w*), ∇L_B(w*) = mean_{i∈B} ∇ℓ_i(w*).
+
+        Only for the ``TensorDataset`` fast path (sample indices known), a loss that is a
+        mean of per-sample terms (checked on a batch), and when the gradients fit in
+        ``_CACHE_MAX_FLOATS``; otherwise nothing is cached and the passes at w* run."""
+        self.cache_loss = self.cache_grad = None
+        tensors = self.batches.tensors
+        if self.control_variate == "none" or tensors is None or self.full_data is not None:
+            return
+        want_grad = self.control_variate == "gradient"
+        d = self.num_params
+        if want_grad and (self.n * d > _CACHE_MAX_FLOATS or d > _CACHE_MAX_PARAMS):
+            return
+        try:
+            losses, grads = self._per_sample_at_center(tensors, want_grad)
+        except Exception:  # the model or loss cannot be vmapped: keep the passes at w*
+            return
+        probe = [t[:64] for t in tensors]
+        with torch.set_grad_enabled(want_grad):
+            loss = self.loss_fn(self.reference, probe)
+            if not torch.allclose(losses[:64].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
+                return  # not a mean of per-sample terms
+            if want_grad:
+                flat = torch.cat(
+                    [g.reshape(-1) for g in self._grads(loss, list(self.center.values()))]
+                )
+                if not torch.allclose(grads[:64].mean(0), flat, rtol=1e-3, atol=1e-5):
+                    return
+        self.cache_loss = losses
+        if want_grad:
+            self.cache_grad = grads
+            self._init_grad_flat = torch.cat([g.reshape(-1) for g in self.init_grad])
+            self._sizes = [p.numel() for p in self.center.values()]
+
+    def _per_sample_at_center(self, tensors, want_grad: bool, chunk: int = 256):
+        from torch.func import functional_call, grad_and_value, vmap
+
+        module = LossModule(self.reference, self.loss_fn)
+        names = self.names
+        center = {n: v.detach() for n, v in self.center.items()}
+
+        def one(params, sample):
+            swapped = {f"model.{n}": params[n] for n in names}
+            return functional_call(module, swapped, (unsqueeze(sample),))
+
+        fn = vmap(grad_and_value(one) if want_grad else one, in_dims=(None, 0))
+        losses, grads = [], []
+        for start in range(0, self.n, chunk):
+            out = fn(center, [t[start : start + chunk] for t in tensors])
+            if want_grad:
+                g, value = out
+                grads.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], 1))
+            else:
+                value = out
+            losses.append(value.detach())
+        return torch.cat(losses), (torch.cat(grads).detach() if want_grad else None)
 
     @property
     def num_params(self) -> int:
@@ -257,10 +321,20 @@ class Posterior:
             torch._foreach_sub_(grads, correction)
         return grads, loss.detach()
 
-    def at_center(self, batch: Any):
-        """(L_B(w*) or None, the ``grad_fn`` to use on this batch), per ``control_variate``."""
+    def at_center(self, batch: Any, index=None):
+        """(L_B(w*) or None, the ``grad_fn`` to use on this batch), per ``control_variate``;
+        from the per-sample cache when the batch's sample ``index`` is known."""
         if self.control_variate == "none":
             return None, self.grad_fn
+        if index is not None and self.cache_loss is not None:
+            loss = self.cache_loss[index].mean()
+            if self.cache_grad is None:
+                return loss, self.grad_fn
+            flat = self.cache_grad[index].mean(0) - self._init_grad_flat
+            correction = [
+                c.view_as(p) for c, p in zip(flat.split(self._sizes), self.center.values())
+            ]
+            return loss, partial(self.grad_fn, correction=correction)
         if self.control_variate == "loss":
             with torch.no_grad():
                 return self.loss_fn(self.reference, batch).detach(), self.grad_fn

@@ -24,22 +24,11 @@ from torch.func import functional_call, grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from slt.chains import _CHECK_EVERY, Trace, chain_generators, flush_denormals
+from slt.losses import LossModule
 from slt.posterior import Posterior
 from slt.samplers.base import ChainGenerators, Kernel
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
-
-
-class _LossModule(torch.nn.Module):
-    """``forward(batch) = loss_fn(model, batch)``, so functional_call can swap parameters."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
 
 
 def stacked(tensors: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
@@ -71,7 +60,7 @@ def run_chains_vmap(
 ) -> Trace:
     """Like :func:`slt.chains.run_chains`, every chain in each step at once. The kernel
     must be built with a chain-stacked ``center`` (see :func:`stacked`)."""
-    module = _LossModule(posterior.module, posterior.loss_fn)
+    module = LossModule(posterior.module, posterior.loss_fn)
     names = posterior.names
 
     def loss(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -103,7 +92,8 @@ def run_chains_vmap(
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
     with flush_denormals():
         for t in range(num_steps):
-            batch = _stack_batches([next(s) for s in streams])
+            items = [next(s) for s in streams]
+            batch = _stack_batches([b for b, _ in items])
             step_grad = grad_fn
             if mode == "gradient":
                 grads0, value0 = at_center(center, batch)
