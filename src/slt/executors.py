@@ -1,0 +1,153 @@
+"""Fan independent jobs out: in this process, on a process pool, or on a Ray cluster.
+
+A job is ``function(shared, job)``: ``function`` a module-level function, ``shared`` what
+every job needs (sent once per worker), ``job`` a small picklable spec. Each job seeds its
+own randomness, so the executor changes where a job runs, never its numbers.
+
+- ``"serial"``: in this process, in order. Nothing needs to pickle.
+- ``"process"``: a :class:`concurrent.futures.ProcessPoolExecutor` with the ``"spawn"``
+  start method (no forked CUDA or thread state); ``shared`` and the jobs must pickle with
+  the standard :mod:`pickle`, so functions must be importable by their module and name.
+- ``"ray"``: Ray tasks (``pip install 'slt[ray]'``); connects to a running cluster
+  (``RAY_ADDRESS``) or starts a local one if Ray is not initialized. ``shared`` goes to
+  the object store once. Ray pickles with cloudpickle, so lambdas and closures work. Each
+  task asks for one GPU when the cluster has any.
+
+Results are handed to ``on_result(job, result)`` in the calling process as each job
+finishes, in completion order. The first job that raises stops the others and re-raises.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXECUTORS = ("serial", "process", "ray")
+
+_WORKER_SHARED: Any = None  # what a pool worker received at start-up
+
+
+def run_jobs(
+    function: Callable[[Any, Any], Any],
+    shared: Any,
+    jobs: Sequence[Any],
+    on_result: Callable[[Any, Any], None],
+    *,
+    executor: str = "serial",
+    max_workers: int | None = None,
+    threads_per_worker: int | None = 1,
+    gpus_per_job: float | str = "auto",
+) -> None:
+    """Run ``function(shared, job)`` for every job; ``on_result(job, result)`` as each ends.
+
+    Parameters
+    ----------
+    executor : {"serial", "process", "ray"}
+    max_workers : int, optional
+        Pool size for ``"process"`` (default: the number of CPUs, at most the jobs).
+    threads_per_worker : int or None
+        ``torch.set_num_threads`` in each pool or Ray worker (default 1: many small jobs
+        side by side); None leaves PyTorch's default. ``"serial"`` never changes it.
+    gpus_per_job : float or "auto"
+        GPUs each Ray task asks for; "auto" is 1 when the cluster has GPUs, else 0.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if not jobs:
+        return
+    if executor == "serial":
+        for job in jobs:
+            on_result(job, function(shared, job))
+    elif executor == "process":
+        _run_process(function, shared, jobs, on_result, max_workers, threads_per_worker)
+    else:
+        _run_ray(function, shared, jobs, on_result, threads_per_worker, gpus_per_job)
+
+
+def check_picklable(named: dict[str, Any], executor: str) -> None:
+    """Raise ``TypeError`` naming the first value that the standard pickle cannot send."""
+    for name, value in named.items():
+        try:
+            pickle.dumps(value)
+        except Exception as err:
+            raise TypeError(
+                f"executor={executor!r} sends {name} to worker processes by pickling, and "
+                f"{name}={value!r} does not pickle ({type(err).__name__}: {err}). Define it at "
+                "the top level of an importable module (a functools.partial of such a "
+                "function or class also works); lambdas, nested functions and closures do "
+                "not pickle. Or use executor='serial', or 'ray' (which uses cloudpickle)."
+            ) from None
+
+
+def _init_worker(payload: bytes, threads: int | None) -> None:
+    global _WORKER_SHARED
+    _set_threads(threads)
+    _WORKER_SHARED = pickle.loads(payload)
+
+
+def _call_in_worker(function, job):
+    return function(_WORKER_SHARED, job)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_process(function, shared, jobs, on_result, max_workers, threads):
+    workers = max_workers or min(len(jobs), os.cpu_count() or 1)
+    payload = pickle.dumps(shared)
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker,
+        initargs=(payload, threads),
+    ) as pool:  # fmt: skip
+        futures = {pool.submit(_call_in_worker, function, job): job for job in jobs}
+        try:
+            for future in cf.as_completed(futures):
+                on_result(futures[future], future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(
+            "executor='ray' needs Ray, which is not installed: pip install 'slt[ray]'"
+        ) from err
+    return ray
+
+
+def _ray_task(function, shared, job, threads):
+    _set_threads(threads)
+    return function(shared, job)
+
+
+def _run_ray(function, shared, jobs, on_result, threads, gpus_per_job):
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS if set, else a local cluster
+    if gpus_per_job == "auto":
+        gpus_per_job = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    task = ray.remote(_ray_task).options(num_cpus=threads or 1, num_gpus=gpus_per_job)
+    shared_ref = ray.put(shared)
+    pending = {task.remote(function, shared_ref, job, threads): job for job in jobs}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                on_result(pending.pop(ref), ray.get(ref))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise

@@ -1,0 +1,505 @@
+"""λ̂ across training: one :func:`slt.estimate_llc` per checkpoint, resumable, fanned out.
+
+Each checkpoint becomes a pure job (its source, the factory that rebuilds the model,
+the settings, the seed), so it runs the same in this process, in a process pool or on
+Ray (:mod:`slt.executors`). Every checkpoint uses the same ``seed``: chains at every
+checkpoint see the same minibatch order and injected noise (common random numbers), so
+differences between neighbouring checkpoints carry less Monte Carlo noise than each λ̂.
+
+With ``results=path``, each finished checkpoint is appended to a JSON-lines file
+(:mod:`slt.trajectory_file`) at once; a rerun reads it, skips every checkpoint already
+there (matched by label and the SHA-256 of its weights), and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slt import executors
+from slt.trajectory_file import ResultsFile
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_NOT_SETTINGS = {"model", "loader", "loss_fn", "progress"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checkpoint to estimate: everything but what all jobs share."""
+
+    label: str  # unique name of the checkpoint (file name, or "step 100")
+    step: int  # training step, the x-axis of the trajectory
+    source: str | dict  # a file path, or a state dict in memory
+    sha256: str  # of the file's bytes, or of the state dict's tensors
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every job of one trajectory needs; sent once to each worker."""
+
+    model_factory: Callable[[], torch.nn.Module]
+    loader: Iterable
+    loss_fn: Callable
+    settings: dict  # estimate_llc keyword arguments
+    settings_hash: str
+    device: str  # "auto" (CUDA where the worker has it), "cpu", "cuda", ...
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """λ̂ and L_n(w*) per checkpoint, sorted by step. Arrays are ``(checkpoint,)``."""
+
+    steps: np.ndarray  # (checkpoint,) int
+    labels: tuple[str, ...]
+    llc: np.ndarray  # λ̂ (NaN where every chain diverged)
+    llc_std: np.ndarray  # standard error over chains
+    mcse: np.ndarray  # Monte Carlo standard error (within chains, minibatch noise included)
+    rhat: np.ndarray
+    ess_bulk: np.ndarray
+    init_loss: np.ndarray  # L_n(w*) on the full data
+    llc_per_chain: np.ndarray  # (checkpoint, chain)
+    warnings: tuple[tuple[str, ...], ...]  # per checkpoint
+    settings: dict  # the estimate_llc settings and the identity of model, loss and data
+    settings_hash: str
+    path: str | None  # the results file, if any
+    num_computed: int  # checkpoints estimated by this call
+    num_reused: int  # checkpoints read back from the results file
+    rows: tuple[dict, ...]  # the results file's rows, in the same order
+
+    @property
+    def loss(self) -> np.ndarray:
+        """(checkpoint,) L_n(w*), the training loss at each checkpoint."""
+        return self.init_loss
+
+    @property
+    def se(self) -> np.ndarray:
+        """(checkpoint,) the larger of ``llc_std`` and ``mcse`` (the cautious error bar)."""
+        return np.fmax(self.llc_std, self.mcse)
+
+    def to_dict(self) -> dict:
+        """Plain Python values (JSON-serialisable up to NaN)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in out.items()}
+
+    def plot(self, transitions=None, **kwargs):
+        """:func:`slt.plots_development.plot_trajectory` of this trajectory."""
+        from slt.plots_development import plot_trajectory
+
+        return plot_trajectory(self, transitions=transitions, **kwargs)
+
+    def __str__(self) -> str:
+        where = f", results {self.path}" if self.path else ""
+        lines = [
+            f"λ̂ trajectory: {len(self.steps)} checkpoints ({self.num_computed} computed, "
+            f"{self.num_reused} reused{where})",
+            f"{'step':>10} {'L_n(w*)':>12} {'λ̂':>10} {'± se':>8} {'MCSE':>8} {'R̂':>6} "
+            f"{'ESS':>6}  warnings",
+        ]
+        for i, step in enumerate(self.steps):
+            lines.append(
+                f"{step:>10} {self.init_loss[i]:>12.6g} {self.llc[i]:>10.4g} "
+                f"{self.llc_std[i]:>8.2g} {self.mcse[i]:>8.2g} {self.rhat[i]:>6.3f} "
+                f"{self.ess_bulk[i]:>6.0f}  {len(self.warnings[i])}"
+            )
+        return "\n".join(lines)
+
+
+def llc_trajectory(
+    checkpoints: str | os.PathLike | Sequence | Mapping,
+    model_factory: Callable[[], torch.nn.Module],
+    loader: Iterable,
+    loss_fn: Callable,
+    *,
+    results: str | os.PathLike | None = None,
+    steps: Sequence[int] | None = None,
+    executor: str = "serial",
+    max_workers: int | None = None,
+    threads_per_worker: int | None = 1,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> Trajectory:
+    """λ̂ (with diagnostics) at every checkpoint of a training run.
+
+    For each checkpoint: build ``model_factory()``, load the weights (``strict=True``)
+    and call :func:`slt.estimate_llc` with ``settings``, the same ``seed`` at every
+    checkpoint.
+
+    Parameters
+    ----------
+    checkpoints : folder, sequence, or mapping step -> source
+        A folder (its ``*.pt``, ``*.pth``, ``*.bin``, ``*.ckpt``, ``*.safetensors`` files),
+        a sequence of paths and/or state dicts, or a mapping from training step to one.
+        Files are read by :func:`slt.checkpoints.load_state_dict`: ``torch.load`` with
+        ``weights_only=True``, so a file that would execute code when unpickled is refused
+        with ``ValueError``.
+    model_factory : callable
+        ``model_factory()`` returns a fresh ``nn.Module`` to load each checkpoint into.
+        For ``executor="process"`` it must pickle: a class or function defined at module
+        level (a ``functools.partial`` of one is fine), not a lambda or closure.
+    loader, loss_fn
+        As for :func:`slt.estimate_llc`; for ``"process"`` they must pickle too (a
+        ``DataLoader`` over a ``TensorDataset`` does).
+    results : path, optional
+        JSON-lines file for the rows (:mod:`slt.trajectory_file`), written as each
+        checkpoint finishes. If it exists, finished checkpoints are read back, not
+        recomputed; if it was written with other settings, ``SettingsChangedError``
+        names them, unless ``overwrite=True``, which discards the file.
+    steps : sequence of int, optional
+        The training step of each checkpoint. Default: the mapping's keys, else the last
+        number in each file name when every name has a distinct one, else 0, 1, 2, ...
+    executor : {"serial", "process", "ray"}
+        Where the jobs run (:mod:`slt.executors`); the numbers do not depend on it.
+    max_workers, threads_per_worker
+        Pool size for "process"; ``torch.set_num_threads`` in each worker (not serial).
+    device : str
+        Where each job samples: "auto" uses CUDA when the worker has it. Recorded per row,
+        not part of the settings (results on CPU and GPU differ in the last bits).
+    progress : bool
+        A progress bar over checkpoints.
+    **settings
+        Keyword options of :func:`slt.estimate_llc` (``step_size``, ``localization``,
+        ``nbeta``, ``num_chains``, ``num_draws``, ``num_burnin``, ``sampler``,
+        ``seed``, ...).
+
+    Returns
+    -------
+    Trajectory
+
+    Examples
+    --------
+    >>> import functools, torch, slt
+    >>> from slt.trajectory import llc_trajectory  # also slt.llc_trajectory
+    >>> x = torch.randn(128, 2, generator=torch.Generator().manual_seed(0))
+    >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]),
+    ...                                      batch_size=32, shuffle=True)
+    >>> factory = functools.partial(torch.nn.Linear, 2, 1)
+    >>> ckpts = {0: factory().state_dict(), 10: factory().state_dict()}
+    >>> traj = llc_trajectory(ckpts, factory, loader, slt.gaussian_nll(1.0),
+    ...                       num_chains=2, num_draws=20, num_burnin=5, progress=False)
+    >>> traj.steps.tolist(), traj.llc.shape
+    ([0, 10], (2,))
+    """
+    defaults = estimate_llc_defaults()
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise TypeError(
+            f"llc_trajectory got unknown setting(s) {', '.join(unknown)}; the settings are "
+            f"estimate_llc's keyword options: {', '.join(sorted(defaults))}"
+        )
+    if executor not in executors.EXECUTORS:
+        raise ValueError(f"executor must be one of {executors.EXECUTORS}, got {executor!r}")
+    jobs = make_jobs(checkpoints, steps)
+    full = {**defaults, **settings}
+    identity = {
+        "estimate_llc": _jsonable(full),
+        "model_factory": describe(model_factory),
+        "loss_fn": describe(loss_fn),
+        "data": data_fingerprint(loader),
+    }
+    settings_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    shared = Shared(model_factory, loader, loss_fn, settings, settings_hash, device)
+    if executor == "process":
+        executors.check_picklable(
+            {"model_factory": model_factory, "loader": loader, "loss_fn": loss_fn,
+             "settings": settings}, executor,
+        )  # fmt: skip
+    done: dict[str, dict] = {}
+    file = None
+    if results is not None:
+        file = ResultsFile(results)
+        for row in file.open(identity, settings_hash, overwrite=overwrite,
+                             defaults={"estimate_llc": _jsonable(defaults)}):  # fmt: skip
+            done[row["label"]] = row
+    rows: dict[str, dict] = {}
+    todo = []
+    for job in jobs:
+        row = done.get(job.label)
+        if row is not None and row.get("checkpoint_sha256") != job.sha256:
+            raise ValueError(
+                f"checkpoint {job.label!r} has changed since its row in {results} was "
+                "written (its SHA-256 differs); pass overwrite=True to recompute everything, "
+                "or use another results file"
+            )
+        if row is not None:
+            rows[job.label] = row
+        else:
+            todo.append(job)
+    num_reused = len(rows)
+    bar = _progress_bar(len(jobs), num_reused, progress)
+
+    def finished(job: Job, row: dict) -> None:
+        if file is not None:
+            file.append(row)
+        rows[job.label] = row
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        executors.run_jobs(
+            run_job, shared, todo, finished, executor=executor, max_workers=max_workers,
+            threads_per_worker=threads_per_worker,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    ordered = [rows[job.label] for job in jobs]
+    return _trajectory(ordered, identity, settings_hash, results, len(todo), num_reused)
+
+
+def run_job(shared: Shared, job: Job) -> dict:
+    """Estimate λ̂ at one checkpoint; the row for the results file. Pure up to timing."""
+    from slt.chains import DivergenceError
+    from slt.checkpoints import load_state_dict
+    from slt.llc import estimate_llc
+
+    state = load_state_dict(job.source) if isinstance(job.source, str) else job.source
+    model = shared.model_factory()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model_factory() returned {type(model).__name__}, not an nn.Module")
+    load_into(model, state, job.label)
+    device = shared.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    start = time.perf_counter()
+    row: dict[str, Any] = {"label": job.label, "step": job.step,
+                           "source": job.source if isinstance(job.source, str) else None,
+                           "checkpoint_sha256": job.sha256}  # fmt: skip
+    try:
+        res = estimate_llc(model, shared.loader, shared.loss_fn, progress=False,
+                           **shared.settings)  # fmt: skip
+    except DivergenceError as err:
+        row.update(llc=math.nan, llc_std=math.nan, mcse=math.nan, rhat=math.nan,
+                   ess_bulk=math.nan, ess_tail=math.nan, init_loss=math.nan, llc_per_chain=[],
+                   warnings=[str(err)], error=str(err))  # fmt: skip
+    else:
+        row.update(
+            llc=res.llc, llc_std=res.llc_std, mcse=res.mcse, rhat=res.rhat,
+            ess_bulk=res.ess_bulk, ess_tail=res.ess_tail, init_loss=res.init_loss,
+            llc_per_chain=[float(v) for v in res.llc_per_chain], nbeta=res.nbeta, n=res.n,
+            num_params=res.num_params, step_size=float(res.step_size),
+            mala_acceptance=res.mala_acceptance, num_diverged=int(res.diverged.sum()),
+            warnings=list(res.warnings),
+        )  # fmt: skip
+    row.update(
+        seconds=time.perf_counter() - start, settings_hash=shared.settings_hash,
+        device=str(device), pid=os.getpid(), host=socket.gethostname(),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )  # fmt: skip
+    return row
+
+
+def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with the differing keys named."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {label!r} does not fit model_factory()'s model: missing keys "
+            f"{_few(missing)}; unexpected keys {_few(unexpected)}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {label!r} does not fit the model: {err}") from None
+
+
+def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
+    """One :class:`Job` per checkpoint, in order of training step."""
+    if isinstance(checkpoints, str | os.PathLike):
+        folder = Path(checkpoints)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoints={str(folder)!r} is not a folder")
+        sources: list = sorted(str(p) for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        if not sources:
+            raise ValueError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
+        keys = None
+    elif isinstance(checkpoints, Mapping):
+        keys, sources = list(checkpoints.keys()), list(checkpoints.values())
+    elif isinstance(checkpoints, Sequence):
+        keys, sources = None, list(checkpoints)
+    else:
+        raise TypeError(
+            "checkpoints must be a folder, a sequence of paths or state dicts, or a mapping "
+            f"from step to one; got {type(checkpoints).__name__}"
+        )
+    if not sources:
+        raise ValueError("checkpoints is empty")
+    sources = [str(s) if isinstance(s, os.PathLike) else s for s in sources]
+    for s in sources:
+        if not isinstance(s, str | Mapping):
+            raise TypeError(f"a checkpoint must be a path or a state dict, got {type(s).__name__}")
+    if steps is None:
+        steps = keys if keys is not None else _steps_from_names(sources)
+    steps = [int(s) for s in steps]
+    if len(steps) != len(sources):
+        raise ValueError(f"steps has {len(steps)} entries for {len(sources)} checkpoints")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"steps must be distinct, got {steps}")
+    labels = _labels(sources, steps)
+    jobs = [Job(label, step, source if isinstance(source, str) else dict(source), _sha256(source))
+            for label, step, source in zip(labels, steps, sources)]  # fmt: skip
+    return sorted(jobs, key=lambda j: j.step)
+
+
+def _steps_from_names(sources: list) -> list[int]:
+    numbers = []
+    for s in sources:
+        found = re.findall(r"\d+", Path(s).stem) if isinstance(s, str) else []
+        numbers.append(int(found[-1]) if found else None)
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return numbers
+    return list(range(len(sources)))
+
+
+def _labels(sources: list, steps: list[int]) -> list[str]:
+    names = [Path(s).name if isinstance(s, str) else None for s in sources]
+    if None not in names and len(set(names)) == len(names):
+        return names
+    return [s if isinstance(s, str) else f"step {step}" for s, step in zip(sources, steps)]
+
+
+def _sha256(source) -> str:
+    digest = hashlib.sha256()
+    if isinstance(source, str):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"checkpoint {source} does not exist or is not a file")
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    else:
+        _hash_state(digest, source)
+    return digest.hexdigest()
+
+
+def _hash_state(digest, state: Mapping) -> None:
+    for key in sorted(state):
+        value = state[key]
+        digest.update(str(key).encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+
+
+def estimate_llc_defaults() -> dict:
+    """The keyword options of :func:`slt.estimate_llc` with their defaults."""
+    from slt.llc import estimate_llc
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(estimate_llc).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _NOT_SETTINGS
+    }
+
+
+def describe(obj) -> str:
+    """A readable identity of a callable: ``module.qualname``, partials and objects too."""
+    import functools
+
+    if isinstance(obj, functools.partial):
+        args = [repr(a) for a in obj.args] + [f"{k}={v!r}" for k, v in obj.keywords.items()]
+        return f"partial({describe(obj.func)}, {', '.join(args)})"
+    qualname = getattr(obj, "__qualname__", None)
+    if qualname is not None and "(" in qualname:  # slt's adapters name their parameters
+        return qualname
+    if qualname is not None:
+        return f"{getattr(obj, '__module__', '?')}.{qualname}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__}: {obj!r}"
+
+
+def data_fingerprint(loader) -> dict:
+    """Size, batch size and, for tensors held in memory, a SHA-256 of the data."""
+    out: dict[str, Any] = {"loader": type(loader).__name__}
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        out["n"] = len(dataset)
+    if getattr(loader, "batch_size", None) is not None:
+        out["batch_size"] = loader.batch_size
+    tensors = None
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        tensors = dataset.tensors
+    elif isinstance(loader, list | tuple):
+        tensors = [t for batch in loader for t in _tensors(batch)]
+    if tensors is not None:
+        digest = hashlib.sha256()
+        _hash_state(digest, {str(i): t for i, t in enumerate(tensors)})
+        out["sha256"] = digest.hexdigest()[:16]
+    return out
+
+
+def _tensors(batch) -> list:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, list | tuple):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+def _jsonable(value):
+    """Settings as JSON values (tuples to lists; anything else JSON lacks by repr)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _progress_bar(total: int, initial: int, progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="checkpoints", unit="ckpt")
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "(none)"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _trajectory(rows, identity, settings_hash, path, num_computed, num_reused) -> Trajectory:
+    def column(key, dtype=float):
+        return np.array([row.get(key, math.nan) for row in rows], dtype=dtype)
+
+    chains = max((len(r.get("llc_per_chain") or []) for r in rows), default=0)
+    per_chain = np.full((len(rows), chains), np.nan)
+    for i, r in enumerate(rows):
+        values = r.get("llc_per_chain") or []
+        per_chain[i, : len(values)] = values
+    return Trajectory(
+        steps=column("step", int),
+        labels=tuple(r["label"] for r in rows),
+        llc=column("llc"),
+        llc_std=column("llc_std"),
+        mcse=column("mcse"),
+        rhat=column("rhat"),
+        ess_bulk=column("ess_bulk"),
+        init_loss=column("init_loss"),
+        llc_per_chain=per_chain,
+        warnings=tuple(tuple(r.get("warnings") or ()) for r in rows),
+        settings=identity,
+        settings_hash=settings_hash,
+        path=None if path is None else str(path),
+        num_computed=num_computed,
+        num_reused=num_reused,
+        rows=tuple(rows),
+    )
