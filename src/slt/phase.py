@@ -1,0 +1,194 @@
+"""Which solution the posterior prefers at each sample size: a free-energy phase diagram.
+
+The Bayes free energy of the neighbourhood of a solution w_i is, to leading orders
+(Watanabe 2009, main formula II; Chen et al. 2023, arXiv 2310.06301, section 4),
+
+    F_i(n) ≈ n L(w_i) + λ_i log n - (m_i - 1) log log n,
+
+with L the per-sample loss (population, or a large held-out sample) and λ_i, m_i the
+local learning coefficient and multiplicity at w_i. The posterior concentrates on the
+solution of smallest F_i(n): at small n a simple solution (small λ) can win despite a
+higher loss; as n grows the loss term takes over. A Bayesian phase transition is a
+sample size where the minimizer changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import brentq
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A solution w_i: its per-sample loss L(w_i), λ̂_i (± se) and multiplicity m_i."""
+
+    name: str
+    loss: float
+    llc: float
+    m: float = 1.0
+    llc_std: float = 0.0
+
+    def free_energy(self, n) -> np.ndarray:
+        """n L + λ log n - (m - 1) log log n at each n."""
+        n = np.asarray(n, dtype=np.float64)
+        return n * self.loss + self.llc * np.log(n) - (self.m - 1) * np.log(np.log(n))
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """The sample size where the posterior's preference moves from one solution to another."""
+
+    n: float  # F_before(n) = F_after(n)
+    before: str  # dominant just below n
+    after: str  # dominant just above n
+    n_low: float  # the crossing with λ_after - λ_before lowered by 2 se (NaN if none)
+    n_high: float  # ... raised by 2 se (NaN if none in range)
+
+
+@dataclass(frozen=True)
+class PhaseDiagram:
+    """F_i(n) for each candidate over a grid of n. Arrays are ``(candidate, n)`` or ``(n,)``."""
+
+    candidates: tuple[Candidate, ...]
+    n: np.ndarray  # (n,)
+    free_energy: np.ndarray  # (candidate, n)
+    dominant: np.ndarray  # (n,) index of the candidate of least F
+    crossings: tuple[Crossing, ...]  # where ``dominant`` changes, in order of n
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.candidates)
+
+    def crossing(self, a: str, b: str) -> float:
+        """n where F_a(n) = F_b(n) within the grid's range; NaN if they do not cross there."""
+        ca, cb = (self.candidates[self.names.index(x)] for x in (a, b))
+        return _crossing(ca, cb, self.n[0], self.n[-1])
+
+    def to_dict(self) -> dict:
+        return {
+            "candidates": [c.__dict__ for c in self.candidates],
+            "n": self.n.tolist(),
+            "free_energy": self.free_energy.tolist(),
+            "dominant": [self.names[i] for i in self.dominant],
+            "crossings": [c.__dict__ for c in self.crossings],
+        }
+
+    def plot(self, ax=None):
+        """:func:`slt.plots_development.plot_phase_diagram` of this diagram."""
+        from slt.plots_development import plot_phase_diagram
+
+        return plot_phase_diagram(self, ax=ax)
+
+    def __str__(self) -> str:
+        lines = [
+            "Free energy F(n) ≈ n L + λ log n - (m - 1) log log n",
+            f"{'candidate':>12} {'L':>10} {'λ̂':>8} {'± se':>6} {'m':>4}",
+        ]
+        for c in self.candidates:
+            lines.append(f"{c.name:>12} {c.loss:>10.5g} {c.llc:>8.4g} {c.llc_std:>6.2g} {c.m:>4g}")
+        n0, n1 = self.n[0], self.n[-1]
+        lines.append(f"dominant for n in [{n0:.3g}, {n1:.3g}]:")
+        edges = [n0, *(c.n for c in self.crossings), n1]
+        winners = [self.names[self.dominant[0]], *(c.after for c in self.crossings)]
+        for (a, b), name in zip(zip(edges[:-1], edges[1:]), winners):
+            lines.append(f"  {a:>10.4g} - {b:<10.4g} {name}")
+        for c in self.crossings:
+            lines.append(
+                f"  crossing {c.before} -> {c.after} at n = {c.n:.4g} "
+                f"(λ̂ ± 2 se: {c.n_low:.3g} to {c.n_high:.3g})"
+            )
+        return "\n".join(lines)
+
+
+def phase_diagram(candidates, n) -> PhaseDiagram:
+    """F_i(n) ≈ n L_i + λ̂_i log n - (m_i - 1) log log n, the dominant solution, crossings.
+
+    Parameters
+    ----------
+    candidates : mapping name -> {"loss", "llc", optional "m", "llc_std"}, or a sequence
+        of :class:`Candidate` (or of such dicts with a ``"name"``). ``loss`` is the
+        per-sample NLL L(w_i) (population or held out: constants common to all cancel),
+        ``llc`` is λ̂_i, ``m`` the multiplicity where known (default 1), ``llc_std`` the
+        standard error of λ̂_i, used for the crossings' ranges.
+    n : array of sample sizes, all > e (so that log log n is defined), ascending
+
+    Returns
+    -------
+    PhaseDiagram
+
+    Examples
+    --------
+    >>> d = phase_diagram({"simple": {"loss": 0.10, "llc": 1.0},
+    ...                    "complex": {"loss": 0.09, "llc": 3.0}}, np.geomspace(10, 1e4, 50))
+    >>> [(c.before, c.after, round(c.n)) for c in d.crossings]  # 0.01 n = 2 log n
+    [('simple', 'complex', 1457)]
+    """
+    cands = _candidates(candidates)
+    n = np.atleast_1d(np.asarray(n, dtype=np.float64))
+    if n.ndim != 1 or n.size < 1 or not np.all(n > math.e) or np.any(np.diff(n) <= 0):
+        raise ValueError("n must be an ascending array of sample sizes > e (log log n > 0)")
+    free = np.stack([c.free_energy(n) for c in cands])
+    dominant = np.argmin(free, axis=0)
+    crossings = []
+    for k in np.flatnonzero(dominant[1:] != dominant[:-1]):
+        a, b = cands[dominant[k]], cands[dominant[k + 1]]
+        at = _crossing(a, b, n[k], n[k + 1])
+        se = 2 * math.hypot(a.llc_std, b.llc_std)
+        low = _crossing(a, _shift(b, -se), n[0], n[-1] * 1e6)
+        high = _crossing(a, _shift(b, se), n[0], n[-1] * 1e6)
+        crossings.append(Crossing(at, a.name, b.name, low, high))
+    return PhaseDiagram(tuple(cands), n, free, dominant, tuple(crossings))
+
+
+def _shift(c: Candidate, delta: float) -> Candidate:
+    return Candidate(c.name, c.loss, c.llc + delta, c.m, c.llc_std)
+
+
+def _crossing(a: Candidate, b: Candidate, lo: float, hi: float) -> float:
+    """Root of F_a - F_b in log n over [lo, hi] (the first sign change on a grid); NaN if none."""
+    grid = np.geomspace(lo, hi, 200)
+    diff = a.free_energy(grid) - b.free_energy(grid)
+    change = np.flatnonzero(np.sign(diff[1:]) != np.sign(diff[:-1]))
+    if diff[0] == 0:
+        return float(grid[0])
+    if change.size == 0:
+        return math.nan
+    i = change[0]
+
+    def f(log_n):
+        return float(a.free_energy(math.exp(log_n)) - b.free_energy(math.exp(log_n)))
+
+    return math.exp(brentq(f, math.log(grid[i]), math.log(grid[i + 1]), xtol=1e-12))
+
+
+def _candidates(candidates) -> list[Candidate]:
+    if isinstance(candidates, Mapping):
+        items = [_make(name, spec) for name, spec in candidates.items()]
+    elif isinstance(candidates, Sequence):
+        items = [c if isinstance(c, Candidate) else _make(c.get("name"), c) for c in candidates]
+    else:
+        raise TypeError(
+            f"candidates must be a mapping or a sequence, got {type(candidates).__name__}"
+        )
+    if not items:
+        raise ValueError("candidates is empty")
+    for c in items:
+        for field in ("loss", "llc", "m", "llc_std"):
+            if not math.isfinite(getattr(c, field)):
+                raise ValueError(
+                    f"candidate {c.name!r}: {field} must be finite, got {getattr(c, field)!r}"
+                )
+    return items
+
+
+def _make(name, spec) -> Candidate:
+    if isinstance(spec, Candidate):
+        return spec
+    if not isinstance(spec, Mapping) or "loss" not in spec or "llc" not in spec:
+        raise ValueError(f"candidate {name!r} needs 'loss' and 'llc', got {spec!r}")
+    return Candidate(str(name), float(spec["loss"]), float(spec["llc"]), float(spec.get("m", 1.0)),
+                     float(spec.get("llc_std", 0.0)))  # fmt: skip
