@@ -55,12 +55,17 @@ def main(argv=None):
         sys.exit("bench_gpu: no CUDA device")
     device = torch.device("cuda")
     draws, repeats = (200, 2) if args.quick else (500, 3)
-    cases = [zoo.regular(10), zoo.deep_linear((8, 4, 8, 8), 4),
-             zoo.deep_linear((80, 50, 50, 80), 50), zoo.deep_linear((500, 400, 400, 500), 300)]  # fmt: skip
+    cases = [
+        zoo.regular(10),
+        zoo.deep_linear((8, 4, 8, 8), 4),
+        zoo.deep_linear((80, 50, 50, 80), 50),
+        zoo.deep_linear((500, 400, 400, 500), 300),
+    ]
     print(f"{time.strftime('%Y-%m-%d')}  {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(
-        "| case | d | chains | loop µs/chain-step | vmap µs/chain-step | speed-up | λ̂ loop | λ̂ vmap | λ | peak MiB |"
-    )  # noqa: E501
+        "| case | d | chains | loop µs/chain-step | vmap µs/chain-step | speed-up "
+        "| λ̂ loop | λ̂ vmap | λ | peak MiB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         for chains in (4, 16):

@@ -42,9 +42,8 @@ def main(argv=None):
     steps, repeats = (100, 3) if args.quick else (300, 5)
     cases = [zoo.regular(10), zoo.deep_linear((8, 4, 8, 8), 4),
              zoo.deep_linear((20, 40, 80, 80), 10)]  # fmt: skip
-    print(
-        f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {platform.processor() or platform.machine()}  1 thread"
-    )  # noqa: E501
+    cpu = platform.processor() or platform.machine()
+    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
     print("| case | d | chains | loop µs/chain-step | vmap µs/chain-step | vmap speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
     for case in cases:
