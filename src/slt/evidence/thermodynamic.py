@@ -7,11 +7,11 @@ E_β[n L_n(w)] under p_β ∝ φ exp(-nβ L_n), so (Ogata 1989, Numer. Math. 55;
     F_n = ∫₀¹ E_β[n L_n(w)] dβ.
 
 The integrand is E_prior[n L_n] at β = 0 and falls (its derivative is -Var_β[n L_n]) to
-n L_n(w0) + λ/β for nβ large: it changes fastest near β = 0. With C = n L_n(w*) and
-g̃(β) = E_β[n L_n] - C, write F_n = C + ∫₀^{β₁} g̃ dβ + ∫_{log β₁}^0 β g̃(β) d(log β); in
-log β the integrand β g̃ rises from ≈ 0 to ≈ λ and is smooth, so a geometric ladder
-β₁ < ... < β_K = 1 with the trapezoid rule fits it. β = 0 is the prior itself, sampled
-exactly (independent draws), and ∫₀^{β₁} uses the trapezoid between β = 0 and β₁.
+n L_n(w0) + λ/β + ... once nβ is large: it changes fastest near β = 0, and over most of
+[0, 1] like 1/β. So the ladder is β = 0 (the prior itself, sampled exactly by independent
+draws), then β₁ < ... < β_K = 1 geometric, and the rule (:func:`ladder_weights`) is the
+trapezoid on [0, β₁] and, above, the two-point rule exact for g = a + b/β on each
+interval (in log β: exact for β g = aβ + b, second order otherwise).
 
 Errors reported:
 
@@ -21,8 +21,8 @@ Errors reported:
   the per-chain integrals (each chain threads the whole ladder) accounts for that, and
   ``mc_error`` is the larger of the two.
 - **Integration**: |T - T₂|/3, with T₂ the same rule on every other rung of the ladder
-  (Richardson: the trapezoid error falls 4× when the spacing halves), plus β₁|g̃(0) - g̃(β₁)|/2,
-  a bound on the trapezoid over [0, β₁] for the decreasing g̃.
+  (Richardson: a second-order error falls 4× when the spacing halves), plus
+  β₁|g(0) - g(β₁)|/2, a bound on the trapezoid over [0, β₁] for the decreasing g.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ class FreeEnergyResult(ToDict):
 
     free_energy: float  # F_n = ∫₀¹ E_β[n L_n] dβ
     mc_error: float  # one standard deviation: max(propagated, between chains)
-    integration_error: float  # |T - T₂|/3 + β₁|g̃(0) - g̃(β₁)|/2
+    integration_error: float  # |T - T₂|/3 + β₁|g(0) - g(β₁)|/2
     mc_error_propagated: float  # √Σ w_k² se_k²
     mc_error_between_chains: float  # sd over chains of the per-chain integrals / √chains
     betas: np.ndarray  # (rung,) 0, β₁, ..., 1
     expected_nll: np.ndarray  # (rung,) E_β[n L_n]
     expected_nll_se: np.ndarray  # (rung,) its Monte Carlo standard error
-    weights: np.ndarray  # (rung,) F = C + Σ_k w_k (E_k - C), C = n L_n(w*)
+    weights: np.ndarray  # (rung,) F = Σ_k w_k E_k (:func:`ladder_weights`; Σ_k w_k = 1)
     ess: np.ndarray  # (rung,) effective sample size of each rung's mean (draws at β = 0)
     step_size: np.ndarray  # (rung,) ε per rung, NaN at β = 0
     top_eigenvalue: np.ndarray  # (rung,) q behind ε, NaN at β = 0
@@ -102,27 +102,28 @@ class FreeEnergyResult(ToDict):
         return "\n".join(lines)
 
 
-def trapezoid_weights(betas: np.ndarray) -> np.ndarray:
-    """Weights w with ∫₀¹ g dβ ≈ Σ_k w_k g(β_k): trapezoid on [0, β₁] and in log β above.
+def ladder_weights(betas: np.ndarray) -> np.ndarray:
+    """Weights w with ∫₀¹ g(β) dβ ≈ Σ_k w_k g(β_k) on the ladder (0, β₁, ..., β_K = 1).
 
-    ``betas`` = (0, β₁, ..., β_K): the log-β part integrates β g(β) over d(log β), so node
-    k ≥ 1 gets β_k times its trapezoid weight in log β.
+    On [0, β₁] the trapezoid rule. On each [β_k, β_{k+1}] above, the two-point rule exact for
+    g = a + b/β, the form E_β[n L_n] ≈ n L_n(w0) + λ/β takes once nβ is large: with
+    r = β_{k+1}/β_k, w_k += β_k (r log r/(r - 1) - 1) and w_{k+1} += β_{k+1}(1 - log r/(r - 1)).
+    Both are positive; for smooth g the error falls as the square of the spacing in log β.
 
-    >>> b = np.concatenate([[0.0], np.geomspace(1e-3, 1, 33)])
-    >>> w = trapezoid_weights(b)
-    >>> round(float(w @ np.ones(34)), 4), round(float(w @ b), 4)   # ∫₀¹ 1 = 1, ∫₀¹ β = ½
-    (1.0039, 0.5077)
+    >>> b = np.concatenate([[0.0], np.geomspace(1e-3, 1, 9)])
+    >>> w = ladder_weights(b)
+    >>> upper = w[1:] - np.r_[b[1] / 2, np.zeros(8)]  # the part of the weights above β₁
+    >>> round(float(w.sum()), 12), round(float(upper @ (1 / b[1:])), 12)  # ∫₀¹ 1, ∫_{β₁}^1 dβ/β
+    (1.0, 6.907755278982)
     """
-    s = np.log(betas[1:])
-    v = np.zeros(len(s))
-    if len(s) > 1:
-        ds = np.diff(s)
-        v[:-1] += ds / 2
-        v[1:] += ds / 2
+    betas = np.asarray(betas, dtype=float)
     w = np.zeros(len(betas))
-    w[0] = betas[1] / 2
-    w[1] = betas[1] / 2
-    w[1:] += v * betas[1:]
+    w[0] = w[1] = betas[1] / 2
+    lo, hi = betas[1:-1], betas[2:]
+    r = hi / lo
+    log_r = np.log(r)
+    w[1:-1] += lo * (r * log_r / (r - 1) - 1)
+    w[2:] += hi * (1 - log_r / (r - 1))
     return w
 
 
@@ -137,10 +138,10 @@ def free_energy(
     betas: Sequence[float] | None = None,
     num_rungs: int = 13,
     beta_min: float | None = None,
-    sampler: str = "sgld",
+    sampler: str = "auto",
     step_scale: float | None = None,
     control_variate: str = "gradient",
-    num_chains: int = 4,
+    num_chains: int = 8,
     num_draws: int = 400,
     num_burnin: int = 100,
     num_prior_draws: int = 64,
@@ -153,16 +154,17 @@ def free_energy(
     p_β(w) ∝ φ(w) exp(-nβ L_n(w)) and φ = N(μ, σ² I) normalized (Ogata 1989; Friel &
     Pettitt 2008; THEORY.md). Chains start from independent prior draws and climb the ladder
     β = 0 < β₁ < ... < 1 (geometric above β₁), carrying their state from rung to rung; the
-    integral is the trapezoid rule on [0, β₁] and in log β above (see the module docstring
-    for the errors). A singular model's posterior is wide along its minimizer set, so
-    chains started at one point would need about 2σ²/ε steps per rung to cover it; carried
-    up from the prior they arrive spread out.
+    integral is the trapezoid rule on [0, β₁] and above it the two-point rule exact for
+    E_β[n L_n] = a + b/β on each interval (see the module docstring for the errors). A
+    singular model's posterior is wide along its minimizer set, so chains started at one
+    point would need about 2σ²/ε steps per rung to cover it; carried up from the prior they
+    arrive spread out.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The model; its parameters w* give the reference C = n L_n(w*) (the integrand is
-        integrated as E_β[n L_n] - C, which is smooth in log β) and never change.
+        The model; its parameters w* give n L_n(w*), reported for reference (the table
+        prints E_β[n L_n] - n L_n(w*)), and are never changed.
     loader, loss_fn : as for :func:`slt.estimate_llc` (mean per-sample NLL).
     n : int, optional
         Sample size; default ``len(loader.dataset)``.
@@ -176,12 +178,13 @@ def free_energy(
     beta_min : float, optional
         Default 0.01/(n q σ²), q the largest Hessian eigenvalue of L_n over the chains'
         prior starting points and w*: where nβ q σ² = 0.01 the posterior is still the prior.
-    sampler : {"sgld", "mala"}
-        "mala" is exact at any step size but needs the whole dataset as one batch (a
-        ``DataLoader`` over a ``TensorDataset``).
+    sampler : {"auto", "mala", "sgld"}
+        "auto": MALA (exact at any step size) when the whole dataset is available as one
+        batch (a ``DataLoader`` over a ``TensorDataset``), else SGLD.
     step_scale : float, optional
-        ε_β = step_scale / (nβ q + 1/σ²), q as above at each rung's starting points. Default
-        0.04 for SGLD (1% variance inflation in the stiffest direction), 1 for MALA.
+        ε_β = step_scale / (nβ q + 1/σ²) (MALA: also / d^(1/3)), q as above at each rung's
+        starting points. Default 0.04 for SGLD (1% variance inflation in the stiffest
+        direction), 2.5 for MALA.
     control_variate : {"gradient", "loss", "none"}
         As for :func:`slt.estimate_llc`, with each chain's starting point of the rung as
         the reference; ignored (full batch) for MALA.
@@ -244,7 +247,7 @@ def free_energy(
     se = np.array([prior_values.std(ddof=1) / math.sqrt(len(prior_values))]
                   + [r.mcse for r in rungs])  # fmt: skip
     ess = np.array([float(len(prior_values))] + [r.ess for r in rungs])
-    weights = trapezoid_weights(all_betas)
+    weights = ladder_weights(all_betas)
     value = c + float(weights @ (means - c))
     propagated = float(math.sqrt(np.sum((weights * se) ** 2)))
     chain_means = np.stack([np.full(num_chains, means[0])] + [r.chain_means for r in rungs], 1)
@@ -302,13 +305,13 @@ def free_energy(
 
 
 def _integration_error(betas: np.ndarray, g: np.ndarray) -> float:
-    """|T - T₂|/3 over the log-β ladder plus the [0, β₁] trapezoid bound (g decreasing)."""
-    fine = trapezoid_weights(betas) @ g
+    """|T - T₂|/3 (T₂ on every other rung) plus the [0, β₁] trapezoid bound (g decreasing)."""
+    fine = ladder_weights(betas) @ g
     body = np.arange(1, len(betas))
     keep = body[(body - 1) % 2 == 0]  # every other rung from β₁
     if keep[-1] != len(betas) - 1:  # an even count: keep the last rung too
         keep = np.append(keep, len(betas) - 1)
     idx = np.concatenate([[0], keep])
-    coarse = trapezoid_weights(betas[idx]) @ g[idx]
+    coarse = ladder_weights(betas[idx]) @ g[idx]
     head = betas[1] * abs(g[0] - g[1]) / 2
     return float(abs(fine - coarse) / 3 + head)
