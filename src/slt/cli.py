@@ -139,6 +139,127 @@ def llc(
     typer.echo(f"saved to {out}")
 
 
+_FOLDER = typer.Argument(
+    ..., exists=True, file_okay=False,
+    help="Folder of checkpoints (*.pt, *.pth, *.bin, *.ckpt, *.safetensors); the step of each "
+    "is the last number in its name. Read with weights_only=True: files that would run code "
+    "are refused.",
+)  # fmt: skip
+_RESULTS = typer.Option(
+    Path("trajectory.jsonl"),
+    help="JSON-lines results file, one row per finished checkpoint; rerunning resumes it.",
+)
+_EXECUTOR = typer.Option(
+    "serial", help='"serial", "process" (a spawn process pool) or "ray" (slt[ray]).'
+)
+_WORKERS = typer.Option(None, min=1, help="Processes for --executor process (default: CPUs).")
+_OVERWRITE = typer.Option(False, help="Discard a results file written with other settings.")
+_PLOT = typer.Option(
+    None, help="PNG of λ̂ and loss against step (default: the results file with .png)."
+)
+
+
+@app.command()
+def trajectory(
+    folder: Path = _FOLDER,
+    model: str = _MODEL,
+    data: str = _DATA,
+    loss: str = _LOSS,
+    sigma: float = _SIGMA,
+    batch_size: int = _BATCH,
+    step_size: str = _STEP,
+    localization: float = _LOCALIZATION,
+    nbeta: float | None = _NBETA,
+    num_chains: int = _CHAINS,
+    num_draws: int = _DRAWS,
+    num_burnin: int = _BURNIN,
+    sampler: str = _SAMPLER,
+    control_variate: str = _CV,
+    seed: int = _LLC_SEED,
+    results: Path = _RESULTS,
+    executor: str = _EXECUTOR,
+    max_workers: int | None = _WORKERS,
+    overwrite: bool = _OVERWRITE,
+    plot: Path | None = _PLOT,
+    progress: bool = _PROGRESS,
+) -> None:
+    """λ̂ at every checkpoint in FOLDER (resumable), change points, and a plot."""
+    import torch
+
+    import slt
+    from slt.trajectory import llc_trajectory
+
+    step = _parse_step_size(step_size)
+    factory = _ModelSpec(model)
+    factory()  # a bad --model fails here, named, before any sampling
+    dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
+    _loss(loss, sigma)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    try:
+        traj = llc_trajectory(
+            folder, factory, loader, _LossSpec(loss, sigma), results=results,
+            executor=executor, max_workers=max_workers, overwrite=overwrite,
+            progress=progress, nbeta=nbeta, localization=localization, step_size=step,
+            num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+            sampler=sampler, control_variate=control_variate, seed=seed,
+        )  # fmt: skip
+    except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError) as err:
+        text = str(err).replace("overwrite=True", "--overwrite")
+        typer.echo(f"Error: {text}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(str(traj))
+    transitions = None
+    try:
+        from slt.transitions import detect_transitions
+
+        transitions = detect_transitions(traj)
+        typer.echo("\n" + str(transitions))
+    except (ImportError, ValueError) as err:
+        typer.echo(f"(no change points: {err})")
+    plot = plot if plot is not None else results.with_suffix(".png")
+    try:
+        fig = traj.plot(transitions)
+    except ImportError as err:
+        typer.echo(f"(no plot: {err})")
+    else:
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        typer.echo(f"results in {results}, plot in {plot}")
+
+
+class _ModelSpec:
+    """A picklable zero-argument model factory for a --model spec (resolved where called)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def __call__(self):
+        import copy
+
+        return copy.deepcopy(_build(self.spec, "--model", _is_module, "a torch.nn.Module"))
+
+    def __repr__(self) -> str:
+        return f"--model {self.spec}"
+
+
+class _LossSpec:
+    """A picklable ``loss_fn`` for --loss/--sigma, built on first call in each process."""
+
+    def __init__(self, loss: str, sigma: float):
+        self.loss, self.sigma, self._fn = loss, sigma, None
+
+    def __getstate__(self):
+        return {"loss": self.loss, "sigma": self.sigma, "_fn": None}
+
+    def __call__(self, model, batch):
+        if self._fn is None:
+            self._fn = _loss(self.loss, self.sigma)
+        return self._fn(model, batch)
+
+    def __repr__(self) -> str:
+        return f"--loss {self.loss} --sigma {self.sigma:g}"
+
+
 def _parse_step_size(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"
