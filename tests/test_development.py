@@ -1,0 +1,186 @@
+"""detect_transitions, phase_diagram, their plots, and ``slt trajectory``."""
+
+import math
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from slt.phase import Candidate, phase_diagram
+from slt.transitions import detect_transitions, noise_scale
+
+pytest.importorskip("ruptures")
+
+
+def _signals(steps):
+    llc = np.select([steps < 100, steps < 250], [1.0, 2.5], 4.0)
+    loss = np.where(steps < 100, 0.9, 0.4)
+    return {"steps": steps, "llc": llc, "loss": loss}
+
+
+def test_exact_piecewise_constant_signals():
+    steps = np.arange(0, 400, 10)
+    t = detect_transitions(_signals(steps))
+    assert t.change_points == {"llc": (100, 250), "loss": (100,)}
+    assert t.boundaries == (100, 250)
+    assert t.stages == ((0, 90), (100, 240), (250, 390))
+    assert t.levels["llc"] == (1.0, 2.5, 4.0)
+    assert t.levels["loss"] == (0.9, 0.4, 0.4)
+    assert [t.stage_of(s) for s in (0, 99, 100, 250, 390)] == [0, 0, 1, 2, 2]
+    assert "3 stages" in str(t)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_jumps_of_eight_noise_scales_are_found(seed):
+    """Jumps of 8σ: the true change points are found, each within one checkpoint."""
+    steps = np.arange(0, 600, 10)
+    rng = np.random.default_rng(seed)
+    signals = _signals(steps)
+    signals["llc"] = 8 / 1.5 * signals["llc"] + rng.normal(size=steps.size)  # jumps of 8σ
+    t = detect_transitions(signals, signals=("llc",))
+    found = np.array(t.change_points["llc"])
+    for true in (100, 250):
+        assert np.min(np.abs(found - true)) <= 10, found
+
+
+def test_non_finite_checkpoints_are_left_out():
+    steps = np.arange(0, 400, 10)
+    signals = _signals(steps)
+    signals["llc"] = signals["llc"].copy()
+    signals["llc"][5] = np.nan  # every chain diverged there
+    t = detect_transitions(signals)
+    assert t.dropped == (50,)
+    assert 50 not in t.steps
+    assert t.boundaries == (100, 250)
+
+
+def test_short_or_flat_trajectories_have_one_stage():
+    t = detect_transitions({"steps": [0, 1, 2], "llc": [1.0, 5.0, 1.0], "loss": [1, 1, 1]})
+    assert t.stages == ((0, 2),)
+    flat = np.ones(30)
+    t = detect_transitions({"steps": np.arange(30), "llc": flat, "loss": flat})
+    assert t.stages == ((0, 29),)
+    assert noise_scale(flat) == 1.0
+
+
+def test_works_on_objects_and_names_a_missing_ruptures(monkeypatch):
+    steps = np.arange(0, 400, 10)
+    traj = SimpleNamespace(**_signals(steps))
+    assert detect_transitions(traj).boundaries == (100, 250)
+    with pytest.raises(ValueError, match="signal 'llc' has shape"):
+        detect_transitions({"steps": steps, "llc": np.ones(3), "loss": np.ones(40)})
+    monkeypatch.setitem(sys.modules, "ruptures", None)
+    with pytest.raises(ImportError, match=r"pip install 'slt\[transitions\]'"):
+        detect_transitions(traj)
+
+
+def test_phase_diagram_crossing_solves_the_free_energy_equation():
+    cands = {"simple": {"loss": 1.10, "llc": 1.0}, "complex": {"loss": 1.09, "llc": 3.0}}
+    n = np.geomspace(10, 1e5, 300)
+    d = phase_diagram(cands, n)
+    (c,) = d.crossings
+    assert (c.before, c.after) == ("simple", "complex")
+    assert 0.01 * c.n == pytest.approx(2 * math.log(c.n), rel=1e-10)  # n ΔL = Δλ log n
+    assert d.crossing("simple", "complex") == pytest.approx(c.n, rel=1e-10)
+    assert d.names[d.dominant[0]] == "simple" and d.names[d.dominant[-1]] == "complex"
+    np.testing.assert_allclose(d.free_energy[0], 1.10 * n + np.log(n))
+    assert c.n_low == pytest.approx(c.n, rel=1e-12) == c.n_high  # no se given: no range
+
+
+def test_multiplicity_term_and_error_ranges():
+    a = Candidate("a", loss=1.0, llc=1.5, m=2, llc_std=0.1)
+    n = np.array([10.0, 100.0])
+    np.testing.assert_allclose(a.free_energy(n), n + 1.5 * np.log(n) - np.log(np.log(n)))
+    b = Candidate("b", loss=0.99, llc=3.0, llc_std=0.1)
+    d = phase_diagram([a, b], np.geomspace(5, 1e5, 200))
+    (c,) = d.crossings
+    assert c.n_low < c.n < c.n_high  # a smaller gap in λ crosses earlier
+
+
+def test_a_candidate_that_never_wins_makes_no_crossing():
+    cands = [
+        {"name": "a", "loss": 1.0, "llc": 1.0},
+        {"name": "b", "loss": 0.999, "llc": 5.0},  # barely better loss, far more complex
+        {"name": "c", "loss": 0.95, "llc": 3.0},
+    ]
+    d = phase_diagram(cands, np.geomspace(10, 1e5, 300))
+    assert [(c.before, c.after) for c in d.crossings] == [("a", "c")]
+    assert "b" not in {d.names[i] for i in d.dominant}
+    assert "crossing a -> c" in str(d)
+
+
+def test_phase_diagram_rejects_bad_input():
+    with pytest.raises(ValueError, match="> e"):
+        phase_diagram({"a": {"loss": 1, "llc": 1}}, [1.0, 10.0])
+    with pytest.raises(ValueError, match="needs 'loss' and 'llc'"):
+        phase_diagram({"a": {"loss": 1}}, [10.0])
+    with pytest.raises(ValueError, match="llc must be finite"):
+        phase_diagram({"a": {"loss": 1, "llc": math.nan}}, [10.0])
+
+
+def test_plots(tmp_path):
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg")
+    from slt.plots_development import plot_phase_diagram, plot_trajectory
+
+    steps = np.arange(0, 400, 10)
+    signals = _signals(steps)
+    llc = signals["llc"].copy()
+    llc[0] = -50.0  # a saddle: far off, with warnings
+    warned = [("w",)] + [()] * (steps.size - 1)
+    traj = SimpleNamespace(steps=steps, llc=llc, se=np.full(steps.size, 0.1),
+                           loss=signals["loss"], warnings=warned)  # fmt: skip
+    t = detect_transitions(signals)
+    fig = plot_trajectory(traj, t)
+    ax_llc, ax_loss = fig.axes
+    assert ax_llc.get_ylim()[0] > -10  # fitted to the clean estimates
+    assert len(ax_loss.patches) == len(t.stages)
+    fig.savefig(tmp_path / "t.png")
+    d = phase_diagram({"a": {"loss": 1.0, "llc": 1.0}, "b": {"loss": 0.99, "llc": 3.0}},
+                      np.geomspace(10, 1e5, 100))  # fmt: skip
+    fig = plot_phase_diagram(d)
+    assert len(fig.axes[0].get_legend().get_texts()) == 2
+
+
+USER = """
+import torch
+
+def make_model():
+    return torch.nn.Linear(3, 1)
+
+def dataset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 3, generator=g)
+    return torch.utils.data.TensorDataset(x, x[:, :1] + 0.3 * torch.randn(128, 1, generator=g))
+"""
+
+
+def test_cli_trajectory(tmp_path, monkeypatch):
+    pytest.importorskip("typer")
+    pytest.importorskip("matplotlib").use("Agg")
+    import torch
+    from typer.testing import CliRunner
+
+    from slt.cli import app
+    from slt.trajectory_file import read
+
+    (tmp_path / "user_spec.py").write_text(USER)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (0, 5, 10):
+        torch.save(torch.nn.Linear(3, 1).state_dict(), folder / f"model_{step}.pt")
+    monkeypatch.chdir(tmp_path)
+    args = ["trajectory", str(folder), "--model", "user_spec.py:make_model", "--data",
+            "user_spec.py:dataset", "--num-chains", "2", "--num-draws", "30", "--num-burnin",
+            "5", "--no-progress", "--results", "r.jsonl"]  # fmt: skip
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "3 checkpoints (3 computed, 0 reused" in out.output
+    assert [r["step"] for r in read(tmp_path / "r.jsonl").rows] == [0, 5, 10]
+    assert (tmp_path / "r.png").is_file()
+    again = CliRunner().invoke(app, args)
+    assert "(0 computed, 3 reused" in again.output
+    changed = CliRunner().invoke(app, [*args, "--localization", "3"])
+    assert changed.exit_code == 2
+    assert "localization: 1.0 -> 3.0" in changed.output and "--overwrite" in changed.output
