@@ -415,3 +415,93 @@ def _few(keys: list[str], limit: int = 8) -> str:
         return "(none)"
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+_EV_MODEL = typer.Option(
+    None, help="Your model (as for `slt llc`); default: the zoo's singular potential."
+)
+_EV_DATA = typer.Option(None, help="Your dataset (as for `slt llc`); needed with --model.")
+_EV_NS = typer.Option("100,300,1000,3000,10000", help="Sample sizes n, comma-separated.")
+_EV_POTENTIAL = typer.Option(
+    "1,2", help="Without --model: exponents k of the zoo potential K ∝ Π w_j^(2 k_j) (1,2: a²b⁴)."
+)
+_EV_PRIOR = typer.Option(1.0, help="σ of the prior N(0, σ² I).")
+_EV_RUNGS = typer.Option(11, min=2, help="Temperatures on the thermodynamic-integration ladder.")
+_EV_CHAINS = typer.Option(6, min=2, help="Chains per temperature.")
+_EV_DRAWS = typer.Option(200, min=4, help="Draws per chain and temperature.")
+_EV_BURNIN = typer.Option(50, min=0, help="Burn-in steps per chain and temperature.")
+_EV_OUT = typer.Option(Path("evidence-out"), help="Folder for table.json and evidence.png.")
+_EV_PROGRESS = typer.Option(False, help="Progress bars (one per method and n).")
+
+
+@app.command()
+def evidence(
+    model: str | None = _EV_MODEL,
+    data: str | None = _EV_DATA,
+    checkpoint: Path | None = _CHECKPOINT,
+    loss: str = _LOSS,
+    sigma: float = _SIGMA,
+    ns: str = _EV_NS,
+    potential: str = _EV_POTENTIAL,
+    prior_std: float = _EV_PRIOR,
+    batch_size: int = _BATCH,
+    num_rungs: int = _EV_RUNGS,
+    num_chains: int = _EV_CHAINS,
+    num_draws: int = _EV_DRAWS,
+    num_burnin: int = _EV_BURNIN,
+    seed: int = _LLC_SEED,
+    out: Path = _EV_OUT,
+    progress: bool = _EV_PROGRESS,
+) -> None:
+    """F_n (thermodynamic integration, and exactly for the zoo), WBIC, BIC and Laplace over n."""
+    import json
+
+    import slt
+    from slt.evidence import evidence_curves
+
+    sizes = _int_list(ns, "--ns")
+    exponents = _int_list(potential, "--potential")
+    net = dataset = loss_fn = None
+    if model is not None or data is not None:
+        if model is None or data is None:
+            raise typer.BadParameter("give --model and --data together", param_hint="--model")
+        net = _build(model, "--model", _is_module, "a torch.nn.Module")
+        dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
+        loss_fn = _loss(loss, sigma)
+        if checkpoint is not None:
+            _load_checkpoint(net, checkpoint)
+    try:
+        curves = evidence_curves(
+            net, dataset, loss_fn, ns=sizes, potential=exponents, prior_std=prior_std,
+            batch_size=batch_size, num_rungs=num_rungs, num_chains=num_chains,
+            num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
+            log=typer.echo,
+        )  # fmt: skip
+    except (ValueError, TypeError, slt.DivergenceError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
+    typer.echo("\n" + str(curves))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps(curves.to_dict(), indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        curves.plot().savefig(out / "evidence.png", dpi=120)
+    except ImportError as err:
+        typer.echo(f"(no plot: {err})")
+        typer.echo(f"table in {out / 'table.json'}")
+    else:
+        typer.echo(f"table in {out / 'table.json'}, plot in {out / 'evidence.png'}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        values = []
+    if not values:
+        raise typer.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint=option
+        )
+    return values

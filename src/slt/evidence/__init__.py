@@ -13,6 +13,7 @@
 """
 
 from slt.evidence.baselines import BICResult, LaplaceResult, bic, laplace
+from slt.evidence.curves import EvidenceCurves, evidence_curves, plot_evidence
 from slt.evidence.functional import module_nll
 from slt.evidence.lambda_m import LambdaMResult, estimate_lambda_m
 from slt.evidence.quadrature import QuadratureResult, quadrature_free_energy
@@ -23,6 +24,7 @@ from slt.evidence.wbic import WBICResult, wbic
 
 __all__ = [
     "BICResult",
+    "EvidenceCurves",
     "FreeEnergyResult",
     "LambdaMResult",
     "LaplaceResult",
@@ -31,10 +33,12 @@ __all__ = [
     "WBICResult",
     "bic",
     "estimate_lambda_m",
+    "evidence_curves",
     "free_energy",
     "hessian_spectrum",
     "laplace",
     "module_nll",
+    "plot_evidence",
     "quadrature_free_energy",
     "waic",
     "wbic",
