@@ -119,9 +119,12 @@ def test_thermodynamic_integration_matches_the_exact_free_energy(name, build, k,
     assert np.all(np.abs(z) < 4.5), z
     truth = free(1.0)
     assert abs(res.free_energy - truth) <= 3 * res.error, (res.free_energy, truth, res.error)
-    # the error is small enough to mean something: well below λ log n's scale
-    assert res.error < 0.25 * (truth - res.nll_at_center)
+    # the error is small enough to mean something: a tenth of what BIC charges, (d/2) log n
+    assert res.error < 0.1 * res.num_params / 2 * math.log(n)
     assert res.mc_error >= res.mc_error_propagated
+    print(f"{name} n={n}: TI {res.free_energy - res.nll_at_center:.4f} ± {res.mc_error:.3f} (MC) "
+          f"± {res.integration_error:.3f} (int.), exact {truth - res.nll_at_center:.4f}; rung "
+          f"|z| max {np.abs(z).max():.2f}; {res.seconds:.1f} s")  # fmt: skip
 
 
 def test_weights_integrate_the_ladder_and_the_error_estimate_sees_a_coarse_ladder():
