@@ -25,6 +25,13 @@ _LAZY = {
     "laplace": "slt.evidence",
     "estimate_lambda_m": "slt.evidence",
     "quadrature_free_energy": "slt.evidence",
+    "llc_trajectory": "slt.trajectory",
+    "Trajectory": "slt.trajectory",
+    "SettingsChangedError": "slt.trajectory_file",
+    "detect_transitions": "slt.transitions",
+    "phase_diagram": "slt.phase",
+    "plot_trajectory": "slt.plots_development",
+    "plot_phase_diagram": "slt.plots_development",
 }
 
 
@@ -38,6 +45,13 @@ def __getattr__(name):
 
 
 __all__ = [
+    "SettingsChangedError",
+    "Trajectory",
+    "detect_transitions",
+    "llc_trajectory",
+    "phase_diagram",
+    "plot_phase_diagram",
+    "plot_trajectory",
     "CalibrationResult",
     "DivergenceError",
     "NbetaSweep",

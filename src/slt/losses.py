@@ -89,11 +89,13 @@ def _batch_size(batch: Any) -> int:
     return batch_size(batch)
 
 
-def supervised(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
+class supervised:  # noqa: N801 -- used like a function: slt.supervised(F.cross_entropy)
     """``loss_fn`` for ``(x, y)`` batches: ``criterion(model(x), y)``.
 
     ``criterion`` must return the batch mean of a per-sample NLL, e.g.
-    ``torch.nn.functional.cross_entropy``.
+    ``torch.nn.functional.cross_entropy``; ``per_sample`` calls it with
+    ``reduction="none"``. A module-level class, so it pickles (for process pools) when
+    ``criterion`` does.
 
     Examples
     --------
@@ -106,25 +108,30 @@ def supervised(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
     True
     """
 
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return criterion(model(x), y)
+    def __init__(self, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        if not callable(criterion):
+            raise TypeError(f"supervised: criterion must be callable, got {criterion!r}")
+        self.criterion = criterion
 
-    def per_sample(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
-        losses = criterion(model(x), y, reduction="none")
+        return self.criterion(model(x), y)
+
+    def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        losses = self.criterion(model(x), y, reduction="none")
         return losses.reshape(losses.shape[0], -1).mean(1)
 
-    loss_fn.per_sample = per_sample
-    loss_fn.__qualname__ = f"supervised({getattr(criterion, '__name__', repr(criterion))})"
-    return loss_fn
+    def __repr__(self) -> str:
+        return f"supervised({getattr(self.criterion, '__name__', repr(self.criterion))})"
 
 
-def gaussian_nll(sigma: float = 1.0) -> LossFn:
+class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigma)
     """``loss_fn`` for regression with Gaussian noise of standard deviation ``sigma``.
 
     Per sample, -log N(y | f(x), σ² I) = ‖y - f(x)‖² / (2σ²) + k log σ + (k/2) log 2π,
-    for k output dimensions; the result is the batch mean.
+    for k output dimensions; the result is the batch mean. A module-level class, so it
+    pickles (for process pools).
 
     Examples
     --------
@@ -135,19 +142,21 @@ def gaussian_nll(sigma: float = 1.0) -> LossFn:
     >>> round(gaussian_nll(1.0)(model, batch).item(), 4)  # 1/2 + log(2π)/2
     1.4189
     """
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"gaussian_nll: sigma must be a positive finite number, got {sigma!r}")
-    inv_two_var = 1.0 / (2.0 * sigma * sigma)
-    const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
 
-    def per_sample(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    def __init__(self, sigma: float = 1.0):
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"gaussian_nll: sigma must be a positive finite number, got {sigma!r}")
+        self.sigma = float(sigma)
+        self._inv_two_var = 1.0 / (2.0 * sigma * sigma)
+        self._const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
+
+    def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         residual = (model(x) - y).reshape(y.shape[0], -1)
-        return residual.square().sum(1) * inv_two_var + residual.shape[1] * const
+        return residual.square().sum(1) * self._inv_two_var + residual.shape[1] * self._const
 
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        return per_sample(model, batch).mean()
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return self.per_sample(model, batch).mean()
 
-    loss_fn.per_sample = per_sample
-    loss_fn.__qualname__ = f"gaussian_nll(sigma={sigma})"
-    return loss_fn
+    def __repr__(self) -> str:
+        return f"gaussian_nll(sigma={self.sigma:g})"
