@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, geometric, seeded_generator
 from slt.evidence._result import ToDict
 from slt.losses import LossFn
@@ -264,6 +265,12 @@ def free_energy(
                 f"{', '.join(f'{b:.3g}' for b in low)}: the step is too large there for an "
                 "unbiased rung; lower step_scale"
             )
+    thin = [r.beta for r in rungs if not r.ess >= MIN_ESS]
+    if thin:
+        notes.append(
+            f"effective sample size below {MIN_ESS} at β = {', '.join(f'{b:.3g}' for b in thin)}:"
+            " the Monte Carlo error there is itself uncertain; use more draws or chains"
+        )
     if any(r.diverged.any() for r in rungs):
         notes.append(f"{int(rungs[-1].diverged.sum())} of {num_chains} chains diverged")
     if integration > max(propagated, between):

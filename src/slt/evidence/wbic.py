@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
 from slt.losses import LossFn
@@ -196,6 +197,11 @@ def wbic(
         notes.append(
             f"MALA acceptance of the SGLD moves {first.acceptance:.2f} < 0.9: the step is too "
             "large for an unbiased WBIC; lower step_scale"
+        )
+    if not first.ess >= MIN_ESS:
+        notes.append(
+            f"effective sample size {first.ess:.0f} < {MIN_ESS}: the standard error is itself "
+            "uncertain; use more draws or chains"
         )
     if first.diverged.any():
         notes.append(f"{int(first.diverged.sum())} of {num_chains} chains diverged")
