@@ -25,6 +25,11 @@ _LAZY = {
     "laplace": "slt.evidence",
     "estimate_lambda_m": "slt.evidence",
     "quadrature_free_energy": "slt.evidence",
+    "free_energy": "slt.evidence",
+    "wbic": "slt.evidence",
+    "waic": "slt.evidence",
+    "plot_evidence": "slt.evidence",
+    "evidence_curves": "slt.evidence",
     "llc_trajectory": "slt.trajectory",
     "Trajectory": "slt.trajectory",
     "SettingsChangedError": "slt.trajectory_file",
@@ -45,6 +50,11 @@ def __getattr__(name):
 
 
 __all__ = [
+    "evidence_curves",
+    "free_energy",
+    "plot_evidence",
+    "waic",
+    "wbic",
     "SettingsChangedError",
     "Trajectory",
     "detect_transitions",
