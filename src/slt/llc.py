@@ -156,6 +156,7 @@ def estimate_llc(
     record_path: str | None = None,
     params=None,
     chain_method: str = "auto",
+    compile: bool = False,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -241,6 +242,12 @@ def estimate_llc(
         ``record="loss"``, 4 or more chains — and falls back to the loop if the model cannot
         be vmapped. Measured on 2 CPU cores: 4x faster per chain-step at 16 chains of a
         10-parameter model, 1.1-1.2x at 4 chains.
+    compile : bool
+        With ``chain_method="vmap"``, run the batched step under ``torch.compile``
+        (:mod:`slt.compiled`; equal to the eager step up to rounding). The first estimate
+        on a model shape pays seconds of compilation; later ones in the process (the next
+        training checkpoint, another step size) reuse it. Measured on one CPU thread:
+        1.1-7x fewer µs per chain-step, after 2-18 s of compilation.
     params : str, list of str, or callable, optional
         Sample only the parameters whose names match (exact names or glob patterns such
         as ``"layers.0.*"``, or a predicate ``(name, parameter) -> bool``) and hold the
@@ -275,6 +282,12 @@ def estimate_llc(
     acceptance_every = _checks.integer("acceptance_every", acceptance_every, minimum=0)
     if chain_method not in ("auto", "loop", "vmap"):
         raise ValueError(f'chain_method must be "auto", "loop" or "vmap", got {chain_method!r}')
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile and chain_method != "vmap":
+        raise ValueError(
+            f'compile=True needs chain_method="vmap", got chain_method={chain_method!r}'
+        )
     if record not in ("loss", "per_sample"):
         raise ValueError(f'record must be "loss" or "per_sample", got {record!r}')
     record_every = _checks.integer("record_every", record_every, minimum=1)
@@ -307,12 +320,18 @@ def estimate_llc(
         acceptance_every=acceptance_every, nbeta_default=nbeta is None,
         calibration=calibration, start=start,
         record_every=record_every if record == "per_sample" else 0, record_path=record_path,
-        chain_method=chain_method,
+        chain_method=chain_method, compile=compile,
     )  # fmt: skip
 
 
-def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress):
+def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile):
     from slt.vmapped import run_chains_vmap, stacked
+
+    stepper = None
+    if compile:
+        from slt.compiled import compiled_step
+
+        stepper = compiled_step(posterior, sampler, step_size, num_chains)
 
     kernel = SAMPLERS[sampler](
         step_size=step_size,
@@ -321,7 +340,7 @@ def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progre
         center=stacked(posterior.anchor, num_chains),
     )
     return run_chains_vmap(posterior, kernel, num_chains=num_chains, num_steps=num_steps,
-                           seed=seed, progress=progress)  # fmt: skip
+                           seed=seed, progress=progress, stepper=stepper)  # fmt: skip
 
 
 def build_posterior(
@@ -376,6 +395,7 @@ def sample_llc(
     record_every: int = 0,
     record_path: str | None = None,
     chain_method: str = "loop",
+    compile: bool = False,
 ) -> LLCResult:
     """Run the chains on a built ``posterior`` and summarise them (arguments checked by
     :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
@@ -404,7 +424,7 @@ def sample_llc(
     if chain_method == "vmap" or (chain_method == "auto" and vmappable and num_chains >= 4):
         try:
             trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
-                              seed, progress)  # fmt: skip
+                              seed, progress, compile)  # fmt: skip
         except Exception:
             if chain_method == "vmap":
                 raise

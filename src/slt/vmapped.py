@@ -16,6 +16,8 @@ at a time (MALA acceptance of SGLD moves, per-sample recording) are not supporte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,17 +51,12 @@ def _stack_batches(batches: list[Any]) -> Any:
     raise TypeError(f"chain_method='vmap' needs batches of tensors, got {type(first).__name__}")
 
 
-def run_chains_vmap(
-    posterior: Posterior,
-    kernel: Kernel,
-    *,
-    num_chains: int,
-    num_steps: int,
-    seed: int,
-    progress: bool = True,
-) -> Trace:
-    """Like :func:`slt.chains.run_chains`, every chain in each step at once. The kernel
-    must be built with a chain-stacked ``center`` (see :func:`stacked`)."""
+# (state, step) with step(state, batch, noise) -> (state, L_B(w) (chain,), L_B(w*) (chain,) or None)
+Stepper = tuple[Any, Callable[[Any, Any, ChainGenerators], tuple[Any, torch.Tensor, Any]]]
+
+
+def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper:
+    """The initial state and the step of ``kernel`` on all chains at once, in eager mode."""
     module = LossModule(posterior.module, posterior.loss_fn)
     names = posterior.names
 
@@ -81,33 +78,54 @@ def run_chains_vmap(
             torch._foreach_sub_(grads, correction)
         return grads, value.detach()
 
+    def step(state, batch, noise):
+        step_grad, center_loss = grad_fn, None
+        if mode == "gradient":
+            grads0, value0 = at_center(center, batch)
+            correction = [grads0[n] - posterior.init_grad[i] for i, n in enumerate(names)]
+            center_loss = value0.detach()
+            step_grad = partial(grad_fn, correction=correction)
+        elif mode == "loss":
+            with torch.no_grad():
+                center_loss = at_center(center, batch)
+        state, info = kernel.step(state, step_grad, batch, noise)
+        return state, info.loss, center_loss
+
+    return kernel.init(stacked(center, num_chains)), step
+
+
+def run_chains_vmap(
+    posterior: Posterior,
+    kernel: Kernel,
+    *,
+    num_chains: int,
+    num_steps: int,
+    seed: int,
+    progress: bool = True,
+    stepper: Stepper | None = None,
+) -> Trace:
+    """Like :func:`slt.chains.run_chains`, every chain in each step at once. The kernel
+    must be built with a chain-stacked ``center`` (see :func:`stacked`). ``stepper``, if
+    given, replaces :func:`eager_step` (``kernel`` is then unused), e.g. the compiled step
+    of :func:`slt.compiled.compiled_step`."""
+    mode = posterior.control_variate
+    state, step = stepper or eager_step(posterior, kernel, num_chains)
     shape = (num_chains, num_steps)
     losses = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
     center_losses = torch.full_like(losses, posterior.init_loss if mode == "none" else float("nan"))
     pairs = [chain_generators(seed, c, posterior.device) for c in range(num_chains)]
     streams = [posterior.stream(data) for data, _ in pairs]
     noise = ChainGenerators([g for _, g in pairs])
-    state = kernel.init(stacked(center, num_chains))
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
     with flush_denormals():
         for t in range(num_steps):
             items = [next(s) for s in streams]
             batch = _stack_batches([b for b, _ in items])
-            step_grad = grad_fn
-            if mode == "gradient":
-                grads0, value0 = at_center(center, batch)
-                correction = [grads0[n] - posterior.init_grad[i] for i, n in enumerate(names)]
-                center_losses[:, t] = value0.detach()
-
-                def step_grad(params, batch, correction=correction):
-                    return grad_fn(params, batch, correction)
-
-            elif mode == "loss":
-                with torch.no_grad():
-                    center_losses[:, t] = at_center(center, batch)
-            state, info = kernel.step(state, step_grad, batch, noise)
-            losses[:, t] = info.loss
+            state, loss, center_loss = step(state, batch, noise)
+            losses[:, t] = loss
+            if center_loss is not None:
+                center_losses[:, t] = center_loss
             if (t + 1) % _CHECK_EVERY == 0 or t + 1 == num_steps:
                 bar.update(num_chains * (t + 1) - int(steps_run.sum()))
                 steps_run[:] = t + 1

@@ -1,0 +1,85 @@
+"""The eager vmap step against the compiled one (``compile=True``), per chain-step.
+
+    python benchmarks/bench_compile.py [--quick]
+
+For each model and chain count: µs per chain-step of ``estimate_llc`` with
+``chain_method="loop"``, ``"vmap"``, and ``"vmap"`` with ``compile=True`` (median of
+repeats, fixed cost removed by also timing a 1-step call); the seconds the first compiled
+call took beyond an eager one (compilation); the same for a second estimate on a perturbed
+copy of the model (a "checkpoint": should be ~0 s and compile no graph); and the largest
+difference between the eager and compiled loss traces over 20 steps.
+The compile cache on disk starts empty (a fresh ``TORCHINDUCTOR_CACHE_DIR``), so the first
+row's compile time includes torch's one-off start-up of the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-inductor-")
+
+import torch  # noqa: E402
+
+import slt  # noqa: E402
+from slt import compiled, zoo  # noqa: E402
+
+
+def timed(case, model, chains, draws, chain_method="vmap", **kw):
+    start = time.perf_counter()
+    res = slt.estimate_llc(model, case.loader(128), case.loss_fn, step_size=5e-5,
+                           num_chains=chains, num_burnin=0, num_draws=draws, acceptance_every=0,
+                           progress=False, chain_method=chain_method, **kw)  # fmt: skip
+    return time.perf_counter() - start, res
+
+
+def per_chain_step(case, chains, steps, repeats, **kw):
+    full = statistics.median(
+        timed(case, case.model, chains, steps, **kw)[0] for _ in range(repeats)
+    )
+    short = statistics.median(timed(case, case.model, chains, 1, **kw)[0] for _ in range(repeats))
+    return (full - short) / (chains * (steps - 1)) * 1e6
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    steps, repeats = (100, 3) if args.quick else (300, 3)
+    cases = [zoo.regular(10), zoo.deep_linear((20, 40, 80, 80), 10)]
+    cpu = platform.processor() or platform.machine()
+    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
+    print(
+        "| case | d | chains | compile s | checkpoint s (graphs) | loop µs/chain-step "
+        "| vmap µs/chain-step | compiled µs/chain-step | speed-up over vmap | max trace diff |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for case in cases:
+        for chains in (4, 16):
+            eager_short, ref = timed(case, case.model, chains, 20)
+            first, res = timed(case, case.model, chains, 20, compile=True)
+            diff = float(abs(ref.trace - res.trace).max())
+            checkpoint = copy.deepcopy(case.model)
+            with torch.no_grad():
+                for p in checkpoint.parameters():
+                    p.add_(0.01)
+            before = compiled.compilations
+            again, _ = timed(case, checkpoint, chains, 20, compile=True)
+            eager_again, _ = timed(case, checkpoint, chains, 20)
+            graphs = compiled.compilations - before
+            loop = per_chain_step(case, chains, steps, repeats, chain_method="loop")
+            eager = per_chain_step(case, chains, steps, repeats)
+            fast = per_chain_step(case, chains, steps, repeats, compile=True)
+            print(f"| {case.name} | {case.num_params} | {chains} | {first - eager_short:.1f} "
+                  f"| {again - eager_again:.2f} ({graphs}) | {loop:.0f} | {eager:.0f} | {fast:.0f} "
+                  f"| {eager / fast:.1f}x | {diff:.1e} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

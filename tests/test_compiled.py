@@ -1,0 +1,93 @@
+"""compile=True: the compiled vmap step equals the eager one and compiles once per shape.
+
+Tolerances: both paths draw the same batches and noise; only the order of float32
+operations differs (fused by the compiler), ~1e-7 relative per step, so traces of a few
+dozen steps agree to rtol 1e-5, and λ̂ = nβ × their mean difference (nβ ≈ 46 here) to
+1e-4 absolute.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+from slt import compiled, zoo
+
+
+def _estimate(case, model=None, loss_fn=None, **kw):
+    args = dict(num_chains=3, num_draws=30, num_burnin=0, step_size=5e-5, acceptance_every=0,
+                progress=False, chain_method="vmap") | kw  # fmt: skip
+    model = case.model if model is None else model
+    return slt.estimate_llc(model, case.loader(64), loss_fn or case.loss_fn, **args)
+
+
+def _assert_same(a, b):
+    np.testing.assert_allclose(b.trace, a.trace, rtol=1e-5)
+    np.testing.assert_allclose(b.trace_at_center, a.trace_at_center, rtol=1e-5)
+    np.testing.assert_allclose(b.llc_per_chain, a.llc_per_chain, rtol=1e-3, atol=1e-4)
+
+
+def _checkpoint(model, shift):
+    """A copy of ``model`` with every parameter moved: the next training checkpoint."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(shift)
+    return other
+
+
+def test_compiled_equals_eager_and_a_checkpoint_compiles_nothing():
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+    _assert_same(_estimate(case), _estimate(case, compile=True))
+    # a new model object with other values, a new loss object, another step size: same graph
+    later = _checkpoint(case.model, 0.05)
+    before = compiled.compilations
+    fast = _estimate(case, later, slt.gaussian_nll(1.0), step_size=1e-4, compile=True)
+    assert compiled.compilations == before
+    _assert_same(_estimate(case, later, step_size=1e-4), fast)
+
+
+def test_frozen_parameters_come_from_the_current_model():
+    # weight-refined LLC: layer 1 is held at w*; the cached graph must read the checkpoint's
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+    _assert_same(_estimate(case, params="0.*"), _estimate(case, params="0.*", compile=True))
+    later = _checkpoint(case.model, 0.3)
+    before = compiled.compilations
+    fast = _estimate(case, later, params="0.*", compile=True)
+    assert compiled.compilations == before
+    _assert_same(_estimate(case, later, params="0.*"), fast)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sampler", "control_variate"), [("rmsprop_sgld", "gradient"), ("sgld", "loss"),
+                                     ("sgld", "none")],
+)  # fmt: skip
+def test_compiled_equals_eager_for_each_sampler_and_control_variate(sampler, control_variate):
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+    kw = dict(sampler=sampler, control_variate=control_variate)
+    _assert_same(_estimate(case, **kw), _estimate(case, compile=True, **kw))
+
+
+def test_a_loss_with_other_constants_recompiles_rather_than_reuse():
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+    _estimate(case, compile=True)
+    before = compiled.compilations
+    other = slt.gaussian_nll(2.0)  # same type, so the same cache entry: torch's guards see σ
+    _assert_same(_estimate(case, loss_fn=other), _estimate(case, loss_fn=other, compile=True))
+    assert compiled.compilations == before + 1
+
+
+def test_compile_refuses_what_it_cannot_do():
+    case = zoo.regular(2, n=128)
+    for method in ("loop", "auto"):
+        with pytest.raises(ValueError, match="compile=True needs chain_method"):
+            _estimate(case, chain_method=method, compile=True)
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        _estimate(case, compile="yes")
+    with pytest.raises(ValueError, match="chain_method"):
+        _estimate(case, sampler="sgnht", compile=True)
+    with pytest.raises(ValueError, match="chain_method"):
+        _estimate(case, acceptance_every=20, compile=True)
