@@ -1,6 +1,8 @@
 """Step-size calibration, step_size="auto", the too-large-step warning, and λ̂ against nβ."""
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,17 +14,8 @@ from slt.calibrate import top_hessian_eigenvalue
 from slt.chains import flush_denormals
 from slt.posterior import Posterior
 
-
-def _regression(n=1024, scales=(1.0, 2.0, 0.5), seed=0):
-    """Gaussian regression at its least-squares minimizer, H = XᵀX/n known exactly."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, len(scales), generator=g) * torch.tensor(scales)
-    y = x @ torch.randn(len(scales), 1, generator=g) + torch.randn(n, 1, generator=g)
-    model = torch.nn.Linear(len(scales), 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
-    q = np.linalg.eigvalsh((x.T @ x / n).double().numpy())
-    return model, torch.utils.data.TensorDataset(x, y), q
+sys.path.insert(0, str(Path(__file__).parent))
+from _regression import regression as _regression  # noqa: E402
 
 
 def test_power_iteration_finds_the_top_hessian_eigenvalue():

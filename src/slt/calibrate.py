@@ -75,6 +75,7 @@ class CalibrationResult:
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     confirmed: bool = False  # a smaller neighbour was run and did not contradict the choice
+    grid: tuple = ()  # SettingTrial per (γ, nβ) when calibrate was given grids of them
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -101,6 +102,10 @@ class CalibrationResult:
                 f"{flat:>5} "
                 f"{'yes' if c.passed else 'no':>3}  {'; '.join(c.reasons)}{mark}"
             )
+        if self.grid:
+            from slt.calibrate_grid import grid_table
+
+            lines += ["", "localization γ and nβ:", *grid_table(self.grid)]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -177,8 +182,8 @@ def calibrate(
     *,
     step_sizes: Sequence[float] | None = None,
     n: int | None = None,
-    nbeta: float | None = None,
-    localization: float = 1.0,
+    nbeta: float | Sequence[float] | None = None,
+    localization: float | Sequence[float] = 1.0,
     sampler: str = "sgld",
     control_variate: str = "gradient",
     num_chains: int = 1,
@@ -190,6 +195,8 @@ def calibrate(
     flat_tolerance: float = 0.05,
     num_candidates: int = 4,
     max_pilot_steps: int | None = None,
+    grid_chains: int = 4,
+    grid_draws: int = 1000,
     params=None,
     seed: int = 0,
     progress: bool = True,
@@ -203,6 +210,15 @@ def calibrate(
     The search stops at the first candidate confirmed by its neighbour, or before a
     candidate whose pilot would take the total past ``max_pilot_steps`` (all chains).
 
+    ``localization`` and ``nbeta`` may be sequences: the step size is then calibrated at
+    every (γ, nβ) and the setting chosen by the rules of :mod:`slt.calibrate_grid` (the
+    largest γ that leaves λ̂ unchanged; the smallest nβ from which λ̂ has levelled off).
+    The settings are compared on ``grid_chains`` chains × ``grid_draws`` draws each, all
+    with the same seed and the same reduced step ε·nβ (the smallest chosen), so that the
+    differences of λ̂ between settings are paired and their standard errors small. The
+    result is the chosen setting's calibration, its ``localization`` and ``nbeta`` the
+    choice, with every setting tried in ``grid``.
+
     Examples
     --------
     >>> import slt
@@ -211,10 +227,42 @@ def calibrate(
     >>> 0 < cal.step_size <= 0.08 / (cal.nbeta * cal.top_hessian_eigenvalue)
     True
     """
+    from slt.calibrate_grid import as_grid, calibrate_grid
     from slt.chains import DivergenceError
     from slt.llc import build_posterior, sample_llc
 
     start = time.perf_counter()
+    gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)
+    if gammas is not None or nbetas is not None:
+        options = dict(step_sizes=step_sizes, n=n, sampler=sampler,
+                       control_variate=control_variate, num_chains=num_chains,
+                       num_draws=num_draws, num_burnin=num_burnin,
+                       max_stiff_bias=max_stiff_bias, min_acceptance=min_acceptance,
+                       max_noise_ratio=max_noise_ratio, flat_tolerance=flat_tolerance,
+                       num_candidates=num_candidates, max_pilot_steps=max_pilot_steps,
+                       params=params, seed=seed, progress=progress)  # fmt: skip
+
+        def calibrate_at(gamma: float, nb: float | None) -> CalibrationResult:
+            return calibrate(model, loader, loss_fn, localization=gamma, nbeta=nb, **options)
+
+        def sample_at(gamma: float, nb: float, eps: float, burnin: int):
+            posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nb,
+                                        localization=gamma, sampler=sampler, params=params,
+                                        control_variate="none" if sampler == "mala"
+                                        else control_variate)  # fmt: skip
+            try:
+                return sample_llc(posterior, sampler=sampler, step_size=eps,
+                                  num_chains=grid_chains, num_draws=grid_draws,
+                                  num_burnin=burnin, seed=seed, acceptance_every=0)  # fmt: skip
+            except DivergenceError:
+                return None
+
+        res, trials, notes = calibrate_grid(
+            calibrate_at, sample_at, gammas or [localization], nbetas or [nbeta],
+            flat_tolerance=flat_tolerance,
+        )  # fmt: skip
+        return _replace(res, grid=trials, warnings=res.warnings + notes,
+                        seconds=time.perf_counter() - start)  # fmt: skip
     if sampler == "mala":
         control_variate = "none"
     posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,

@@ -1,0 +1,76 @@
+"""Calibration of the localization γ and of nβ (slt.calibrate with grids), where the
+right choice is known exactly: a Gaussian regression sampled full batch, whose expected
+λ̂ is ½ Σ_i nβq_i/(nβq_i + γ) over the eigenvalues q_i of XᵀX/n."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _regression import regression as _regression  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def regression():
+    model, data, q = _regression(scales=(1.0,) * 40)
+    return model, torch.utils.data.DataLoader(data, batch_size=len(data)), q
+
+
+def expected_llc(q, nbeta, gamma):
+    return 0.5 * float(np.sum(nbeta * q / (nbeta * q + gamma)))
+
+
+def test_localization_grid_takes_the_largest_gamma_that_leaves_llc_unchanged(regression):
+    # Exact λ̂(γ) at nβ = n/log n: γ = 1 → 19.86, γ = 3 → 19.59 (1.4 % lower: within the
+    # 5 % tolerance), γ = 30 → 16.53 (17 % lower: biased). The rule must take γ = 3.
+    model, loader, q = regression
+    cal = slt.calibrate(model, loader, slt.gaussian_nll(1.0), localization=[30, 1, 3],
+                        progress=False)  # fmt: skip
+    nb = cal.nbeta
+    assert expected_llc(q, nb, 1) / expected_llc(q, nb, 3) - 1 < 0.02
+    assert expected_llc(q, nb, 1) / expected_llc(q, nb, 30) - 1 > 0.15
+    assert cal.localization == 3
+    assert [t.localization for t in cal.grid] == [1, 3, 30]
+    assert [t.chosen for t in cal.grid] == [False, True, False]
+    assert any("off the smallest γ" in r for r in cal.grid[2].reasons)
+    # every comparison ran at the same reduced step ε·nβ
+    assert len({t.comparison_step_size * t.nbeta for t in cal.grid}) == 1
+    assert "localization γ and nβ" in str(cal)
+    json.dumps(cal.to_dict())
+
+
+def test_nbeta_grid_takes_the_smallest_nbeta_where_llc_has_levelled_off(regression):
+    # Exact λ̂(nβ) at γ = 1: nβ = 10 → 18.12, 100 → 19.79 (+9 %), 1000 → 19.98 (+1 %).
+    model, loader, q = regression
+    cal = slt.calibrate(model, loader, slt.gaussian_nll(1.0), nbeta=[10, 100, 1000],
+                        progress=False)  # fmt: skip
+    assert expected_llc(q, 100, 1) / expected_llc(q, 10, 1) - 1 > 0.08
+    assert expected_llc(q, 1000, 1) / expected_llc(q, 100, 1) - 1 < 0.01
+    assert cal.nbeta == 100
+    assert not cal.warnings
+    assert any("below the next nβ" in r for r in cal.grid[0].reasons)
+    # the calibration of the chosen setting is the one returned: its step size scales as 1/nβ
+    chosen = next(t for t in cal.grid if t.chosen)
+    assert cal.step_size == chosen.step_size
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"localization": []}, ValueError, "localization as a grid"),
+        ({"localization": [1.0, -2.0]}, ValueError, "localization as a grid"),
+        ({"nbeta": [10.0, 0.0]}, ValueError, "nbeta as a grid"),
+        ({"nbeta": [10.0, 10.0]}, ValueError, "repeated"),
+        ({"localization": "large"}, TypeError, "localization must be a number"),
+    ],
+)
+def test_bad_grids_are_refused_by_name(regression, kwargs, error, match):
+    model, loader, _ = regression
+    with pytest.raises(error, match=match):
+        slt.calibrate(model, loader, slt.gaussian_nll(1.0), progress=False, **kwargs)
