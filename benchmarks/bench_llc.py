@@ -1,15 +1,19 @@
-"""Time one LLC chain-step: slt against a plain SGD step (the floor) and devinterp 2.0.1.
+"""slt against devinterp 2.0.1 and a plain SGD loop on the same LLC estimates.
 
-    python benchmarks/bench_llc.py [--quick] [--out FILE.json]
+    python benchmarks/bench_llc.py [--quick | --smoke] [--cases KEY ...] [--no-memory]
+                                   [--out FILE.json]
 
-For each case every method runs the same number of steps (chains × (burn-in + draws)) at
-the same batch size, alternating between methods, several times. From the median wall time
-of a full call T and of a one-step-per-chain call T₁ we report
+On each case every method runs the same model, data, nβ = n/log n, γ, ε, batch size,
+chains and draws (chains × (burn-in + draws) steps), alternating between methods with the
+order rotated, several repeats. From the median wall time of a full call T and of a
+one-step-per-chain call T₁ we report
 
-    per chain-step = (T - T₁) / (chains × (steps - 1)),   fixed cost per call ≈ T₁,
+    per estimate = T,   per chain-step = (T - T₁) / (chains × (steps - 1)),   fixed ≈ T₁,
 
-and the λ̂ each sampler produced, pooled over the chains of all repeats (± standard error),
-next to the known λ of the case. See README.md here for what each method runs.
+the ratio of devinterp ``llc()``'s T to each method's, the ratio of its per chain-step time
+to the SGD floor's, the peak-RSS increase of one full call in a fresh process, and the λ̂
+each method produced (pooled over the chains of all repeats, ± standard error) next to
+the known λ where there is one. README.md here says what each row runs.
 """
 
 from __future__ import annotations
@@ -25,81 +29,39 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import _devinterp  # noqa: E402
+import _memory  # noqa: E402
+import cases  # noqa: E402
 import slt  # noqa: E402
-from slt import zoo  # noqa: E402
+from _common import Run, minibatches  # noqa: E402
+from _report import cpu_model, markdown, summary  # noqa: E402
 
 THREADS = 1
 
 
-@dataclass(frozen=True)
-class Run:
-    """One benchmark configuration shared by every method."""
-
-    num_chains: int
-    num_burnin: int
-    num_draws: int
-    repeats: int
-    step_size: float = 5e-5
-    localization: float = 1.0
-    batch_size: int = 128
-
-    @property
-    def steps(self) -> int:
-        return self.num_burnin + self.num_draws
-
-
-def minibatches(x, y, batch_size: int, generator: torch.Generator):
-    """Shuffled epochs of (x, y) minibatches sliced from the tensors (what slt does itself)."""
-    n = x.shape[0]
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]
-
-
-def full_loss(case, model) -> float:
-    """L_n at the model's parameters, over the whole dataset in one batch."""
-    with torch.no_grad():
-        return float(case.loss_fn(model, case.dataset.tensors))
-
-
-def per_chain_llc(losses: torch.Tensor, init_loss: float, nbeta: float) -> np.ndarray:
-    """(chain,) λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)) from (chain, draw) losses."""
-    return nbeta * (losses.double().mean(dim=1).numpy() - init_loss)
-
-
-# ---- the methods: each returns per-chain λ̂ (or None) ---------------------------------
-
-
-def run_slt(case, run: Run, seed: int, *, control_variate: str) -> np.ndarray:
+def run_slt(case, run: Run, seed: int, nbeta: float, **options) -> np.ndarray:
+    """``slt.estimate_llc`` with the run's settings; ``options`` are the row's other keywords."""
     res = slt.estimate_llc(
-        case.model,
-        case.loader(run.batch_size),
-        case.loss_fn,
-        localization=run.localization,
-        step_size=run.step_size,
-        num_chains=run.num_chains,
-        num_draws=run.num_draws,
-        num_burnin=run.num_burnin,
-        control_variate=control_variate,
-        seed=seed,
-        progress=False,
-    )
+        case.model, case.loader(run.batch_size), case.loss_fn, nbeta=nbeta,
+        localization=run.localization, step_size=run.step_size, num_chains=run.num_chains,
+        num_draws=run.num_draws, num_burnin=run.num_burnin, seed=seed, progress=False,
+        **options,
+    )  # fmt: skip
     return res.llc_per_chain
 
 
-def run_sgd_floor(case, run: Run, seed: int) -> None:
+def run_sgd_floor(case, run: Run, seed: int, nbeta: float) -> None:
     """The cost floor: a plain SGD training loop, same model, loss, batches and step count."""
     x, y = case.dataset.tensors
     model = copy.deepcopy(case.model)
@@ -113,169 +75,50 @@ def run_sgd_floor(case, run: Run, seed: int) -> None:
         opt.step()
 
 
-class RowIds(torch.utils.data.Dataset):
-    """Sample i as the two-"token" sequence [i, i]: devinterp's pipeline wants LM-shaped
-    ``{"input_ids": (seq,)}`` rows and a per-token loss ``(batch, seq - 1)``, so with seq = 2
-    each sample is one "token position" whose loss is that sample's NLL."""
-
-    def __init__(self, n: int):
-        self.ids = torch.arange(n).repeat_interleave(2).view(n, 2)
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i]}
+@dataclass(frozen=True)
+class Method:
+    label: str
+    run: Callable  # (case, run, seed, nbeta) -> (chain,) λ̂, or None for the floor
 
 
-def gaussian_nll_per_sample(case):
-    """``(model, input_ids) -> (batch, 1)`` per-sample NLL of the case's σ = 1 Gaussian model
-    (whose batch mean is ``case.loss_fn``; checked in :func:`check_per_sample_loss`)."""
-    x, y = case.dataset.tensors
-    const = 0.5 * math.log(2 * math.pi)
-
-    def loss_fn(model, input_ids):
-        rows = input_ids[:, 0]
-        residual = (model(x[rows]) - y[rows]).reshape(rows.shape[0], -1)
-        return (0.5 * residual.square().sum(1) + residual.shape[1] * const)[:, None]
-
-    return loss_fn
-
-
-def check_per_sample_loss(case) -> None:
-    ids = RowIds(case.n).ids
-    with torch.no_grad():
-        mine = float(gaussian_nll_per_sample(case)(case.model, ids).mean())
-    if not math.isclose(mine, full_loss(case, case.model), rel_tol=1e-5):
-        raise RuntimeError(f"{case.name}: per-sample NLL does not average to case.loss_fn")
-
-
-def run_devinterp_llc(case, run: Run, seed: int, nbeta: float) -> np.ndarray:
-    """devinterp 2's top-level ``devinterp.slt.llc.llc`` (sample() to zarr, then compute_llc).
-
-    Its own ``llc_per_chain`` averages over the burn-in steps too; for a like-for-like λ̂
-    we recompute it from the post-burn-in part of the ``loss_trace`` and the ``init_loss``
-    that ``llc()`` returns (the same formula, nβ (mean loss - init loss))."""
-    from devinterp.slt.llc import llc
-
-    with tempfile.TemporaryDirectory() as tmp:
-        res = llc(
-            model=case.model,
-            dataset=RowIds(case.n),
-            observables={},
-            lr=run.step_size,
-            n_beta=nbeta,
-            localization=run.localization,
-            num_chains=run.num_chains,
-            num_draws=run.num_draws,
-            num_burnin_steps=run.num_burnin,
-            batch_size=run.batch_size,
-            init_seed=seed * 1000,
-            match_sampling_input_ids_across_chains=False,
-            output_path=Path(tmp) / "samples.zarr",
-            loss_fn=gaussian_nll_per_sample(case),
-        )
-        trace = torch.as_tensor(res["loss_trace"].values[:, run.num_burnin :])
-        return per_chain_llc(trace, float(res["init_loss"]), nbeta)
-
-
-def run_devinterp_chain(case, run: Run, seed: int, nbeta: float) -> np.ndarray:
-    """devinterp's chain runner ``sample_single_chain`` (what ``sample()`` calls per chain)
-    with a custom ``evaluate`` -- its README's route for "more exotic control" -- minus the
-    zarr writing; the draw losses go to a tensor through its ``callbacks``."""
-    from devinterp.optim import SGMCMC
-    from devinterp.slt.sampler import sample_single_chain
-
-    init_loss = full_loss(case, case.model)  # sample() computes this before the chains
-    loss_fn = gaussian_nll_per_sample(case)
-    losses = torch.empty(run.num_chains, run.num_draws)
-
-    def evaluate(model, data):
-        return loss_fn(model, data["input_ids"]), {}
-
-    for chain in range(run.num_chains):
-
-        def record(*, loss, draw, chain=chain, **_):
-            losses[chain, draw] = loss.mean()
-
-        sample_single_chain(
-            ref_model=case.model,
-            dataset=RowIds(case.n),
-            evaluate=evaluate,
-            param_masks={name: None for name, _ in case.model.named_parameters()},
-            num_draws=run.num_draws,
-            num_burnin_steps=run.num_burnin,
-            num_steps_bw_draws=1,
-            sampling_method=SGMCMC.sgld,
-            sampling_method_kwargs=devinterp_sgld_kwargs(run, nbeta),
-            chain=chain,
-            seed=seed * 1000 + chain,
-            dataloader_seed=seed * 1000 + chain,
-            device="cpu",
-            callbacks=[record],
-            batch_size=run.batch_size,
-            shuffle=True,
-        )
-    return per_chain_llc(losses, init_loss, nbeta)
-
-
-def run_devinterp_loop(case, run: Run, seed: int, nbeta: float) -> np.ndarray:
-    """The plain user loop around ``devinterp.optim.SGMCMC.sgld``: a model copy per chain,
-    zero_grad / loss / backward / step per draw, batches sliced as for the SGD floor."""
-    from devinterp.optim import SGMCMC
-
-    init_loss = full_loss(case, case.model)
-    x, y = case.dataset.tensors
-    losses = torch.empty(run.num_chains, run.steps)
-    for chain in range(run.num_chains):
-        model = copy.deepcopy(case.model)
-        opt = SGMCMC.sgld(model.parameters(), **devinterp_sgld_kwargs(run, nbeta))
-        noise = torch.Generator().manual_seed(2 * (seed * 1000 + chain))
-        data = torch.Generator().manual_seed(2 * (seed * 1000 + chain) + 1)
-        batches = minibatches(x, y, run.batch_size, data)
-        for t in range(run.steps):
-            batch = next(batches)
-            opt.zero_grad()
-            loss = case.loss_fn(model, batch)
-            loss.backward()
-            opt.step(noise_generator=noise)
-            losses[chain, t] = loss.detach()
-    return per_chain_llc(losses[:, run.num_burnin :], init_loss, nbeta)
-
-
-def devinterp_sgld_kwargs(run: Run, nbeta: float) -> dict:
-    """SGMCMC.sgld: Δw = (lr/2)(-nbeta ∇L_B - localization (w - w0)) + √lr N(0, noise_level²),
-    so lr = ε, nbeta = nβ, localization = γ, noise_level = 1 is our SGLD step exactly.
-    The remaining keys are the values ``devinterp.slt.sampling.sample`` passes."""
-    return dict(
-        lr=run.step_size,
-        nbeta=nbeta,
-        localization=run.localization,
-        noise_level=1.0,
-        weight_decay=0.0,
-        bounding_box_size=None,
-        save_metrics=False,
-    )
-
-
-# ---- driver ---------------------------------------------------------------------------
-
+NO_PROBE = dict(acceptance_every=0)
 METHODS = {
-    "slt (control_variate=gradient, default)": lambda c, r, s, nb: run_slt(
-        c, r, s, control_variate="gradient"
+    "slt": Method("slt defaults (gradient CV, acceptance_every=20)", run_slt),
+    "slt-loss": Method(
+        "slt (control_variate=loss, acceptance_every=0, loop)",
+        partial(run_slt, control_variate="loss", chain_method="loop", **NO_PROBE),
     ),
-    "slt (control_variate=loss)": lambda c, r, s, nb: run_slt(c, r, s, control_variate="loss"),
-    "slt (control_variate=none)": lambda c, r, s, nb: run_slt(c, r, s, control_variate="none"),
-    "devinterp llc()": run_devinterp_llc,
-    "devinterp sample_single_chain": run_devinterp_chain,
-    "devinterp SGMCMC.sgld loop": run_devinterp_loop,
-    "torch.optim.SGD (floor)": lambda c, r, s, nb: run_sgd_floor(c, r, s),
+    "slt-none": Method(
+        "slt (control_variate=none, acceptance_every=0, loop)",
+        partial(run_slt, control_variate="none", chain_method="loop", **NO_PROBE),
+    ),
+    "slt-vmap": Method(
+        "slt (chain_method=vmap, acceptance_every=0)",
+        partial(run_slt, chain_method="vmap", **NO_PROBE),
+    ),
+    "devinterp-llc": Method("devinterp llc()", _devinterp.run_devinterp_llc),
+    "devinterp-chain": Method("devinterp sample_single_chain", _devinterp.run_devinterp_chain),
+    "devinterp-loop": Method("devinterp SGMCMC.sgld loop", _devinterp.run_devinterp_loop),
+    "sgd": Method("torch.optim.SGD (floor)", run_sgd_floor),
 }
-SLT_LOSS, SLT_NONE, SGD = (
-    "slt (control_variate=loss)",
-    "slt (control_variate=none)",
-    "torch.optim.SGD (floor)",
-)
+MEMORY_METHODS = ("slt", "slt-vmap", "devinterp-llc", "sgd")  # a fresh process each: ~5-10 s
+LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-vmap", "devinterp-llc")
+
+# key -> (cases.CASES name, run per mode). Full mode runs estimate_llc's default 4 × (250 +
+# 1000) on the small cases; "lambda_hat" repeats linear regression at the size of the issue's
+# lambda_hat measurement, 6 chains × 1,500 steps, for its per-call seconds.
+SMOKE = Run(num_chains=2, num_burnin=2, num_draws=10, repeats=1)
+PLAN = {
+    "regular": ("regular", {"quick": Run(4, 100, 400, 3), "full": Run(4, 250, 1000, 5)}),
+    "rrr": ("rrr", {"quick": Run(4, 100, 400, 3), "full": Run(4, 250, 1000, 5)}),
+    "mlp10k": ("mlp10k", {"quick": Run(4, 50, 250, 3), "full": Run(4, 100, 500, 5)}),
+    "mlp1m": ("mlp1m", {"quick": Run(2, 10, 50, 2), "full": Run(2, 20, 100, 3)}),
+    "lambda_hat": ("regular", {"quick": Run(6, 500, 1000, 1), "full": Run(6, 500, 1000, 3)}),
+}
+
+
+def nbeta_of(case) -> float:
+    return case.n / math.log(case.n)
 
 
 def timed(fn, *args) -> tuple[float, object]:
@@ -284,34 +127,33 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def bench_case(case, run: Run) -> dict:
-    nbeta = case.n / math.log(case.n)
-    check_per_sample_loss(case)
-    one_step = Run(run.num_chains, 0, 1, run.repeats, run.step_size, run.localization)
-    for fn in METHODS.values():  # warm-up: imports, allocator, first-call costs
-        fn(case, Run(run.num_chains, 0, 20, 1), 0, nbeta)
-    full = {name: [] for name in METHODS}
-    short = {name: [] for name in METHODS}
-    chains = {name: [] for name in METHODS}
-    names = list(METHODS)
+def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dict:
+    nbeta = nbeta_of(case)
+    _devinterp.check_per_sample_loss(case)
+    one_step = run.short(1)
+    for name in names if warm_up else ():  # imports, allocator, first-call costs
+        METHODS[name].run(case, run.short(min(20, run.num_draws)), 0, nbeta)
+    full = {name: [] for name in names}
+    short = {name: [] for name in names}
+    chains = {name: [] for name in names}
     for rep in range(run.repeats):
         order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
         for name in order:
-            seconds, per_chain = timed(METHODS[name], case, run, rep, nbeta)
+            seconds, per_chain = timed(METHODS[name].run, case, run, rep, nbeta)
             full[name].append(seconds)
             if per_chain is not None:
                 chains[name].extend(np.asarray(per_chain).tolist())
-            short[name].append(timed(METHODS[name], case, one_step, rep, nbeta)[0])
+            short[name].append(timed(METHODS[name].run, case, one_step, rep, nbeta)[0])
     out = {}
     for name in names:
         t_full, t_short = statistics.median(full[name]), statistics.median(short[name])
-        per_step = (t_full - t_short) / (run.num_chains * (run.steps - 1))
         values = np.array(chains[name], dtype=float)
         values = values[np.isfinite(values)]
         out[name] = {
-            "us_per_step": per_step * 1e6,
-            "fixed_ms": t_short * 1e3,
+            "label": METHODS[name].label,
             "median_call_s": t_full,
+            "us_per_step": (t_full - t_short) / (run.num_chains * (run.steps - 1)) * 1e6,
+            "fixed_ms": t_short * 1e3,
             "call_s": full[name],
             "one_step_call_s": short[name],
             "llc": float(values.mean()) if values.size else None,
@@ -320,61 +162,39 @@ def bench_case(case, run: Run) -> dict:
             else None,
             "llc_chains_pooled": int(values.size),
         }
-    base = out[SGD]["us_per_step"]
-    for name in names:
-        out[name]["x_sgd"] = out[name]["us_per_step"] / base
-        out[name]["x_slt_loss"] = out[name]["us_per_step"] / out[SLT_LOSS]["us_per_step"]
-        out[name]["x_slt_none"] = out[name]["us_per_step"] / out[SLT_NONE]["us_per_step"]
-    return {
-        "case": case.name,
-        "num_params": case.num_params,
-        "n": case.n,
-        "nbeta": nbeta,
-        "lam": float(case.lam),
-        "m": case.m,
-        "methods": out,
-    }
+    for m in out.values():
+        if "devinterp-llc" in out:
+            devinterp = out["devinterp-llc"]["median_call_s"]
+            m["devinterp_llc_over_this"] = devinterp / m["median_call_s"]
+        if "sgd" in out:
+            m["x_sgd_step"] = m["us_per_step"] / out["sgd"]["us_per_step"]
+    return {"case": case.name, "num_params": case.num_params, "n": case.n, "nbeta": nbeta,
+            "lam": case.lam, "run": run.__dict__, "run_label": run.label(),
+            "methods": out}  # fmt: skip
 
 
-def markdown(results: list[dict]) -> str:
-    head = (
-        "| case | method | µs / chain-step | fixed ms / call | × SGD | × slt(loss) "
-        "| × slt(none) | λ̂ ± se | λ |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    )
-    rows = [head]
-    for res in results:
-        for name, m in res["methods"].items():
-            llc = "—" if m["llc"] is None else f"{m['llc']:.4g} ± {m['llc_se']:.2g}"
-            rows.append(
-                f"| {res['case']} (d={res['num_params']}) | {name} | {m['us_per_step']:.0f} "
-                f"| {m['fixed_ms']:.1f} | {m['x_sgd']:.2f} | {m['x_slt_loss']:.2f} "
-                f"| {m['x_slt_none']:.2f} | {llc} | {res['lam']:g} |"
-            )
-    return "\n".join(rows)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer draws and repeats (~6 min)")
+    mode.add_argument("--smoke", action="store_true", help="2 × (2+10), 1 repeat: does it run?")
+    parser.add_argument("--cases", nargs="+", choices=list(PLAN), default=list(PLAN))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--memory-child", nargs=2, metavar=("CASE_FILE", "METHOD"),
+                        help=argparse.SUPPRESS)  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 chains × 500 draws, 5 repeats")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    args = parse(argv)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if args.quick:
-        run = Run(num_chains=4, num_burnin=100, num_draws=500, repeats=5)
-    else:
-        run = Run(num_chains=4, num_burnin=500, num_draws=2000, repeats=5)
-    cases = [zoo.regular(10), zoo.deep_linear((20, 40, 80, 80), 10)]
+    if args.memory_child:
+        path, method = args.memory_child
+        print(json.dumps(_memory.child(Path(path), method, METHODS, nbeta_of)))
+        return {}
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -384,23 +204,37 @@ def main(argv=None) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "mode": "quick" if args.quick else "full",
-        "run": run.__dict__,
+        "mode": mode,
+        "memory": None
+        if args.no_memory
+        else "peak RSS (VmHWM) over RSS before one call, "
+        "fresh process, after imports and a warm-up on a tiny case (README)",
     }
     print(
         f"{meta['date']}  torch {meta['torch']}  devinterp {meta['devinterp']}  "
         f"{meta['cpu']} ({meta['cpu_count']} cores, torch threads {meta['torch_threads']})\n"
-        f"{run.num_chains} chains × ({run.num_burnin} burn-in + {run.num_draws} draws), "
-        f"batch {run.batch_size}, ε {run.step_size:g}, γ {run.localization:g}, nβ = n/log n, "
-        f"medians of {run.repeats} alternating repeats\n",
+        f"{mode}: batch 128, ε 5e-5, γ 1, nβ = n/log n; medians of alternating repeats\n",
         flush=True,
     )
-    results = []
-    for case in cases:
+    results, built = [], {}
+    for key in args.cases:
         start = time.perf_counter()
-        results.append(bench_case(case, run))
-        print(f"{case.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    table = markdown(results)
+        case_name, runs = PLAN[key]
+        run = SMOKE if args.smoke else runs[mode]
+        if case_name not in built:  # "lambda_hat" reuses "regular"
+            built[case_name] = cases.build(case_name)
+        case = built[case_name]
+        names = list(LAMBDA_HAT_METHODS if key == "lambda_hat" else METHODS)
+        res = {"key": key, **bench_case(case, run, names, warm_up=not args.smoke)}
+        if not args.no_memory and key != "lambda_hat":
+            measured = [m for m in names if m in MEMORY_METHODS]
+            workers = min(4, os.cpu_count() or 1)
+            mem = _memory.measure(case, run, measured, Path(__file__).resolve(), workers)
+            for name, figures in mem.items():
+                res["methods"][name]["memory"] = figures
+        results.append(res)
+        print(f"{key}: {time.perf_counter() - start:.0f} s", flush=True)
+    table = markdown(results) + "\n\n" + summary(results)
     print("\n" + table)
     report = {"meta": meta, "results": results, "table": table}
     if args.out:

@@ -1,0 +1,54 @@
+"""What every method in ``bench_llc.py`` shares: the run settings and the data and λ̂ helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Run:
+    """One benchmark configuration shared by every method on a case."""
+
+    num_chains: int
+    num_burnin: int
+    num_draws: int
+    repeats: int
+    step_size: float = 5e-5
+    localization: float = 1.0
+    batch_size: int = 128
+
+    @property
+    def steps(self) -> int:
+        return self.num_burnin + self.num_draws
+
+    def short(self, num_draws: int) -> Run:
+        """The same run with no burn-in and ``num_draws`` draws per chain."""
+        return Run(self.num_chains, 0, num_draws, 1, self.step_size, self.localization,
+                   self.batch_size)  # fmt: skip
+
+    def label(self) -> str:
+        return f"{self.num_chains}×({self.num_burnin}+{self.num_draws})"
+
+
+def minibatches(x, y, batch_size: int, generator: torch.Generator):
+    """Shuffled epochs of (x, y) minibatches sliced from the tensors (what slt does itself)."""
+    n = x.shape[0]
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield x[idx], y[idx]
+
+
+def full_loss(case, model) -> float:
+    """L_n at the model's parameters, over the whole dataset in one batch."""
+    with torch.no_grad():
+        return float(case.loss_fn(model, case.dataset.tensors))
+
+
+def per_chain_llc(losses: torch.Tensor, init_loss: float, nbeta: float) -> np.ndarray:
+    """(chain,) λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)) from (chain, draw) losses."""
+    return nbeta * (losses.double().mean(dim=1).numpy() - init_loss)

@@ -1,0 +1,94 @@
+"""The tables ``bench_llc.py`` prints: every row, then each case against the issue's targets."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+SMALL_PARAMS = 20_000  # "small" cases for the ≥ 5× target: up to the ~10k-parameter MLP
+
+# The issue's measurement of lambda_hat (JAX, GitHub only), on another machine.
+LAMBDA_HAT = ("lambda_hat's own figures (the issue's measurement, another machine): 6 chains × "
+              "1,500 steps of linear regression in 0.74 s per call as shipped, 0.13 s once "
+              "compiled; devinterp 10.4 s on the same")  # fmt: skip
+
+
+def _num(value, fmt: str, none: str = "—") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def _field(methods: dict, name: str, *keys: str):
+    """``methods[name][keys[0]][keys[1]]...``, or None where any level is missing."""
+    value = methods.get(name)
+    for key in keys:
+        value = value.get(key) if value else None
+    return value
+
+
+def _memory(m: dict) -> str:
+    mem = m.get("memory")
+    if not mem:
+        return "—"
+    return f"+{mem['increase_mb']:.0f} ({mem['peak_mb']:.0f})"
+
+
+def markdown(results: list[dict]) -> str:
+    rows = [
+        "| case | run | method | s / estimate | devinterp llc() ÷ this | µs / chain-step "
+        "| × SGD step | fixed ms / call | peak RSS MB: +call (abs) | λ̂ ± se | λ |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        lam = _num(res["lam"], "g")
+        for m in res["methods"].values():
+            llc = "—" if m["llc"] is None else f"{m['llc']:.4g} ± {_num(m['llc_se'], '.2g')}"
+            rows.append(
+                f"| {res['case']} (d={res['num_params']}) | {res['run_label']} | {m['label']} "
+                f"| {m['median_call_s']:.3g} | {_num(m.get('devinterp_llc_over_this'), '.2f')} "
+                f"| {m['us_per_step']:.0f} | {_num(m.get('x_sgd_step'), '.2f')} "
+                f"| {m['fixed_ms']:.1f} | {_memory(m)} | {llc} | {lam} |"
+            )
+    return "\n".join(rows)
+
+
+def summary(results: list[dict]) -> str:
+    """Per case: the figures the issue sets targets for."""
+    rows = [
+        "| case | devinterp llc() ÷ slt per estimate: default / vmap (target) "
+        "| slt(none) step ÷ SGD step (≤ 1.1) | slt fixed ms per chain (≤ 50) "
+        "| peak +MB slt default / vmap / devinterp llc() |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for res in results:
+        ms = res["methods"]
+        target = "≥ 5" if res["num_params"] <= SMALL_PARAMS else "≥ 3"
+        ratio = [_num(_field(ms, n, "devinterp_llc_over_this"), ".1f") for n in ("slt", "slt-vmap")]
+        step = _num(_field(ms, "slt-none", "x_sgd_step"), ".2f")
+        fixed = _field(ms, "slt", "fixed_ms")
+        fixed = _num(None if fixed is None else fixed / res["run"]["num_chains"], ".1f")
+        mem = " / ".join(
+            _num(_field(ms, name, "memory", "increase_mb"), ".0f")
+            for name in ("slt", "slt-vmap", "devinterp-llc")
+        )
+        rows.append(
+            f"| {res['case']} {res['run_label']} | {ratio[0]}× / {ratio[1]}× ({target}×) "
+            f"| {step} | {fixed} | {mem} |"
+        )
+    lines = ["\n".join(rows), "", LAMBDA_HAT + "."]
+    for res in results:
+        if res.get("key") == "lambda_hat":
+            here = ", ".join(
+                f"{m['label']} {m['median_call_s']:.2f} s" for m in res["methods"].values()
+            )
+            lines.append(f"Here, on {res['case']} {res['run_label']}: {here}.")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,56 @@
+"""benchmarks/bench_llc.py runs end to end (its --smoke mode) and its memory child reports.
+
+Skipped without devinterp (``pip install -e ".[bench]"``). The numbers of a smoke run mean
+nothing (12 steps, one repeat); these tests check that every row runs and is reported.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("devinterp") is None, reason="needs devinterp (the bench extra)"
+)
+
+
+def test_smoke_run_reports_every_method_on_the_small_cases(tmp_path):
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, str(BENCH / "bench_llc.py"), "--smoke", "--no-memory",
+           "--cases", "regular", "rrr", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["key"] for r in report["results"]] == ["regular", "rrr"]
+    assert report["meta"]["mode"] == "smoke" and report["meta"]["devinterp"] == "2.0.1"
+    for res in report["results"]:
+        methods = res["methods"]
+        assert len(methods) == 8 and res["lam"] > 0
+        for name, m in methods.items():
+            assert m["median_call_s"] > 0 and m["fixed_ms"] > 0, (res["key"], name)
+            assert m["label"] in report["table"]
+            if name != "sgd":  # every sampler returns one finite λ̂ per chain
+                assert m["llc_chains_pooled"] == 2, (res["key"], name)
+        assert methods["devinterp-llc"]["devinterp_llc_over_this"] == 1.0
+        assert methods["sgd"]["x_sgd_step"] == 1.0
+
+
+def test_memory_child_measures_a_fresh_process():
+    sys.path.insert(0, str(BENCH))  # the benchmark imports its helper modules by name
+    try:
+        import _memory
+        import cases
+        from _common import Run
+    finally:
+        sys.path.remove(str(BENCH))
+    case = cases.build("regular")
+    figures = _memory.measure(case, Run(2, 2, 10, 1), ["sgd"], BENCH / "bench_llc.py")
+    sgd = figures["sgd"]
+    assert sgd is not None
+    assert sgd["increase_mb"] >= 0 and 0 < sgd["before_call_mb"] <= sgd["peak_mb"]
+    if sys.platform == "linux":  # the peak mark was reset after imports and the warm-up
+        assert sgd["hwm_reset"]
