@@ -27,6 +27,33 @@ def test_vmap_equals_the_loop(sampler, control_variate):
     np.testing.assert_allclose(vm.llc_per_chain, loop.llc_per_chain, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("control_variate", ["gradient", "none"])
+def test_vmap_acceptance_of_sgld_moves_equals_the_loop(control_variate):
+    # the probe every 7 steps: same moves, same MALA acceptance per chain and step
+    case = zoo.deep_linear((5, 4, 3), 2, n=512)
+    loop, vm = _both(case, acceptance_every=7, step_size=2e-3, control_variate=control_variate)
+    a, b = loop.acceptance, vm.acceptance
+    assert np.isfinite(a).sum() == np.isfinite(b).sum() > 0
+    np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
+    assert np.nanmin(a) < 0.999  # a step size whose moves MALA would sometimes reject
+    np.testing.assert_allclose(b[np.isfinite(b)], a[np.isfinite(a)], rtol=1e-3, atol=1e-4)
+    assert vm.mala_acceptance == pytest.approx(loop.mala_acceptance, rel=1e-3)
+
+
+def test_auto_takes_vmap_from_enough_chains():
+    from slt.vmapped import VMAP_MIN_CHAINS
+
+    case = zoo.regular(3, n=256)
+    kw = dict(num_draws=30, num_burnin=0, progress=False, seed=2)
+    auto = slt.estimate_llc(
+        case.model, case.loader(), case.loss_fn, num_chains=VMAP_MIN_CHAINS, **kw
+    )
+    vm = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=VMAP_MIN_CHAINS,
+                          chain_method="vmap", **kw)  # fmt: skip
+    np.testing.assert_array_equal(auto.trace, vm.trace)
+    assert np.isfinite(auto.mala_acceptance)
+
+
 def test_vmap_is_reproducible_and_chain_order_independent():
     case = zoo.regular(3, n=256)
     kw = dict(chain_method="vmap", num_draws=40, acceptance_every=0, progress=False)
@@ -35,11 +62,15 @@ def test_vmap_is_reproducible_and_chain_order_independent():
     np.testing.assert_array_equal(a.trace[:2], b.trace)
 
 
-def test_vmap_refuses_what_it_cannot_do():
+def test_vmap_refuses_what_it_cannot_do(tmp_path):
     case = zoo.regular(3, n=256)
     with pytest.raises(ValueError, match="chain_method"):
         slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="vmap",
-                         progress=False)  # acceptance_every defaults to 20  # fmt: skip
+                         sampler="sgnht", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="chain_method"):
+        slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="vmap",
+                         record="per_sample", record_path=str(tmp_path / "r.h5"),
+                         progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="chain_method"):
         slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="gpu",
                          progress=False)  # fmt: skip

@@ -28,7 +28,7 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate, Posterior
 from slt.samplers import FULL_BATCH, SAMPLERS
-from slt.vmapped import VMAP_SAMPLERS
+from slt.vmapped import VMAP_MIN_CHAINS, VMAP_SAMPLERS
 
 # Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
 # Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
@@ -237,11 +237,12 @@ def estimate_llc(
     chain_method : {"auto", "loop", "vmap"}
         "loop" runs the chains one after another; "vmap" steps all chains at once with
         ``torch.func.vmap`` (same batches and noise per chain, equal to the loop up to
-        rounding; "sgld" and "rmsprop_sgld" only, without the acceptance diagnostic or
-        per-sample recording). "auto" takes "vmap" where it applies — ``acceptance_every=0``,
+        rounding, the MALA acceptance of SGLD moves included; "sgld" and "rmsprop_sgld"
+        only, without per-sample recording). "auto" takes "vmap" where it applies —
         ``record="loss"``, 4 or more chains — and falls back to the loop if the model cannot
-        be vmapped. Measured on 2 CPU cores: 4x faster per chain-step at 16 chains of a
-        10-parameter model, 1.1-1.2x at 4 chains.
+        be vmapped (data-dependent control flow, random layers). Measured on 2 CPU cores
+        with the defaults (benchmarks/bench_vmap.py): 1.1-1.4x faster per chain-step at 4
+        chains, 1.8-2.3x at 8, 2.2-3.9x at 16, on models of 10 to 10,400 parameters.
     compile : bool
         With ``chain_method="vmap"``, run the batched step under ``torch.compile``
         (:mod:`slt.compiled`; equal to the eager step up to rounding). The first estimate
@@ -324,7 +325,8 @@ def estimate_llc(
     )  # fmt: skip
 
 
-def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile):
+def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile,
+              acceptance_every):  # fmt: skip
     from slt.vmapped import run_chains_vmap, stacked
 
     stepper = None
@@ -340,7 +342,8 @@ def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progre
         center=stacked(posterior.anchor, num_chains),
     )
     return run_chains_vmap(posterior, kernel, num_chains=num_chains, num_steps=num_steps,
-                           seed=seed, progress=progress, stepper=stepper)  # fmt: skip
+                           seed=seed, progress=progress, stepper=stepper,
+                           acceptance_every=acceptance_every, step_size=step_size)  # fmt: skip
 
 
 def build_posterior(
@@ -414,17 +417,20 @@ def sample_llc(
         localization=posterior.localization,
         center=posterior.anchor,
     )
-    vmappable = sampler in VMAP_SAMPLERS and not acceptance_every and not record_every
+    probe_every = acceptance_every if sampler == "sgld" else 0
+    vmappable = sampler in VMAP_SAMPLERS and not record_every and not (compile and probe_every)
     if chain_method == "vmap" and not vmappable:
         raise ValueError(
-            f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with acceptance_every=0 '
-            f"and record='loss'; got sampler={sampler!r}, acceptance_every={acceptance_every}"
+            f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with record="loss" (and '
+            f"acceptance_every=0 when compiled); got sampler={sampler!r}, "
+            f"acceptance_every={acceptance_every}, compile={compile}"
         )
     trace = None
-    if chain_method == "vmap" or (chain_method == "auto" and vmappable and num_chains >= 4):
+    auto_vmap = chain_method == "auto" and vmappable and num_chains >= VMAP_MIN_CHAINS
+    if chain_method == "vmap" or auto_vmap:
         try:
             trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
-                              seed, progress, compile)  # fmt: skip
+                              seed, progress, compile, probe_every)  # fmt: skip
         except Exception:
             if chain_method == "vmap":
                 raise

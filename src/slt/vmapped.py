@@ -9,9 +9,12 @@ loop up to floating-point reassociation (tested).
 
 For small models the step is dominated by per-operation overhead, which vmap pays once for
 all chains: measured on 2 CPU cores, 16 chains of a 10-parameter regression took 103 µs per
-chain-step against ~400 µs in the loop. Kernels whose update reduces over all parameters
-(SGNHT's thermostat, MALA's accept test) and the per-step diagnostics that need one chain
-at a time (MALA acceptance of SGLD moves, per-sample recording) are not supported here.
+chain-step against ~400 µs in the loop. The gradient control variate reads ∇L_B(w*) from
+the posterior's per-sample cache where it has one (one vmapped gradient per step, as in the
+loop). The MALA acceptance of SGLD moves (every ``acceptance_every`` steps) is computed per
+chain with the formulas of :mod:`slt.samplers.mala`, reduced over each chain's parameters.
+Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's accept test)
+and per-sample recording are not supported here.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from slt.posterior import Posterior
 from slt.samplers.base import ChainGenerators, Kernel
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
+VMAP_MIN_CHAINS = 4  # chain_method="auto" takes vmap from this many chains (bench_vmap.py)
 
 
 def stacked(tensors: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
@@ -71,27 +75,93 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper
     elif mode == "loss":
         at_center = vmap(loss, in_dims=(None, 0))
 
-    def grad_fn(params, batch, correction=None):
+    def grad_fn(params, batch, correction=None, record=None):
         grads, value = grad_chains(params, batch)
         grads = [grads[n] for n in names]
+        if record is not None:  # the plain ∇L_B(w_t), for the acceptance probe
+            record[:] = [g.detach().clone() for g in grads]
         if correction is not None:
             torch._foreach_sub_(grads, correction)
         return grads, value.detach()
 
-    def step(state, batch, noise):
-        step_grad, center_loss = grad_fn, None
-        if mode == "gradient":
+    cached = posterior.cache_loss is not None and (
+        mode == "loss" or posterior.cache_grad is not None
+    )
+
+    def from_cache(index: torch.Tensor):
+        """(L_B(w*) (chain,), the gradient correction per parameter (chain, ...))."""
+        center_loss = posterior.cache_loss[index].mean(1)
+        if mode == "loss":
+            return center_loss, None
+        flat = posterior.cache_grad[index].mean(1) - posterior._init_grad_flat
+        parts = flat.split(posterior._sizes, dim=1)
+        return center_loss, [c.view(-1, *p.shape) for c, p in zip(parts, center.values())]
+
+    def step(state, batch, noise, index=None, record=None):
+        step_grad, center_loss, correction = grad_fn, None, None
+        if cached and index is not None:
+            center_loss, correction = from_cache(index)
+        elif mode == "gradient":
             grads0, value0 = at_center(center, batch)
             correction = [grads0[n] - posterior.init_grad[i] for i, n in enumerate(names)]
             center_loss = value0.detach()
-            step_grad = partial(grad_fn, correction=correction)
         elif mode == "loss":
             with torch.no_grad():
                 center_loss = at_center(center, batch)
+        if correction is not None or record is not None:
+            step_grad = partial(grad_fn, correction=correction, record=record)
         state, info = kernel.step(state, step_grad, batch, noise)
         return state, info.loss, center_loss
 
+    def probe(params, batch):
+        """Plain (∇L_B(w), L_B(w)) of every chain, for the acceptance probe."""
+        return grad_fn(params, batch)
+
+    step.probe = probe
     return kernel.init(stacked(center, num_chains)), step
+
+
+def _chain_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(chain,) float64 sums over every non-chain element of each tensor, added up."""
+    return sum(t.reshape(t.shape[0], -1).to(torch.float64).sum(1) for t in tensors)
+
+
+def move_acceptance(
+    start: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    loss: torch.Tensor,
+    params: list[torch.Tensor],
+    grad_new: list[torch.Tensor],
+    loss_new: torch.Tensor,
+    center: list[torch.Tensor],
+    *,
+    nbeta: float,
+    localization: float,
+    step_size: float,
+) -> torch.Tensor:
+    """(chain,) MALA acceptance min(1, r) of the moves ``start`` → ``params`` (stacked),
+    log r = log p(w') − log p(w) − ½ Δ·(g + g') − (ε/8)(‖g'‖² − ‖g‖²) with
+    log p = −nβ L_B − (γ/2)‖w − w*‖² and g = ∇log p, per chain (see
+    :func:`slt.samplers.mala.log_acceptance_ratio`)."""
+
+    def drift(w, g):
+        return [-nbeta * gi - localization * (wi - ci) for wi, gi, ci in zip(w, g, center)]
+
+    def log_p(w, value):
+        offsets = [wi - ci for wi, ci in zip(w, center)]
+        return -nbeta * value.to(torch.float64) - 0.5 * localization * _chain_sum(
+            [o * o for o in offsets]
+        )
+
+    g, g_new = drift(start, grad), drift(params, grad_new)
+    delta = [a - b for a, b in zip(params, start)]
+    log_ratio = (
+        log_p(params, loss_new)
+        - log_p(start, loss)
+        - 0.5 * _chain_sum([d * (a + b) for d, a, b in zip(delta, g, g_new)])
+        - step_size / 8 * (_chain_sum([b * b for b in g_new]) - _chain_sum([a * a for a in g]))
+    )
+    return torch.nan_to_num(torch.exp(torch.clamp(log_ratio, max=0.0)), nan=0.0)
 
 
 def run_chains_vmap(
@@ -103,13 +173,22 @@ def run_chains_vmap(
     seed: int,
     progress: bool = True,
     stepper: Stepper | None = None,
+    acceptance_every: int = 0,
+    step_size: float | None = None,
 ) -> Trace:
     """Like :func:`slt.chains.run_chains`, every chain in each step at once. The kernel
     must be built with a chain-stacked ``center`` (see :func:`stacked`). ``stepper``, if
     given, replaces :func:`eager_step` (``kernel`` is then unused), e.g. the compiled step
-    of :func:`slt.compiled.compiled_step`."""
+    of :func:`slt.compiled.compiled_step`. With ``acceptance_every = k > 0`` (eager SGLD
+    only) the MALA acceptance of the move at step size ``step_size`` is recorded at steps
+    0, k, 2k, ..., as in the loop."""
     mode = posterior.control_variate
+    eager = stepper is None
+    if acceptance_every and (not eager or step_size is None):
+        raise ValueError("run_chains_vmap: acceptance_every > 0 needs the eager step and step_size")
     state, step = stepper or eager_step(posterior, kernel, num_chains)
+    center = [v.detach().unsqueeze(0) for v in posterior.anchor.values()]
+    record: list[torch.Tensor] = []
     shape = (num_chains, num_steps)
     losses = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
     center_losses = torch.full_like(losses, posterior.init_loss if mode == "none" else float("nan"))
@@ -118,11 +197,29 @@ def run_chains_vmap(
     noise = ChainGenerators([g for _, g in pairs])
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
+    acceptance = torch.full_like(losses, float("nan"))
     with flush_denormals():
         for t in range(num_steps):
             items = [next(s) for s in streams]
             batch = _stack_batches([b for b, _ in items])
-            state, loss, center_loss = step(state, batch, noise)
+            if not eager:
+                state, loss, center_loss = step(state, batch, noise)
+            else:
+                index = None if items[0][1] is None else torch.stack([i for _, i in items])
+                probing = acceptance_every and t % acceptance_every == 0
+                if probing:
+                    start = [p.detach().clone() for p in state.params.values()]
+                state, loss, center_loss = step(state, batch, noise, index,
+                                                record if probing else None)  # fmt: skip
+                if probing:
+                    params = list(state.params.values())
+                    grad_new, loss_new = step.probe(state.params, batch)
+                    with torch.no_grad():
+                        acceptance[:, t] = move_acceptance(
+                            start, record, loss, params, grad_new, loss_new, center,
+                            nbeta=posterior.nbeta, localization=posterior.localization,
+                            step_size=step_size,
+                        )  # fmt: skip
             losses[:, t] = loss
             if center_loss is not None:
                 center_losses[:, t] = center_loss
@@ -132,11 +229,14 @@ def run_chains_vmap(
                 if not torch.isfinite(losses[:, t]).any():
                     break
     bar.close()
+    final = state.params.values() if hasattr(state, "params") else state[0]
+    with torch.no_grad():  # as after the loop: the posterior holds the last chain's last draw
+        torch._foreach_copy_(list(posterior.params.values()), [w[-1] for w in final])
     diverged = ~torch.isfinite(losses[:, : int(steps_run.max())]).all(dim=1).cpu().numpy()
     return Trace(
         losses.cpu().numpy(),
         center_losses.cpu().numpy(),
         diverged,
         steps_run,
-        np.full(shape, np.nan),
+        acceptance.cpu().numpy(),
     )
