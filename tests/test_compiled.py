@@ -60,7 +60,6 @@ def test_frozen_parameters_come_from_the_current_model():
     _assert_same(_estimate(case, later, params="0.*"), fast)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sampler", "control_variate"), [("rmsprop_sgld", "gradient"), ("sgld", "loss"),
                                      ("sgld", "none")],
