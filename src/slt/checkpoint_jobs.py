@@ -1,0 +1,157 @@
+"""Checkpoints as jobs: what :func:`slt.llc_trajectory` estimates, named and fingerprinted.
+
+A job is a checkpoint (a file path or a state dict in memory), the training step it
+belongs to, a unique label, and the SHA-256 of its weights — what lets a rerun recognise
+a checkpoint it has already done. :func:`describe` and :func:`data_fingerprint` name the
+other things a results file must match (the loss function, the data) before a rerun may
+reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checkpoint to estimate: everything but what all jobs share."""
+
+    label: str  # unique name of the checkpoint (file name, or "step 100")
+    step: int  # training step, the x-axis of the trajectory
+    source: str | dict  # a file path, or a state dict in memory
+    sha256: str  # of the file's bytes, or of the state dict's tensors
+
+
+def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
+    """One :class:`Job` per checkpoint, in order of training step."""
+    if isinstance(checkpoints, str | os.PathLike):
+        folder = Path(checkpoints)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoints={str(folder)!r} is not a folder")
+        sources: list = sorted(str(p) for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        if not sources:
+            raise ValueError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
+        keys = None
+    elif isinstance(checkpoints, Mapping):
+        keys, sources = list(checkpoints.keys()), list(checkpoints.values())
+    elif isinstance(checkpoints, Sequence):
+        keys, sources = None, list(checkpoints)
+    else:
+        raise TypeError(
+            "checkpoints must be a folder, a sequence of paths or state dicts, or a mapping "
+            f"from step to one; got {type(checkpoints).__name__}"
+        )
+    if not sources:
+        raise ValueError("checkpoints is empty")
+    sources = [str(s) if isinstance(s, os.PathLike) else s for s in sources]
+    for s in sources:
+        if not isinstance(s, str | Mapping):
+            raise TypeError(f"a checkpoint must be a path or a state dict, got {type(s).__name__}")
+    if steps is None:
+        steps = keys if keys is not None else _steps_from_names(sources)
+    steps = [int(s) for s in steps]
+    if len(steps) != len(sources):
+        raise ValueError(f"steps has {len(steps)} entries for {len(sources)} checkpoints")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"steps must be distinct, got {steps}")
+    labels = _labels(sources, steps)
+    jobs = [Job(label, step, source if isinstance(source, str) else dict(source), _sha256(source))
+            for label, step, source in zip(labels, steps, sources)]  # fmt: skip
+    return sorted(jobs, key=lambda j: j.step)
+
+
+def _steps_from_names(sources: list) -> list[int]:
+    numbers = []
+    for s in sources:
+        found = re.findall(r"\d+", Path(s).stem) if isinstance(s, str) else []
+        numbers.append(int(found[-1]) if found else None)
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return numbers
+    return list(range(len(sources)))
+
+
+def _labels(sources: list, steps: list[int]) -> list[str]:
+    names = [Path(s).name if isinstance(s, str) else None for s in sources]
+    if None not in names and len(set(names)) == len(names):
+        return names
+    return [s if isinstance(s, str) else f"step {step}" for s, step in zip(sources, steps)]
+
+
+def _sha256(source) -> str:
+    digest = hashlib.sha256()
+    if isinstance(source, str):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"checkpoint {source} does not exist or is not a file")
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    else:
+        _hash_state(digest, source)
+    return digest.hexdigest()
+
+
+def _hash_state(digest, state: Mapping) -> None:
+    for key in sorted(state):
+        value = state[key]
+        digest.update(str(key).encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+
+
+def describe(obj) -> str:
+    """A readable identity of a callable: ``module.qualname``, partials and objects too."""
+    import functools
+
+    if isinstance(obj, functools.partial):
+        args = [repr(a) for a in obj.args] + [f"{k}={v!r}" for k, v in obj.keywords.items()]
+        return f"partial({describe(obj.func)}, {', '.join(args)})"
+    qualname = getattr(obj, "__qualname__", None)
+    if qualname is not None and "(" in qualname:  # slt's adapters name their parameters
+        return qualname
+    if qualname is not None:
+        return f"{getattr(obj, '__module__', '?')}.{qualname}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__}: {obj!r}"
+
+
+def data_fingerprint(loader) -> dict:
+    """Size, batch size and, for tensors held in memory, a SHA-256 of the data."""
+    out: dict[str, Any] = {"loader": type(loader).__name__}
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        out["n"] = len(dataset)
+    if getattr(loader, "batch_size", None) is not None:
+        out["batch_size"] = loader.batch_size
+    tensors = None
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        tensors = dataset.tensors
+    elif isinstance(loader, list | tuple):
+        tensors = [t for batch in loader for t in _tensors(batch)]
+    if tensors is not None:
+        digest = hashlib.sha256()
+        _hash_state(digest, {str(i): t for i, t in enumerate(tensors)})
+        out["sha256"] = digest.hexdigest()[:16]
+    return out
+
+
+def _tensors(batch) -> list:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, list | tuple):
+        return [t for v in batch for t in _tensors(v)]
+    return []

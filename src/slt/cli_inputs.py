@@ -1,0 +1,200 @@
+"""What the ``slt`` commands read from their options: ``pkg.module:attr`` specs of a model,
+a dataset or a loss, step sizes, and checkpoints (``weights_only=True`` or safetensors,
+never an arbitrary unpickle). Errors are ``typer.BadParameter`` naming the option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+class _ModelSpec:
+    """A picklable zero-argument model factory for a --model spec (resolved where called)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def __call__(self):
+        import copy
+
+        return copy.deepcopy(_build(self.spec, "--model", _is_module, "a torch.nn.Module"))
+
+    def __repr__(self) -> str:
+        return f"--model {self.spec}"
+
+
+class _LossSpec:
+    """A picklable ``loss_fn`` for --loss/--sigma, built on first call in each process."""
+
+    def __init__(self, loss: str, sigma: float):
+        self.loss, self.sigma, self._fn = loss, sigma, None
+
+    def __getstate__(self):
+        return {"loss": self.loss, "sigma": self.sigma, "_fn": None}
+
+    def __call__(self, model, batch):
+        if self._fn is None:
+            self._fn = _loss(self.loss, self.sigma)
+        return self._fn(model, batch)
+
+    def __repr__(self) -> str:
+        return f"--loss {self.loss} --sigma {self.sigma:g}"
+
+
+def _parse_step_size(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f'expected a number or "auto", got {text!r}', param_hint="--step-size"
+        ) from None
+
+
+def _resolve(spec: str, option: str):
+    """The object named by "pkg.module:attr" or "path/to/file.py:attr" (attr may be dotted)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise typer.BadParameter(
+            f'expected "pkg.module:attr" or "path/to/file.py:attr", got {spec!r}',
+            param_hint=option,
+        )
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        file = Path(where).resolve()
+        if not file.is_file():
+            raise typer.BadParameter(f"file {where} does not exist", param_hint=option)
+        name = "_slt_cli_" + "".join(c if c.isalnum() else "_" for c in str(file))
+        if name not in sys.modules:  # --model and --data from one file share one module
+            if str(file.parent) not in sys.path:
+                sys.path.insert(0, str(file.parent))  # its sibling modules, as for a script
+            loader_spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        module = sys.modules[name]
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (where == err.name or where.startswith(err.name + ".")):
+                raise  # the module exists; something it imports does not
+            raise typer.BadParameter(
+                f"no module named {err.name!r} (run from the folder that holds it, set "
+                "PYTHONPATH, or give a file: path/to/file.py:attr)",
+                param_hint=option,
+            ) from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise typer.BadParameter(f"{where} has no attribute {attr!r}", param_hint=option)
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(spec: str, option: str, accept, what: str):
+    """The object ``spec`` names, or what it returns when called with no arguments."""
+    import inspect
+
+    obj = _resolve(spec, option)
+    if accept(obj):
+        return obj
+    if not callable(obj):
+        raise typer.BadParameter(
+            f"{spec} is of type {type(obj).__name__}, not {what} or a callable returning one",
+            param_hint=option,
+        )
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        raise typer.BadParameter(
+            f"{spec} must be callable with no arguments", param_hint=option
+        ) from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin): just call it
+    built = obj()
+    if not accept(built):
+        raise typer.BadParameter(
+            f"{spec}() returned an object of type {type(built).__name__}, not {what}",
+            param_hint=option,
+        )
+    return built
+
+
+def _is_module(obj) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _is_dataset(obj) -> bool:
+    import torch
+
+    if isinstance(obj, torch.utils.data.IterableDataset) or isinstance(obj, type | str):
+        return False
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+def _loss(loss: str, sigma: float):
+    import torch.nn.functional as F
+
+    import slt
+
+    if loss == "gaussian":
+        return slt.gaussian_nll(sigma)
+    if loss == "cross_entropy":
+        return slt.supervised(F.cross_entropy)
+    if ":" not in loss:
+        raise typer.BadParameter(
+            f'expected "gaussian", "cross_entropy" or "pkg.module:loss_fn", got {loss!r}',
+            param_hint="--loss",
+        )
+    fn = _resolve(loss, "--loss")
+    if not callable(fn):
+        raise typer.BadParameter(f"{loss} is not callable", param_hint="--loss")
+    return fn
+
+
+def _load_checkpoint(model, path: Path) -> None:
+    """Load ``path`` into ``model`` with strict=True; a clear error when the keys differ."""
+    from slt.checkpoints import load_state_dict
+
+    try:
+        state = load_state_dict(path)
+    except (ValueError, ImportError) as err:
+        raise typer.BadParameter(str(err), param_hint="--checkpoint") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise typer.BadParameter(
+            f"{path} does not fit the model: missing keys {_few(missing)}; "
+            f"unexpected keys {_few(unexpected)}",
+            param_hint="--checkpoint",
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise typer.BadParameter(
+            f"{path} does not fit the model: {err}", param_hint="--checkpoint"
+        ) from None
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "(none)"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
