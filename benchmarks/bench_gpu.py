@@ -1,8 +1,10 @@
 """GPU check: chains in a loop against all chains vmapped, on models up to ~1M parameters.
 
-    python benchmarks/bench_gpu.py [--quick]
+    python benchmarks/bench_gpu.py [--quick] [--device cpu --smoke]
 
-Needs CUDA (exits with a message otherwise); finishes in a few minutes on one GPU. Reports
+Needs CUDA (exits with a message otherwise); finishes in a few minutes on one GPU.
+``--device cpu --smoke`` is a dry run of the same code on the CPU (tiny settings, two
+small cases) so that the script is known to work before a GPU is lent. Reports
 µs per chain-step for the loop and vmap paths, the speed-up, λ̂ against the known λ, and
 peak GPU memory, with the date and the GPU's name.
 """
@@ -26,42 +28,57 @@ def _to(case, device):
     return case.model.to(device), torch.utils.data.DataLoader(data, batch_size=128, shuffle=True)
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench(case, method, chains, draws, repeats, device):
     model, loader = _to(case, device)
     kw = dict(step_size=1e-5, localization=10.0, num_chains=chains, num_burnin=0,
               acceptance_every=0, progress=False, chain_method=method)  # fmt: skip
 
     def call(n):
-        torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         res = slt.estimate_llc(model, loader, case.loss_fn, num_draws=n, **kw)
-        torch.cuda.synchronize()
+        _sync(device)
         return time.perf_counter() - start, res
 
     call(5)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     runs = [call(draws) for _ in range(repeats)]
     short = statistics.median(call(1)[0] for _ in range(repeats))
     full = statistics.median(t for t, _ in runs)
     per_step = (full - short) / (chains * (draws - 1)) * 1e6
-    return per_step, runs[-1][1].llc, torch.cuda.max_memory_allocated() / 2**20
+    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    return per_step, runs[-1][1].llc, memory
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="10 draws, 1 repeat, 2 cases")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device")
-    device = torch.device("cuda")
     draws, repeats = (200, 2) if args.quick else (500, 3)
+    if args.smoke:
+        draws, repeats = 10, 1
     cases = [
         zoo.regular(10),
         zoo.deep_linear((8, 4, 8, 8), 4),
         zoo.deep_linear((80, 50, 50, 80), 50),
         zoo.deep_linear((500, 400, 400, 500), 300),
     ]
-    print(f"{time.strftime('%Y-%m-%d')}  {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.smoke:
+        cases = cases[:2]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{device} (dry run)"
+    print(f"{time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}")
     print(
         "| case | d | chains | loop µs/chain-step | vmap µs/chain-step | speed-up "
         "| λ̂ loop | λ̂ vmap | λ | peak MiB |"
