@@ -241,8 +241,8 @@ def estimate_llc(
         only, without per-sample recording). "auto" takes "vmap" where it applies —
         ``record="loss"``, 4 or more chains — and falls back to the loop if the model cannot
         be vmapped (data-dependent control flow, random layers). Measured on 2 CPU cores
-        with the defaults (benchmarks/bench_vmap.py): 1.1-1.4x faster per chain-step at 4
-        chains, 1.8-2.3x at 8, 2.2-3.9x at 16, on models of 10 to 10,400 parameters.
+        with the defaults (benchmarks/bench_vmap.py): 1.3-1.6x faster per chain-step at 4
+        chains, 1.9-2.7x at 8, 2.4-4.4x at 16, on models of 10 to 10,400 parameters.
     compile : bool
         With ``chain_method="vmap"``, run the batched step under ``torch.compile``
         (:mod:`slt.compiled`; equal to the eager step up to rounding). The first estimate
