@@ -95,3 +95,14 @@ def test_auto_falls_back_to_the_loop_for_models_vmap_cannot_run():
     res = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), num_chains=4, num_draws=20,
                            acceptance_every=0, progress=False)  # fmt: skip
     assert np.isfinite(res.llc)
+
+
+def test_auto_keeps_the_loop_for_large_models(monkeypatch):
+    import slt.llc
+
+    monkeypatch.setattr(slt.llc, "VMAP_MAX_PARAMS", 5)  # regular(10) has 10 parameters
+    case = zoo.regular(10, n=256)
+    kw = dict(num_chains=4, num_draws=20, num_burnin=0, progress=False, seed=1)
+    auto = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
+    loop = slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="loop", **kw)
+    np.testing.assert_array_equal(auto.trace, loop.trace)

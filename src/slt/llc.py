@@ -28,7 +28,7 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate, Posterior
 from slt.samplers import FULL_BATCH, SAMPLERS
-from slt.vmapped import VMAP_MIN_CHAINS, VMAP_SAMPLERS
+from slt.vmapped import VMAP_MAX_PARAMS, VMAP_MIN_CHAINS, VMAP_SAMPLERS
 
 # Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
 # Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
@@ -240,7 +240,9 @@ def estimate_llc(
         rounding, the MALA acceptance of SGLD moves included; "sgld" and "rmsprop_sgld"
         only, without per-sample recording). "auto" takes "vmap" where it applies —
         ``record="loss"``, 4 or more chains — and falls back to the loop if the model cannot
-        be vmapped (data-dependent control flow, random layers). Measured on 2 CPU cores
+        be vmapped (data-dependent control flow, random layers), and for more than 100,000
+        sampled parameters, where vmap stops paying (0.9x at 241k, 0.5x at 1M on CPU).
+        Measured on 2 CPU cores
         with the defaults (benchmarks/bench_vmap.py): 1.3-1.6x faster per chain-step at 4
         chains, 1.9-2.7x at 8, 2.4-4.4x at 16, on models of 10 to 10,400 parameters.
     compile : bool
@@ -426,7 +428,12 @@ def sample_llc(
             f"acceptance_every={acceptance_every}, compile={compile}"
         )
     trace = None
-    auto_vmap = chain_method == "auto" and vmappable and num_chains >= VMAP_MIN_CHAINS
+    auto_vmap = (
+        chain_method == "auto"
+        and vmappable
+        and num_chains >= VMAP_MIN_CHAINS
+        and posterior.num_params <= VMAP_MAX_PARAMS
+    )
     if chain_method == "vmap" or auto_vmap:
         try:
             trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,

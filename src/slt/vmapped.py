@@ -35,6 +35,9 @@ from slt.samplers.base import ChainGenerators, Kernel
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
 VMAP_MIN_CHAINS = 4  # chain_method="auto" takes vmap from this many chains (bench_vmap.py)
+# ... and up to this many sampled parameters: on CPU, 4 chains, vmap vs loop was 1.3x at
+# 10k parameters, 1.06x at 92k, 0.91x at 241k and 0.5x at 1.05M (benchmarks/README.md)
+VMAP_MAX_PARAMS = 100_000
 
 
 def stacked(tensors: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
