@@ -90,12 +90,23 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper
     mode = posterior.control_variate
     if mode == "gradient":
         center_stacked = stacked(center, num_chains)
-
-        def at_center(_, batch):
-            return grad_chains(center_stacked, batch)
-
     elif mode == "loss":
         at_center = vmap(loss, in_dims=(None, 0))
+
+    def with_center(params, batch, record, out):
+        """The gradient control variate in one pass: w (chains) and w* (one copy per
+        chain, on that chain's batch) stacked to 2C "chains", one vmapped forward and one
+        backward; returns ∇L_B(w) − ∇L_B(w*) + ∇L_n(w*) and L_B(w), and puts L_B(w*) in
+        ``out``. Halves the per-step calls of two separate passes."""
+        c = num_chains
+        both = {n: torch.cat([params[n], center_stacked[n]]) for n in names}
+        grads, values = grad_chains(both, _twice(batch))
+        plain = [grads[n][:c] for n in names]
+        if record is not None:
+            record[:] = [g.clone() for g in plain]
+        correction = [grads[n][c:] - posterior.init_grad[i] for i, n in enumerate(names)]
+        out.append(values[c:])
+        return torch._foreach_sub(plain, correction), values[:c]
 
     def grad_fn(params, batch, correction=None, record=None):
         grads, value = grad_chains(params, batch)
@@ -124,9 +135,10 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper
         if cached and index is not None:
             center_loss, correction = from_cache(index)
         elif mode == "gradient":
-            grads0, value0 = at_center(center, batch)
-            correction = [grads0[n] - posterior.init_grad[i] for i, n in enumerate(names)]
-            center_loss = value0.detach()
+            out: list[torch.Tensor] = []
+            state, info = kernel.step(state, partial(with_center, record=record, out=out),
+                                      batch, noise)  # fmt: skip
+            return state, info.loss, out[0]
         elif mode == "loss":
             with torch.no_grad():
                 center_loss = at_center(center, batch)
@@ -141,6 +153,15 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper
 
     step.probe = probe
     return kernel.init(stacked(center, num_chains)), step
+
+
+def _twice(batch: Any) -> Any:
+    """A chain-stacked batch repeated along the chain dimension: (2C, ...)."""
+    if isinstance(batch, torch.Tensor):
+        return torch.cat([batch, batch])
+    if isinstance(batch, dict):
+        return {k: _twice(v) for k, v in batch.items()}
+    return type(batch)(_twice(v) for v in batch)
 
 
 def _chain_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
