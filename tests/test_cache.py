@@ -63,3 +63,16 @@ def test_no_cache_off_the_fast_path():
                         localization=1.0, control_variate="gradient", sampler="sgld")  # fmt: skip
     assert p.cache_loss is None
     assert next(p.stream(torch.Generator()))[1] is None
+
+
+def test_batch_mean_is_the_mean_of_the_indexed_rows():
+    from slt.posterior import batch_mean
+
+    g = torch.Generator().manual_seed(0)
+    table, values = torch.randn(50, 7, generator=g), torch.randn(50, generator=g)
+    index = torch.randint(0, 50, (3, 8), generator=g)
+    torch.testing.assert_close(batch_mean(table, index), table[index].mean(1))
+    torch.testing.assert_close(batch_mean(table, index[0]), table[index[0]].mean(0))
+    torch.testing.assert_close(batch_mean(values, index), values[index].mean(1))
+    torch.testing.assert_close(batch_mean(values, index[0]), values[index[0]].mean())
+    torch.testing.assert_close(batch_mean(table, slice(3, 9)), table[3:9].mean(0))

@@ -113,3 +113,14 @@ def test_auto_keeps_the_loop_for_large_models(monkeypatch):
     auto = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
     loop = slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="loop", **kw)
     np.testing.assert_array_equal(auto.trace, loop.trace)
+
+
+def test_vmap_equals_the_loop_with_an_unshuffled_loader():
+    # sample indices come as slices then; the cached control variate must still apply
+    case = zoo.regular(3, n=256)
+    loader = torch.utils.data.DataLoader(case.dataset, batch_size=64, shuffle=False)
+    kw = dict(num_chains=4, num_draws=30, num_burnin=0, step_size=1e-4, progress=False)
+    loop = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="loop", **kw)
+    vm = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="vmap", **kw)
+    np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
+    np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)

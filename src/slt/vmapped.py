@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from slt.chains import _CHECK_EVERY, Trace, chain_generators, flush_denormals
 from slt.losses import LossModule
-from slt.posterior import Posterior
+from slt.posterior import Posterior, batch_mean
 from slt.samplers.base import ChainGenerators, Kernel
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
@@ -123,10 +123,10 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper
 
     def from_cache(index: torch.Tensor):
         """(L_B(w*) (chain,), the gradient correction per parameter (chain, ...))."""
-        center_loss = posterior.cache_loss[index].mean(1)
+        center_loss = batch_mean(posterior.cache_loss, index)
         if mode == "loss":
             return center_loss, None
-        flat = posterior.cache_grad[index].mean(1) - posterior._init_grad_flat
+        flat = batch_mean(posterior.cache_grad, index) - posterior._init_grad_flat
         parts = flat.split(posterior._sizes, dim=1)
         return center_loss, [c.view(-1, *p.shape) for c, p in zip(parts, center.values())]
 
@@ -153,6 +153,13 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int) -> Stepper
 
     step.probe = probe
     return kernel.init(stacked(center, num_chains)), step
+
+
+def _rows(index, device) -> torch.Tensor:
+    """Sample indices as a tensor (an unshuffled loader's are slices)."""
+    if isinstance(index, slice):
+        return torch.arange(index.start, index.stop, device=device)
+    return index
 
 
 def _twice(batch: Any) -> Any:
@@ -248,7 +255,11 @@ def run_chains_vmap(
             if not eager:
                 state, loss, center_loss = step(state, batch, noise)
             else:
-                index = None if items[0][1] is None else torch.stack([i for _, i in items])
+                index = (
+                    None
+                    if items[0][1] is None
+                    else torch.stack([_rows(i, posterior.device) for _, i in items])
+                )
                 probing = acceptance_every and t % acceptance_every == 0
                 if probing:
                     start = [p.detach().clone() for p in state.params.values()]
