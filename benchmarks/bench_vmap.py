@@ -21,8 +21,9 @@ from slt import zoo
 
 
 def per_chain_step(case, method, chains, steps, repeats):
-    kw = dict(step_size=5e-5, num_chains=chains, num_burnin=0, progress=False,
-              chain_method=method)  # fmt: skip  (defaults otherwise: acceptance probe every 20)
+    kw = dict(
+        step_size=5e-5, num_chains=chains, num_burnin=0, progress=False, chain_method=method
+    )  # fmt: skip  (defaults otherwise: acceptance probe every 20)
 
     def call(draws):
         start = time.perf_counter()

@@ -93,8 +93,11 @@ class BatchStream:
         ):
             self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
 
-    def indexed_epoch(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
-        """One pass as (batch, sample indices); the indices are None off the fast path."""
+    def indexed_epoch(
+        self, generator: torch.Generator, *, gather: bool = True
+    ) -> Iterator[tuple[Any, Any]]:
+        """One pass as (batch, sample indices); the indices are None off the fast path.
+        On the fast path ``gather=False`` yields (None, indices): the caller gathers."""
         if self.tensors is None:
             for batch in self.epoch(generator):
                 yield batch, None
@@ -105,10 +108,10 @@ class BatchStream:
         stop = n - n % bs if self.loader.drop_last else n
         for start in range(0, stop, bs):
             if order is None:
-                yield [t[start : start + bs] for t in self.tensors], slice(start, start + bs)
+                rows = slice(start, start + bs)
             else:
-                idx = order[start : start + bs].to(self.device)
-                yield [t[idx] for t in self.tensors], idx
+                rows = order[start : start + bs].to(self.device)
+            yield ([t[rows] for t in self.tensors] if gather else None), rows
 
     def epoch(self, generator: torch.Generator) -> Iterator[Any]:
         """One pass over the data, in an order drawn from ``generator`` when shuffling."""
@@ -170,12 +173,18 @@ class BatchStream:
             raise NotOneBatch(f"loader yields {count} per epoch, not one")
         return first
 
-    def forever(self, generator: torch.Generator, *, indexed: bool = False) -> Iterator[Any]:
-        """Epoch after epoch (of ``(batch, indices)`` pairs if ``indexed``); raises
-        ``ValueError`` if the loader yields nothing."""
+    def forever(
+        self, generator: torch.Generator, *, indexed: bool = False, gather: bool = True
+    ) -> Iterator[Any]:
+        """Epoch after epoch (of ``(batch, indices)`` pairs if ``indexed``, see
+        :meth:`indexed_epoch` for ``gather``); raises ``ValueError`` if the loader yields
+        nothing."""
         while True:
             empty = True
-            for item in self.indexed_epoch(generator) if indexed else self.epoch(generator):
+            epoch = (
+                self.indexed_epoch(generator, gather=gather) if indexed else self.epoch(generator)
+            )
+            for item in epoch:
                 empty = False
                 yield item
             if empty:

@@ -194,13 +194,16 @@ class Posterior:
         self.prior_mean = prior_mean
         self._build_cache()
 
-    def stream(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
+    def stream(
+        self, generator: torch.Generator, *, gather: bool = True
+    ) -> Iterator[tuple[Any, Any]]:
         """The (batch, sample indices) of one chain: minibatches drawn with ``generator``
         epoch after epoch, or with ``full_batch`` the whole dataset at every step. The
-        indices are None where the loader does not expose them."""
+        indices are None where the loader does not expose them. With ``gather=False``
+        the batch is None where the indices are known (the caller gathers)."""
         if self.full_data is not None:
             return itertools.repeat((self.full_data, None))
-        return self.batches.forever(generator, indexed=True)
+        return self.batches.forever(generator, indexed=True, gather=gather)
 
     def _build_cache(self) -> None:
         """Per-sample losses (and gradients) at w* of every sample, so that the control

@@ -243,7 +243,8 @@ def run_chains_vmap(
     losses = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
     center_losses = torch.full_like(losses, posterior.init_loss if mode == "none" else float("nan"))
     pairs = [chain_generators(seed, c, posterior.device) for c in range(num_chains)]
-    streams = [posterior.stream(data) for data, _ in pairs]
+    tensors = posterior.batches.tensors if posterior.full_data is None else None
+    streams = [posterior.stream(data, gather=tensors is None) for data, _ in pairs]
     noise = ChainGenerators([g for _, g in pairs])
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
@@ -251,15 +252,16 @@ def run_chains_vmap(
     with flush_denormals():
         for t in range(num_steps):
             items = [next(s) for s in streams]
-            batch = _stack_batches([b for b, _ in items])
+            index = None
+            if items[0][1] is not None:
+                index = torch.stack([_rows(i, posterior.device) for _, i in items])
+            if tensors is not None:  # one gather for all chains: (chain, batch, ...)
+                batch = [t[index] for t in tensors]
+            else:
+                batch = _stack_batches([b for b, _ in items])
             if not eager:
                 state, loss, center_loss = step(state, batch, noise)
             else:
-                index = (
-                    None
-                    if items[0][1] is None
-                    else torch.stack([_rows(i, posterior.device) for _, i in items])
-                )
                 probing = acceptance_every and t % acceptance_every == 0
                 if probing:
                     start = [p.detach().clone() for p in state.params.values()]
