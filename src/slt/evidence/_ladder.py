@@ -111,6 +111,9 @@ class GlobalPosterior:
     ):
         if sampler not in ("auto", "sgld", "mala"):
             raise ValueError(f'sampler must be "auto", "sgld" or "mala", got {sampler!r}')
+        if prior_std is not None:  # None: a flat prior (WBIC and WAIC allow it)
+            prior_std = _checks.real("prior_std", prior_std, minimum=0, strict=True)
+        prior_mean = _checks.real("prior_mean", prior_mean)
         self.model, self.loader, self.loss_fn = model, loader, loss_fn
         self.prior_std, self.prior_mean = prior_std, prior_mean
         self.precision = 0.0 if prior_std is None else 1.0 / prior_std**2

@@ -212,7 +212,6 @@ def free_energy(
     """
     t0 = time.perf_counter()
     prior_std = _checks.real("prior_std", prior_std, minimum=0, strict=True)
-    prior_mean = _checks.real("prior_mean", prior_mean)
     num_chains = _checks.integer("num_chains", num_chains, minimum=2)
     num_draws = _checks.integer("num_draws", num_draws, minimum=4)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
@@ -298,8 +297,8 @@ def free_energy(
         nll_at_center=c,
         n=gp.n,
         num_params=gp.num_params,
-        prior_std=prior_std,
-        prior_mean=prior_mean,
+        prior_std=gp.prior_std,
+        prior_mean=gp.prior_mean,
         sampler=gp.sampler,
         num_chains=num_chains,
         num_draws=num_draws,

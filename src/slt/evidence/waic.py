@@ -173,9 +173,6 @@ def waic(
     """
     t0 = time.perf_counter()
     beta = _checks.real("beta", beta, minimum=0, strict=True)
-    if prior_std is not None:
-        prior_std = _checks.real("prior_std", prior_std, minimum=0, strict=True)
-    prior_mean = _checks.real("prior_mean", prior_mean)
     num_chains = _checks.integer("num_chains", num_chains, minimum=2)
     num_draws = _checks.integer("num_draws", num_draws, minimum=2)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
@@ -258,8 +255,8 @@ def waic(
         n_test=n_test,
         num_params=gp.num_params,
         num_recorded=int(stats.count.min()),
-        prior_std=prior_std,
-        prior_mean=prior_mean,
+        prior_std=gp.prior_std,
+        prior_mean=gp.prior_mean,
         sampler=gp.sampler,
         step_size=rung.step_size,
         acceptance=rung.acceptance,

@@ -156,9 +156,6 @@ def wbic(
     True
     """
     t0 = time.perf_counter()
-    if prior_std is not None:
-        prior_std = _checks.real("prior_std", prior_std, minimum=0, strict=True)
-    prior_mean = _checks.real("prior_mean", prior_mean)
     num_chains = _checks.integer("num_chains", num_chains, minimum=2)
     num_draws = _checks.integer("num_draws", num_draws, minimum=4)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
@@ -222,8 +219,8 @@ def wbic(
         nll_at_center=gp.nll_at_center,
         n=gp.n,
         num_params=gp.num_params,
-        prior_std=prior_std,
-        prior_mean=prior_mean,
+        prior_std=gp.prior_std,
+        prior_mean=gp.prior_mean,
         sampler=gp.sampler,
         step_size=first.step_size,
         step_size2=second.step_size,
