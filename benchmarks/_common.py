@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,3 +54,11 @@ def full_loss(case, model) -> float:
 def per_chain_llc(losses: torch.Tensor, init_loss: float, nbeta: float) -> np.ndarray:
     """(chain,) λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)) from (chain, draw) losses."""
     return nbeta * (losses.double().mean(dim=1).numpy() - init_loss)
+
+
+def per_chain_step(call: Callable[[int], float], chains: int, steps: int, repeats: int) -> float:
+    """µs per chain-step from ``call(draws) -> seconds``: the median full call minus the
+    median one-draw call (the fixed cost), over ``chains × (steps − 1)`` steps."""
+    full = statistics.median(call(steps) for _ in range(repeats))
+    short = statistics.median(call(1) for _ in range(repeats))
+    return (full - short) / (chains * (steps - 1)) * 1e6

@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -26,6 +25,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-inductor-")
 
 import torch  # noqa: E402
 
+import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import slt  # noqa: E402
 from slt import compiled, zoo  # noqa: E402
 
@@ -39,11 +39,10 @@ def timed(case, model, chains, draws, chain_method="vmap", **kw):
 
 
 def per_chain_step(case, chains, steps, repeats, **kw):
-    full = statistics.median(
-        timed(case, case.model, chains, steps, **kw)[0] for _ in range(repeats)
-    )
-    short = statistics.median(timed(case, case.model, chains, 1, **kw)[0] for _ in range(repeats))
-    return (full - short) / (chains * (steps - 1)) * 1e6
+    def call(draws):
+        return timed(case, case.model, chains, draws, **kw)[0]
+
+    return _common.per_chain_step(call, chains, steps, repeats)
 
 
 def main(argv=None):

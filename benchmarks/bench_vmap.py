@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import torch
 
+import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import slt
 from slt import zoo
 
@@ -31,9 +31,7 @@ def per_chain_step(case, method, chains, steps, repeats):
         return time.perf_counter() - start
 
     call(5)  # warm-up
-    full = statistics.median(call(steps) for _ in range(repeats))
-    short = statistics.median(call(1) for _ in range(repeats))
-    return (full - short) / (chains * (steps - 1)) * 1e6
+    return _common.per_chain_step(call, chains, steps, repeats)
 
 
 def main(argv=None):
