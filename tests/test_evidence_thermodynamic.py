@@ -23,20 +23,6 @@ from slt.evidence import free_energy, quadrature_free_energy
 from slt.evidence.thermodynamic import _integration_error, ladder_weights
 
 
-def _potential_nll(case, k):
-    """(L_n(0), c, nll) with nll(w) = L_n(0) + c (Π w^k)²: the exact L_n of ``case``."""
-    x, y = case.dataset.tensors
-    c = float(x.double().square().mean() / (2 * 0.5**2))
-    with torch.no_grad():
-        l0 = float(case.loss_fn(case.model, (x, y)))
-    power = torch.tensor(k, dtype=torch.float64)
-
-    def nll(w):
-        return l0 + c * torch.prod(w**power, dim=1) ** 2
-
-    return l0, c, nll
-
-
 def _a2b2c2_log_z(t):
     """log ∫ exp(-t (abc)²) N(0, I) d(a, b, c): a and c in closed form, b by quad."""
 
@@ -76,7 +62,7 @@ def _exact(case, k):
             return n * beta * l_star + value + 0.5 * np.linalg.slogdet(prec)[1]
 
         return free, expected
-    l0, c, nll = _potential_nll(case, k)
+    l0, c, nll = zoo.exact_nll(case)
     if len(k) == 3:  # a²b²c²: the semi-closed form, E = dF/dβ by central differences
 
         def free(beta):

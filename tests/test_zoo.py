@@ -109,3 +109,17 @@ def test_singular_potential_hits_its_exact_finite_nbeta_target():
     assert target < float(case.lam) - 0.1  # the finite-nβ target is well below λ = 1/2
     assert abs(res.llc - target) < 0.10 * target
     assert np.isfinite(res.llc_std) and res.llc_std < 0.05 * target
+
+
+@pytest.mark.parametrize("k", [(1, 1), (1, 2), (1, 1, 1)])
+def test_exact_nll_of_a_potential_is_its_loss_at_every_point(k):
+    case = zoo.potential(k, n=512, sigma=0.7)
+    _, _, nll = zoo.exact_nll(case)
+    w = torch.randn(5, len(k), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = zoo.Monomial(k).double()
+    x, y = (t.double() for t in case.dataset.tensors)
+    for point, value in zip(w, nll(w)):
+        with torch.no_grad():
+            model.w.copy_(point)
+            direct = case.loss_fn(model, (x, y))
+        assert float(value) == pytest.approx(float(direct), rel=1e-6)

@@ -11,7 +11,7 @@ exact (λ, m) from :mod:`slt.theory`, and sampler settings known to work.
 
 from slt.zoo.base import Case, Settings, orthogonal_noise
 from slt.zoo.linear import deep_linear, linear_network, reduced_rank, regular
-from slt.zoo.potentials import Monomial, expected_llc, potential
+from slt.zoo.potentials import Monomial, exact_nll, expected_llc, potential
 from slt.zoo.tanh import TanhNetwork, tanh_network
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "linear_network",
     "orthogonal_noise",
     "potential",
+    "exact_nll",
     "reduced_rank",
     "regular",
     "tanh_network",

@@ -8,7 +8,7 @@ j attaining it (Watanabe 2009). Its finite-nβ expectation is computed by quadra
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from scipy import integrate
@@ -84,3 +84,23 @@ def potential(
         expected=(lambda nbeta, loc: expected_llc(k, c * nbeta, loc)) if 1 in k else None,
         description=f"K ∝ {name}",
     )
+
+
+def exact_nll(case: Case) -> tuple[float, float, Callable[[torch.Tensor], torch.Tensor]]:
+    """The exact L_n of a :func:`potential` case as (L_n(0), c, nll).
+
+    With the noise projected off x, L_n(w) = L_n(0) + c (Π_j w_j^{k_j})² exactly, where
+    c = mean(x²)/(2σ²); ``nll`` maps a batch of points w (m, d) to their L_n (m,) in
+    float64 — the integrand of the quadrature references.
+    """
+    x, y = case.dataset.tensors
+    sigma = case.loss_fn.sigma
+    c = float(x.double().square().mean() / (2 * sigma**2))
+    with torch.no_grad():
+        l0 = float(case.loss_fn(case.model, (x, y)))
+    power = torch.tensor(case.model.k, dtype=torch.float64)
+
+    def nll(w: torch.Tensor) -> torch.Tensor:
+        return l0 + c * torch.prod(w**power, dim=1) ** 2
+
+    return l0, c, nll
