@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import slt
-import slt.posterior as posterior_module
 from slt import zoo
 from slt.llc import build_posterior
 
@@ -33,13 +32,11 @@ def test_cached_terms_equal_the_passes_at_center(control_variate):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_estimates_agree_with_and_without_the_cache(monkeypatch):
+def test_estimates_agree_with_and_without_the_cache(request):
     case = zoo.regular(4, n=512)
     kw = dict(step_size=1e-4, num_chains=2, num_draws=200, num_burnin=50, progress=False)
     cached = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
-    monkeypatch.setattr(posterior_module, "_CACHE_MAX_PARAMS", 0)
-    monkeypatch.setattr(posterior_module.Posterior, "_build_cache",
-                        lambda self: setattr(self, "cache_loss", None))  # fmt: skip
+    request.getfixturevalue("no_cache")
     direct = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
     np.testing.assert_allclose(cached.trace, direct.trace, rtol=1e-4)
     np.testing.assert_allclose(cached.llc_trace, direct.llc_trace, rtol=1e-3, atol=1e-3)

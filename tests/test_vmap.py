@@ -19,14 +19,11 @@ def _both(case, **kw):
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
 @pytest.mark.parametrize("control_variate", ["gradient", "loss", "none"])
-def test_vmap_equals_the_loop(sampler, control_variate, cache, monkeypatch):
+def test_vmap_equals_the_loop(sampler, control_variate, cache, request):
     # same batches and noise per chain; only floating-point reassociation differs. Without
     # the per-sample cache the vmapped step evaluates w and w* in one stacked pass.
     if not cache:
-        from slt import posterior
-
-        monkeypatch.setattr(posterior.Posterior, "_build_cache",
-                            lambda self: setattr(self, "cache_loss", None))  # fmt: skip
+        request.getfixturevalue("no_cache")
     case = zoo.deep_linear((5, 4, 3), 2, n=512)
     loop, vm = _both(case, sampler=sampler, control_variate=control_variate)
     np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-4)

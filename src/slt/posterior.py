@@ -192,7 +192,7 @@ class Posterior:
             mean = _checks.real("prior_mean", prior_mean)
             self.anchor = {k: torch.full_like(v, mean) for k, v in self.center.items()}
         self.prior_mean = prior_mean
-        self._build_cache()
+        self._cache_built = False  # built on first use: the vmapped step does not need it
 
     def stream(
         self, generator: torch.Generator, *, gather: bool = True
@@ -205,6 +205,20 @@ class Posterior:
             return itertools.repeat((self.full_data, None))
         return self.batches.forever(generator, indexed=True, gather=gather)
 
+    @property
+    def cache_loss(self) -> torch.Tensor | None:
+        """(n,) per-sample losses at w*, or None (see :meth:`_build_cache`)."""
+        if not self._cache_built:
+            self._build_cache()
+        return self._cache_loss
+
+    @property
+    def cache_grad(self) -> torch.Tensor | None:
+        """(n, d) per-sample gradients at w*, or None (see :meth:`_build_cache`)."""
+        if not self._cache_built:
+            self._build_cache()
+        return self._cache_grad
+
     def _build_cache(self) -> None:
         """Per-sample losses (and gradients) at w* of every sample, so that the control
         variates on a batch are a gather and a mean instead of a forward (and backward)
@@ -212,8 +226,10 @@ class Posterior:
 
         Only for the ``TensorDataset`` fast path (sample indices known), a loss that is a
         mean of per-sample terms (checked on a batch), and when the gradients fit in
-        ``_CACHE_MAX_FLOATS``; otherwise nothing is cached and the passes at w* run."""
-        self.cache_loss = self.cache_grad = None
+        ``_CACHE_MAX_FLOATS``; otherwise nothing is cached and the passes at w* run.
+        Built on first use (the loop's :meth:`at_center`), not by the constructor."""
+        self._cache_built = True
+        self._cache_loss = self._cache_grad = None
         tensors = self.batches.tensors
         if self.control_variate == "none" or tensors is None or self.full_data is not None:
             return
@@ -236,9 +252,9 @@ class Posterior:
                 )
                 if not torch.allclose(grads[:64].mean(0), flat, rtol=1e-3, atol=1e-5):
                     return
-        self.cache_loss = losses
+        self._cache_loss = losses
         if want_grad:
-            self.cache_grad = grads
+            self._cache_grad = grads
             self._init_grad_flat = torch.cat([g.reshape(-1) for g in self.init_grad])
             self._sizes = [p.numel() for p in self.center.values()]
 
