@@ -156,6 +156,33 @@ def test_forever_cycles_epochs_from_one_generator():
     assert_batches_equal([next(forever) for _ in range(len(expected))], expected)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_chain_indices_are_each_chains_own_epochs(shuffle, drop_last):
+    # row c of every (chain, batch) block is chain c's indexed_epoch, epoch after epoch
+    loader = DataLoader(TensorDataset(*tensors()), batch_size=BATCH, shuffle=shuffle,
+                        drop_last=drop_last)  # fmt: skip
+    stream = BatchStream(loader, CPU)
+    seeds = [3, 4, 5]
+    chains = [stream.forever(torch.Generator().manual_seed(s), indexed=True) for s in seeds]
+    together = stream.chain_indices([torch.Generator().manual_seed(s) for s in seeds])
+    for _ in range(3 * len(loader) + 1):
+        block = next(together)
+        for c, chain in enumerate(chains):
+            rows = next(chain)[1]
+            expected = torch.arange(len(loader.dataset))[rows]  # rows: a slice or indices
+            assert torch.equal(block[c], expected)
+
+
+def test_chain_indices_refuse_an_empty_epoch_and_the_slow_path():
+    empty = DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=4, shuffle=True,
+                       drop_last=True)  # fmt: skip
+    with pytest.raises(ValueError, match="yielded no batches"):
+        next(BatchStream(empty, CPU).chain_indices([torch.Generator()]))
+    with pytest.raises(ValueError, match="TensorDataset"):
+        next(BatchStream([1, 2], CPU).chain_indices([torch.Generator()]))
+
+
 # --- other datasets and iterables ---------------------------------------------------------
 
 

@@ -93,11 +93,8 @@ class BatchStream:
         ):
             self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
 
-    def indexed_epoch(
-        self, generator: torch.Generator, *, gather: bool = True
-    ) -> Iterator[tuple[Any, Any]]:
-        """One pass as (batch, sample indices); the indices are None off the fast path.
-        On the fast path ``gather=False`` yields (None, indices): the caller gathers."""
+    def indexed_epoch(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
+        """One pass as (batch, sample indices); the indices are None off the fast path."""
         if self.tensors is None:
             for batch in self.epoch(generator):
                 yield batch, None
@@ -111,7 +108,28 @@ class BatchStream:
                 rows = slice(start, start + bs)
             else:
                 rows = order[start : start + bs].to(self.device)
-            yield ([t[rows] for t in self.tensors] if gather else None), rows
+            yield [t[rows] for t in self.tensors], rows
+
+    def chain_indices(self, generators: list[torch.Generator]) -> Iterator[torch.Tensor]:
+        """(chain, batch) sample indices, step after step, forever, for chains that each
+        draw their epochs' orders from their own generator: row c is what
+        :meth:`indexed_epoch` gives ``generators[c]``, epoch after epoch, so the chains of
+        a batched step see the batches they would see one at a time. Fast path only."""
+        if self.tensors is None:
+            raise ValueError("chain_indices needs a DataLoader over a TensorDataset")
+        n = self.tensors[0].shape[0]
+        bs = self.loader.batch_size
+        stop = n - n % bs if self.loader.drop_last else n
+        if stop == 0:
+            raise ValueError("loader: yielded no batches (is the dataset empty?)")
+        while True:
+            if self.shuffle:
+                order = torch.stack([torch.randperm(n, generator=g) for g in generators])
+            else:
+                order = torch.arange(n).expand(len(generators), n)
+            order = order.to(self.device)
+            for start in range(0, stop, bs):
+                yield order[:, start : start + bs]
 
     def epoch(self, generator: torch.Generator) -> Iterator[Any]:
         """One pass over the data, in an order drawn from ``generator`` when shuffling."""
@@ -173,17 +191,12 @@ class BatchStream:
             raise NotOneBatch(f"loader yields {count} per epoch, not one")
         return first
 
-    def forever(
-        self, generator: torch.Generator, *, indexed: bool = False, gather: bool = True
-    ) -> Iterator[Any]:
-        """Epoch after epoch (of ``(batch, indices)`` pairs if ``indexed``, see
-        :meth:`indexed_epoch` for ``gather``); raises ``ValueError`` if the loader yields
-        nothing."""
+    def forever(self, generator: torch.Generator, *, indexed: bool = False) -> Iterator[Any]:
+        """Epoch after epoch (of ``(batch, indices)`` pairs if ``indexed``); raises
+        ``ValueError`` if the loader yields nothing."""
         while True:
             empty = True
-            epoch = (
-                self.indexed_epoch(generator, gather=gather) if indexed else self.epoch(generator)
-            )
+            epoch = self.indexed_epoch(generator) if indexed else self.epoch(generator)
             for item in epoch:
                 empty = False
                 yield item

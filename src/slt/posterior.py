@@ -194,16 +194,13 @@ class Posterior:
         self.prior_mean = prior_mean
         self._cache_built = False  # built on first use: the vmapped step does not need it
 
-    def stream(
-        self, generator: torch.Generator, *, gather: bool = True
-    ) -> Iterator[tuple[Any, Any]]:
+    def stream(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
         """The (batch, sample indices) of one chain: minibatches drawn with ``generator``
         epoch after epoch, or with ``full_batch`` the whole dataset at every step. The
-        indices are None where the loader does not expose them. With ``gather=False``
-        the batch is None where the indices are known (the caller gathers)."""
+        indices are None where the loader does not expose them."""
         if self.full_data is not None:
             return itertools.repeat((self.full_data, None))
-        return self.batches.forever(generator, indexed=True, gather=gather)
+        return self.batches.forever(generator, indexed=True)
 
     @property
     def cache_loss(self) -> torch.Tensor | None:
