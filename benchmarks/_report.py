@@ -54,21 +54,24 @@ def markdown(results: list[dict]) -> str:
 def summary(results: list[dict]) -> str:
     """Per case: the figures the issue sets targets for."""
     rows = [
-        "| case | devinterp llc() ÷ slt per estimate: default / vmap (target) "
+        "| case | devinterp llc() ÷ slt per estimate: defaults / plain SGLD (target) "
         "| slt(none) step ÷ SGD step (≤ 1.1) | slt fixed ms per chain (≤ 50) "
-        "| peak +MB slt default / vmap / devinterp llc() |",
+        "| peak +MB slt defaults / plain / devinterp llc() |",
         "|---|---|---:|---:|---:|",
     ]
     for res in results:
         ms = res["methods"]
         target = "≥ 5" if res["num_params"] <= SMALL_PARAMS else "≥ 3"
-        ratio = [_num(_field(ms, n, "devinterp_llc_over_this"), ".1f") for n in ("slt", "slt-vmap")]
+        ratio = [
+            _num(_field(ms, name, "devinterp_llc_over_this"), ".1f")
+            for name in ("slt", "slt-plain")
+        ]
         step = _num(_field(ms, "slt-none", "x_sgd_step"), ".2f")
         fixed = _field(ms, "slt", "fixed_ms")
         fixed = _num(None if fixed is None else fixed / res["run"]["num_chains"], ".1f")
         mem = " / ".join(
             _num(_field(ms, name, "memory", "increase_mb"), ".0f")
-            for name in ("slt", "slt-vmap", "devinterp-llc")
+            for name in ("slt", "slt-plain", "devinterp-llc")
         )
         rows.append(
             f"| {res['case']} {res['run_label']} | {ratio[0]}× / {ratio[1]}× ({target}×) "

@@ -92,17 +92,17 @@ METHODS = {
         "slt (control_variate=none, acceptance_every=0, loop)",
         partial(run_slt, control_variate="none", chain_method="loop", **NO_PROBE),
     ),
-    "slt-vmap": Method(
-        "slt (chain_method=vmap, acceptance_every=0)",
-        partial(run_slt, chain_method="vmap", **NO_PROBE),
+    "slt-plain": Method(  # devinterp's algorithm: plain SGLD, chain_method as auto picks it
+        "slt (control_variate=none, acceptance_every=0)",
+        partial(run_slt, control_variate="none", **NO_PROBE),
     ),
     "devinterp-llc": Method("devinterp llc()", _devinterp.run_devinterp_llc),
     "devinterp-chain": Method("devinterp sample_single_chain", _devinterp.run_devinterp_chain),
     "devinterp-loop": Method("devinterp SGMCMC.sgld loop", _devinterp.run_devinterp_loop),
     "sgd": Method("torch.optim.SGD (floor)", run_sgd_floor),
 }
-MEMORY_METHODS = ("slt", "slt-vmap", "devinterp-llc", "sgd")  # a fresh process each: ~5-10 s
-LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-vmap", "devinterp-llc")
+MEMORY_METHODS = ("slt", "slt-plain", "devinterp-llc", "sgd")  # a fresh process each: ~5-10 s
+LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", "devinterp-llc")
 
 # key -> (cases.CASES name, run per mode). Full mode runs estimate_llc's default 4 × (250 +
 # 1000) on the small cases; "lambda_hat" repeats linear regression at the size of the issue's
