@@ -6,7 +6,7 @@ import torch
 
 import slt
 from slt import zoo
-from slt.llc import build_posterior
+from slt.sampling import build_posterior
 
 
 def _posterior(case, loss_fn=None, control_variate="gradient"):

@@ -79,7 +79,7 @@ def test_too_large_step_size_is_caught():
     p_max = 4096 / math.log(4096) * q.max() + 1
     res = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), step_size=2.0 / p_max,
                            num_draws=500, num_burnin=100, progress=False)  # fmt: skip
-    assert res.mala_acceptance < slt.llc.MIN_SGLD_ACCEPTANCE
+    assert res.mala_acceptance < slt.sampling.MIN_SGLD_ACCEPTANCE
     assert any("too large" in w for w in res.warnings)
     good = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), step_size=0.02 / p_max,
                             num_draws=500, num_burnin=300, progress=False)  # fmt: skip

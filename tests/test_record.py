@@ -7,9 +7,9 @@ import torch
 
 import slt
 from slt import zoo
-from slt.llc import build_posterior
 from slt.losses import per_sample
 from slt.record import PerSampleRecorder
+from slt.sampling import build_posterior
 
 
 def test_per_sample_rows_match_the_full_batch_loss(tmp_path):

@@ -63,7 +63,7 @@ def test_held_parameters_do_not_move_and_user_model_is_untouched():
     model = TwoBlocks()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = torch.utils.data.DataLoader(_data(model, n=256), batch_size=64)
-    from slt.llc import build_posterior, sample_llc
+    from slt.sampling import build_posterior, sample_llc
 
     posterior = build_posterior(model, loader, slt.gaussian_nll(1.0), n=None, nbeta=None,
                                 localization=1.0, control_variate="gradient", sampler="sgld",

@@ -102,9 +102,9 @@ def test_auto_falls_back_to_the_loop_for_models_vmap_cannot_run():
 
 
 def test_auto_keeps_the_loop_for_large_models(monkeypatch):
-    import slt.llc
+    import slt.sampling
 
-    monkeypatch.setattr(slt.llc, "VMAP_MAX_PARAMS", 5)  # regular(10) has 10 parameters
+    monkeypatch.setattr(slt.sampling, "VMAP_MAX_PARAMS", 5)  # regular(10) has 10 parameters
     case = zoo.regular(10, n=256)
     kw = dict(num_chains=4, num_draws=20, num_burnin=0, progress=False, seed=1)
     auto = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
@@ -119,5 +119,38 @@ def test_vmap_equals_the_loop_with_an_unshuffled_loader():
     kw = dict(num_chains=4, num_draws=30, num_burnin=0, step_size=1e-4, progress=False)
     loop = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="loop", **kw)
     vm = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="vmap", **kw)
+    np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
+    np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)
+
+
+class _Tied(torch.nn.Module):
+    """x -> W(W x): one weight under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(3, 3, bias=False)
+        self.second = torch.nn.Linear(3, 3, bias=False)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_vmap_equals_the_loop_with_tied_weights():
+    # the shared weight is sampled once and must be substituted under both names
+    from slt.vmapped import _has_tied_parameters
+
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    assert _has_tied_parameters(model) and not _has_tied_parameters(torch.nn.Linear(2, 2))
+    x = torch.randn(256, 3)
+    with torch.no_grad():
+        y = model(x) + 0.5 * torch.randn(256, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,
+                                         shuffle=True)  # fmt: skip
+    kw = dict(num_chains=4, num_draws=30, num_burnin=0, step_size=1e-4, progress=False)
+    loss_fn = slt.gaussian_nll(0.5)
+    loop = slt.estimate_llc(model, loader, loss_fn, chain_method="loop", **kw)
+    vm = slt.estimate_llc(model, loader, loss_fn, chain_method="vmap", **kw)
     np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
     np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)

@@ -229,7 +229,7 @@ def calibrate(
     """
     from slt.calibrate_grid import as_grid, calibrate_grid
     from slt.chains import DivergenceError
-    from slt.llc import build_posterior, sample_llc
+    from slt.sampling import build_posterior, sample_llc
 
     start = time.perf_counter()
     gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)

@@ -4,7 +4,7 @@ A saved result is one netCDF-4 file (h5netcdf engine) that any xarray opens with
 ``xarray.open_datatree(path)``, laid out as an ArviZ ``InferenceData`` (arviz-devs
 ``schema.md``): groups ``posterior`` and ``sample_stats`` whose variables have dims
 ``(chain, draw, ...)``, each group carrying ``created_at``, ``inference_library`` and
-``inference_library_version``. For an :class:`~slt.llc.LLCResult`:
+``inference_library_version``. For an :class:`~slt.result.LLCResult`:
 
 - ``posterior``: ``llc`` (chain, draw), the per-draw λ̂ = nβ (L_B(w_t) - L_B(w*));
   ``loss`` (chain, draw) = ``trace``; ``loss_at_center`` (chain, draw) = ``trace_at_center``.
@@ -49,7 +49,7 @@ _DESCRIPTIONS = {
     "llc_per_chain": "λ̂ of each chain (NaN where it diverged)",
     "diverged": "the chain produced a non-finite loss",
 }
-_RESULT_TYPES: dict[str, str | type] = {"LLCResult": "slt.llc:LLCResult"}  # name: class
+_RESULT_TYPES: dict[str, str | type] = {"LLCResult": "slt.result:LLCResult"}  # name: class
 _RESERVED = {
     "slt_schema",
     "slt_result",

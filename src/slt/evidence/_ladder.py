@@ -38,9 +38,9 @@ from slt import _checks
 from slt.calibrate import top_hessian_eigenvalue
 from slt.chains import DivergenceError, run_chains
 from slt.data import BatchStream, batch_size
-from slt.llc import build_posterior
 from slt.posterior import Posterior, check_scalar_loss
 from slt.samplers import FULL_BATCH, SAMPLERS
+from slt.sampling import build_posterior
 
 DEFAULT_STEP_SCALE = {"sgld": 0.04, "mala": 2.5}
 """ε·P_max per sampler (MALA: times d^(1/3)). SGLD's stationary variance in the stiffest

@@ -1,0 +1,222 @@
+"""Running the chains of an LLC estimate on a built posterior and summarising them:
+:func:`build_posterior` and :func:`sample_llc`, which :func:`slt.estimate_llc`, the
+calibration and the evidence estimators share; the chain method (loop or vmap) is chosen
+here."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from slt.chains import DivergenceError, run_chains
+from slt.data import NotOneBatch
+from slt.diagnostics import diagnose, warnings_for
+from slt.posterior import Posterior
+from slt.result import LLCResult
+from slt.samplers import FULL_BATCH, SAMPLERS
+from slt.vmapped import VMAP_MAX_PARAMS, VMAP_MIN_CHAINS, VMAP_SAMPLERS
+
+# Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
+# Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
+# already meant λ̂ several times too large; well-chosen steps give 0.95-0.99.
+MIN_SGLD_ACCEPTANCE = 0.9
+
+
+def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile,
+              acceptance_every):  # fmt: skip
+    from slt.vmapped import run_chains_vmap, stacked
+
+    stepper = None
+    if compile:
+        from slt.compiled import compiled_step
+
+        stepper = compiled_step(posterior, sampler, step_size, num_chains)
+
+    kernel = SAMPLERS[sampler](
+        step_size=step_size,
+        nbeta=posterior.nbeta,
+        localization=posterior.localization,
+        center=stacked(posterior.anchor, num_chains),
+    )
+    return run_chains_vmap(posterior, kernel, num_chains=num_chains, num_steps=num_steps,
+                           seed=seed, progress=progress, stepper=stepper,
+                           acceptance_every=acceptance_every, step_size=step_size)  # fmt: skip
+
+
+def build_posterior(
+    model,
+    loader,
+    loss_fn,
+    *,
+    n,
+    nbeta,
+    localization,
+    control_variate,
+    sampler,
+    prior_mean=None,
+    params=None,
+) -> Posterior:
+    """The :class:`Posterior` an estimate with ``sampler`` needs (full batch for MALA)."""
+    try:
+        return Posterior(
+            model,
+            loader,
+            loss_fn,
+            n=n,
+            nbeta=nbeta,
+            localization=localization,
+            control_variate=control_variate,
+            full_batch=sampler in FULL_BATCH,
+            prior_mean=prior_mean,
+            params=params,
+        )
+    except NotOneBatch as err:
+        raise ValueError(
+            f"sampler={sampler!r} needs the whole dataset as one batch at every step, but the "
+            f"{err}; pass a DataLoader over a TensorDataset (its full tensors are used, "
+            "whatever the batch size) or a loader with batch_size >= len(dataset)"
+        ) from None
+
+
+def sample_llc(
+    posterior: Posterior,
+    *,
+    sampler: str,
+    step_size: float,
+    num_chains: int,
+    num_draws: int,
+    num_burnin: int,
+    seed: int,
+    progress: bool = False,
+    acceptance_every: int = 20,
+    nbeta_default: bool = False,
+    calibration: dict | None = None,
+    start: float | None = None,
+    record_every: int = 0,
+    record_path: str | None = None,
+    chain_method: str = "loop",
+    compile: bool = False,
+) -> LLCResult:
+    """Run the chains on a built ``posterior`` and summarise them (arguments checked by
+    :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
+    start = time.perf_counter() if start is None else start
+    control_variate = posterior.control_variate
+    recorder = None
+    if record_every:
+        from slt.record import PerSampleRecorder
+
+        recorder = PerSampleRecorder(posterior, num_chains=num_chains, start=num_burnin,
+                                     every=record_every, path=record_path,
+                                     num_draws=num_draws)  # fmt: skip
+    kernel = SAMPLERS[sampler](
+        step_size=step_size,
+        nbeta=posterior.nbeta,
+        localization=posterior.localization,
+        center=posterior.anchor,
+    )
+    probe_every = acceptance_every if sampler == "sgld" else 0
+    vmappable = sampler in VMAP_SAMPLERS and not record_every and not (compile and probe_every)
+    if chain_method == "vmap" and not vmappable:
+        raise ValueError(
+            f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with record="loss" (and '
+            f"acceptance_every=0 when compiled); got sampler={sampler!r}, "
+            f"acceptance_every={acceptance_every}, compile={compile}"
+        )
+    trace = None
+    auto_vmap = (
+        chain_method == "auto"
+        and vmappable
+        and num_chains >= VMAP_MIN_CHAINS
+        and posterior.num_params <= VMAP_MAX_PARAMS
+    )
+    if chain_method == "vmap" or auto_vmap:
+        try:
+            trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
+                              seed, progress, compile, probe_every)  # fmt: skip
+        except Exception:
+            if chain_method == "vmap":
+                raise
+            trace = None  # the model cannot be vmapped: run the loop
+    if trace is None:
+        try:
+            trace = run_chains(
+                posterior,
+                kernel,
+                num_chains=num_chains,
+                num_steps=num_burnin + num_draws,
+                seed=seed,
+                progress=progress,
+                acceptance_every=acceptance_every if sampler == "sgld" else 0,
+                step_size=step_size,
+                observe=recorder,
+            )
+        finally:
+            if recorder is not None:
+                recorder.close()
+    loss = trace.loss[:, num_burnin:]
+    at_center = trace.loss_at_center[:, num_burnin:]
+    per_chain = posterior.nbeta * (loss - at_center).mean(axis=1)
+    per_chain[trace.diverged] = np.nan
+    notes = list(posterior.warnings)
+    ok = ~trace.diverged
+    if not ok.any():
+        raise DivergenceError(
+            f"all {num_chains} chains diverged (non-finite loss) with step_size={step_size:g}; "
+            "try a step size 3-10x smaller, or a larger localization"
+        )
+    acceptance = trace.acceptance[:, num_burnin:]
+    computed = acceptance[ok][np.isfinite(acceptance[ok])]
+    good = per_chain[ok]
+    llc_std = float(good.std(ddof=1) / math.sqrt(good.size)) if good.size > 1 else math.nan
+    diag = diagnose(posterior.nbeta * (loss - at_center), diverged=trace.diverged,
+                    nbeta=posterior.nbeta)  # fmt: skip
+    notes += warnings_for(diag)
+    mala_acceptance = float(computed.mean()) if computed.size else math.nan
+    if sampler == "sgld" and mala_acceptance < MIN_SGLD_ACCEPTANCE:
+        notes.append(
+            f"SGLD moves would have MALA acceptance {mala_acceptance:.2f} "
+            f"(< {MIN_SGLD_ACCEPTANCE}): step_size={step_size:g} is too large for an unbiased "
+            "λ̂ (SGLD inflates the posterior's spread); use a smaller step size or "
+            'step_size="auto"'
+        )
+    if sampler == "mala" and mala_acceptance < 0.2:
+        notes.append(
+            f"MALA accepted only {mala_acceptance:.0%} of its proposals: the chains barely "
+            "move and λ̂ is biased toward 0; use a smaller step size"
+        )
+    if calibration is not None:
+        notes += [f"calibration: {w}" for w in calibration["warnings"]]
+    return LLCResult(
+        llc=float(good.mean()),
+        llc_std=llc_std,
+        llc_per_chain=per_chain,
+        init_loss=posterior.init_loss,
+        trace=loss,
+        trace_at_center=at_center,
+        diverged=trace.diverged,
+        warnings=tuple(notes),
+        nbeta=posterior.nbeta,
+        nbeta_default=nbeta_default,
+        n=posterior.n,
+        num_params=posterior.num_params,
+        localization=posterior.localization,
+        step_size=step_size,
+        sampler=sampler,
+        num_chains=num_chains,
+        num_draws=num_draws,
+        num_burnin=num_burnin,
+        control_variate=control_variate,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+        acceptance=acceptance,
+        mala_acceptance=mala_acceptance,
+        acceptance_every=acceptance_every,
+        rhat=diag.rhat,
+        ess_bulk=diag.ess_bulk,
+        ess_tail=diag.ess_tail,
+        mcse=diag.mcse,
+        calibration=calibration,
+        per_sample_path=None if recorder is None else str(record_path),
+    )
