@@ -242,6 +242,44 @@ def test_log_acceptance_ratio_is_zero_for_a_reversible_pair():
     assert abs(float(r)) < 1e-12
 
 
+@pytest.mark.parametrize("localization", [0.0, 2.0])
+def test_move_log_ratio_equals_the_list_formula(localization):
+    # the streamed per-tensor form (the acceptance probe's) against log_acceptance_ratio with
+    # log_density and explicit drifts; per chain when the tensors carry a chain dimension
+    from slt.samplers.base import localized_drift
+    from slt.samplers.mala import log_density, move_log_ratio
+
+    gen = torch.Generator().manual_seed(3)
+    shapes, chains, nbeta, eps = [(4, 3), (5,)], 3, 40.0, 1e-3
+
+    def draw(scale=1.0):
+        return [scale * torch.randn(chains, *s, generator=gen, dtype=torch.float64)
+                for s in shapes]  # fmt: skip
+
+    w, center = draw(), draw()
+    w1 = [a + b for a, b in zip(w, draw(0.05))]
+    grad, grad_new = draw(0.1), draw(0.1)
+    loss, loss_new = torch.rand(chains, generator=gen), torch.rand(chains, generator=gen)
+    kw = dict(nbeta=nbeta, localization=localization)
+    expected = []
+    for c in range(chains):
+        one = [[t[c] for t in ts] for ts in (w, w1, grad, grad_new, center)]
+        drift = localized_drift(one[0], [g.clone() for g in one[2]], one[4], **kw)
+        drift_new = localized_drift(one[1], [g.clone() for g in one[3]], one[4], **kw)
+        expected.append(log_acceptance_ratio(
+            [b - a for a, b in zip(one[0], one[1])], drift, drift_new,
+            log_density(one[0], loss[c], one[4], **kw),
+            log_density(one[1], loss_new[c], one[4], **kw), step_size=eps,
+        ))  # fmt: skip
+    got = move_log_ratio(w, w1, [g.clone() for g in grad], [g.clone() for g in grad_new], loss,
+                         loss_new, center, **kw, step_size=eps, chains=True)  # fmt: skip
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-9, atol=1e-9)
+    one = move_log_ratio([t[0] for t in w], [t[0] for t in w1], [g[0].clone() for g in grad],
+                         [g[0].clone() for g in grad_new], loss[0], loss_new[0],
+                         [t[0] for t in center], **kw, step_size=eps)  # fmt: skip
+    torch.testing.assert_close(one, expected[0], rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------ full-batch wiring
 
 

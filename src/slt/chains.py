@@ -31,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from slt.posterior import Posterior
-from slt.samplers.base import Kernel, localized_drift
-from slt.samplers.mala import acceptance_probability, log_acceptance_ratio, log_density
+from slt.samplers.base import Kernel
+from slt.samplers.mala import acceptance_probability, move_log_ratio
 
 _CHECK_EVERY = 200
 
@@ -111,20 +111,9 @@ class _MoveAcceptance:
 
     def after(self, loss: torch.Tensor, batch) -> torch.Tensor:
         grads, new_loss = self.posterior.grad_fn(self.posterior.params, batch)
-        d = self.density
         with torch.no_grad():
-            drift = localized_drift(self.start, self.grad, d["center"], nbeta=d["nbeta"],
-                                    localization=d["localization"])  # fmt: skip
-            drift_new = localized_drift(self.params, grads, d["center"], nbeta=d["nbeta"],
-                                        localization=d["localization"])  # fmt: skip
-            log_ratio = log_acceptance_ratio(
-                torch._foreach_sub(self.params, self.start),
-                drift,
-                drift_new,
-                log_density(self.start, loss, **d),
-                log_density(self.params, new_loss, **d),
-                step_size=self.step_size,
-            )
+            log_ratio = move_log_ratio(self.start, self.params, self.grad, grads, loss, new_loss,
+                                       **self.density, step_size=self.step_size)  # fmt: skip
             return acceptance_probability(log_ratio)
 
 

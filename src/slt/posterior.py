@@ -356,7 +356,8 @@ class Posterior:
                 return self.loss_fn(self.reference, batch).detach(), self.grad_fn
         center = list(self.center.values())
         loss = self.loss_fn(self.reference, batch)
-        correction = torch._foreach_sub(self._grads(loss, center), self.init_grad)
+        correction = self._grads(loss, center)
+        torch._foreach_sub_(correction, self.init_grad)  # in place: one parameter set fewer
         return loss.detach(), partial(self.grad_fn, correction=correction)
 
 

@@ -34,6 +34,7 @@ from slt.chains import _CHECK_EVERY, Trace, chain_generators, flush_denormals
 from slt.losses import LossModule
 from slt.posterior import Posterior, batch_mean
 from slt.samplers.base import ChainGenerators, Kernel
+from slt.samplers.mala import acceptance_probability, move_log_ratio
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
 VMAP_MIN_CHAINS = 4  # chain_method="auto" takes vmap from this many chains (bench_vmap.py)
@@ -169,49 +170,6 @@ def _twice(batch: Any) -> Any:
     return type(batch)(_twice(v) for v in batch)
 
 
-def _chain_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(chain,) float64 sums over every non-chain element of each tensor, added up."""
-    return sum(t.reshape(t.shape[0], -1).to(torch.float64).sum(1) for t in tensors)
-
-
-def move_acceptance(
-    start: list[torch.Tensor],
-    grad: list[torch.Tensor],
-    loss: torch.Tensor,
-    params: list[torch.Tensor],
-    grad_new: list[torch.Tensor],
-    loss_new: torch.Tensor,
-    center: list[torch.Tensor],
-    *,
-    nbeta: float,
-    localization: float,
-    step_size: float,
-) -> torch.Tensor:
-    """(chain,) MALA acceptance min(1, r) of the moves ``start`` → ``params`` (stacked),
-    log r = log p(w') − log p(w) − ½ Δ·(g + g') − (ε/8)(‖g'‖² − ‖g‖²) with
-    log p = −nβ L_B − (γ/2)‖w − w*‖² and g = ∇log p, per chain (see
-    :func:`slt.samplers.mala.log_acceptance_ratio`)."""
-
-    def drift(w, g):
-        return [-nbeta * gi - localization * (wi - ci) for wi, gi, ci in zip(w, g, center)]
-
-    def log_p(w, value):
-        offsets = [wi - ci for wi, ci in zip(w, center)]
-        return -nbeta * value.to(torch.float64) - 0.5 * localization * _chain_sum(
-            [o * o for o in offsets]
-        )
-
-    g, g_new = drift(start, grad), drift(params, grad_new)
-    delta = [a - b for a, b in zip(params, start)]
-    log_ratio = (
-        log_p(params, loss_new)
-        - log_p(start, loss)
-        - 0.5 * _chain_sum([d * (a + b) for d, a, b in zip(delta, g, g_new)])
-        - step_size / 8 * (_chain_sum([b * b for b in g_new]) - _chain_sum([a * a for a in g]))
-    )
-    return torch.nan_to_num(torch.exp(torch.clamp(log_ratio, max=0.0)), nan=0.0)
-
-
 def run_chains_vmap(
     posterior: Posterior,
     kernel: Kernel,
@@ -269,11 +227,12 @@ def run_chains_vmap(
                     params = list(state.params.values())
                     grad_new, loss_new = step.probe(state.params, batch)
                     with torch.no_grad():
-                        acceptance[:, t] = move_acceptance(
-                            start, record, loss, params, grad_new, loss_new, center,
+                        log_ratio = move_log_ratio(
+                            start, params, record, grad_new, loss, loss_new, center,
                             nbeta=posterior.nbeta, localization=posterior.localization,
-                            step_size=step_size,
+                            step_size=step_size, chains=True,
                         )  # fmt: skip
+                        acceptance[:, t] = acceptance_probability(log_ratio)
             losses[:, t] = loss
             if center_loss is not None:
                 center_losses[:, t] = center_loss
