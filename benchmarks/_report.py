@@ -55,7 +55,7 @@ def summary(results: list[dict]) -> str:
     """Per case: the figures the issue sets targets for."""
     rows = [
         "| case | devinterp llc() ÷ slt per estimate: defaults / plain SGLD (target) "
-        "| slt(none) step ÷ SGD step (≤ 1.1) | slt fixed ms per chain (≤ 50) "
+        "| slt(none, loop) step ÷ SGD step (≤ 1.1) | slt fixed ms per chain (≤ 50) "
         "| peak +MB slt defaults / plain / devinterp llc() |",
         "|---|---|---:|---:|---:|",
     ]

@@ -10,7 +10,7 @@ reassociation (tested).
 
 For small models the step is dominated by per-operation overhead, which vmap pays once for
 all chains: measured on 2 CPU cores with the defaults, 16 chains of a 10-parameter
-regression took 83 µs per chain-step against 368 µs in the loop (benchmarks/bench_vmap.py).
+regression took 71 µs per chain-step against 386 µs in the loop (benchmarks/bench_vmap.py).
 The gradient control variate evaluates w* in the same pass as the chains (w and w* stacked
 to 2C "chains"). The MALA acceptance of
 SGLD moves (every ``acceptance_every`` steps) is computed per chain with the formulas of
