@@ -10,8 +10,8 @@ import torch
 
 import slt
 from slt import zoo
-from slt.calibrate import top_hessian_eigenvalue
 from slt.chains import flush_denormals
+from slt.curvature import top_hessian_eigenvalue
 from slt.posterior import Posterior
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from slt.curvature import minibatch_gradient_variance, top_hessian_eigenvalue
 from slt.losses import LossFn
-from slt.posterior import Posterior
 
 
 @dataclass(frozen=True)
@@ -125,46 +125,6 @@ class CalibrationResult:
         bottom.set(xlabel="step size ε", ylabel="MALA acceptance", xscale="log", ylim=(0, 1.05))
         fig.tight_layout()
         return fig
-
-
-def top_hessian_eigenvalue(
-    posterior: Posterior, batch, *, iters: int = 20, seed: int = 0, at_center: bool = True
-) -> float:
-    """Largest |eigenvalue| of the Hessian of L_B at w* (or, with ``at_center=False``, at
-    the posterior's current parameters), by power iteration on Hessian-vector products."""
-    params = list((posterior.reset() if at_center else posterior.params).values())
-    g = torch.Generator(device=posterior.device).manual_seed(seed)
-    v = [torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) for p in params]
-    eig = 0.0
-    for _ in range(iters):
-        norm = torch.sqrt(sum((x * x).sum() for x in v))
-        v = [x / norm for x in v]
-        loss = posterior.loss_fn(posterior.module, batch)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, allow_unused=True)
-        hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
-        eig = float(sum((a * b).sum() for a, b in zip(hv, v)))
-        v = hv
-        if not any(x.abs().sum() > 0 for x in v):
-            return 0.0
-    return abs(eig)
-
-
-def minibatch_gradient_variance(
-    posterior: Posterior, *, num_batches: int = 16, seed: int = 0
-) -> float:
-    """Mean over coordinates of Var[∇L_B(w*)] across ``num_batches`` minibatches."""
-    params = list(posterior.reset().values())
-    stream = posterior.batches.forever(torch.Generator().manual_seed(seed))
-    flats = []
-    for _ in range(num_batches):
-        loss = posterior.loss_fn(posterior.module, next(stream))
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flats.append(torch.cat([
-            (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)
-        ]).double())  # fmt: skip
-    stacked = torch.stack(flats)
-    return float(stacked.var(dim=0, unbiased=True).mean())
 
 
 def _stationary(llc_trace: np.ndarray, diverged: np.ndarray) -> bool:

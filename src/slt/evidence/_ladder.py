@@ -15,7 +15,7 @@ is an unbiased estimate of n L_n(w_t) (exact with the full batch).
 
 Step size per rung: ε_β = ``step_scale`` / (nβ q + 1/σ²) (MALA: also divided by d^(1/3)),
 with q the largest Hessian eigenvalue of L_n (power iteration,
-:func:`slt.calibrate.top_hessian_eigenvalue`) over the chains' starting points and w*. For a
+:func:`slt.curvature.top_hessian_eigenvalue`) over the chains' starting points and w*. For a
 Gaussian direction of precision P, full-batch SGLD inflates the variance by 1/(1 - εP/4)
 (``slt.calibrate``), so ``step_scale`` = 0.04 keeps that at 1% in the stiffest direction
 seen; MALA is exact at any step and takes εP = 2.5 d^(-1/3).
@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from slt import _checks
-from slt.calibrate import top_hessian_eigenvalue
 from slt.chains import DivergenceError, run_chains
+from slt.curvature import top_hessian_eigenvalue
 from slt.data import BatchStream, batch_size
 from slt.posterior import Posterior, check_scalar_loss
 from slt.samplers import FULL_BATCH, SAMPLERS
