@@ -1,10 +1,12 @@
 """Chains in a loop against all chains in one vmapped step, per chain-step.
 
-    python benchmarks/bench_vmap.py [--quick]
+    python benchmarks/bench_vmap.py [--quick] [--mlp]
 
 Same model, data, settings and seeds for both, slt's defaults otherwise (gradient control
 variate, MALA acceptance probe every 20 steps); reports µs per chain-step (median of
 repeats, fixed cost removed by also timing a 1-step call) and the speed-up of vmap.
+``--mlp`` runs ReLU MLPs of 83k to 1.05M parameters at 4 chains instead: where the
+crossover lies that ``chain_method="auto"`` uses (``slt.vmapped.VMAP_MAX_PARAMS``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import torch
 
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import cases as bench_cases
 import slt
 from slt import zoo
 
@@ -37,17 +40,25 @@ def per_chain_step(case, method, chains, steps, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mlp", action="store_true", help="ReLU MLPs of 83k-1.05M parameters")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steps, repeats = (100, 3) if args.quick else (300, 5)
-    cases = [zoo.regular(10), zoo.deep_linear((8, 4, 8, 8), 4),
-             zoo.deep_linear((20, 40, 80, 80), 10)]  # fmt: skip
+    if args.mlp:  # realizable MLPs at their random init (benchmarks/cases.py), 4 chains
+        widths = [(64, 256, 256, 1), (128, 384, 384, 1), (256, 512, 512, 1), (256, 1024, 768, 1)]
+        cases = [bench_cases.realizable_mlp(w) for w in widths]
+        chain_counts = (4,)
+        steps = max(20, steps // 5)
+    else:
+        cases = [zoo.regular(10), zoo.deep_linear((8, 4, 8, 8), 4),
+                 zoo.deep_linear((20, 40, 80, 80), 10)]  # fmt: skip
+        chain_counts = (4, 8, 16)
     cpu = platform.processor() or platform.machine()
     print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
     print("| case | d | chains | loop µs/chain-step | vmap µs/chain-step | vmap speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
     for case in cases:
-        for chains in (4, 8, 16):
+        for chains in chain_counts:
             loop = per_chain_step(case, "loop", chains, steps, repeats)
             vmap = per_chain_step(case, "vmap", chains, steps, repeats)
             print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {vmap:.0f} "

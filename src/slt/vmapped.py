@@ -38,8 +38,9 @@ from slt.samplers.mala import acceptance_probability, move_log_ratio
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
 VMAP_MIN_CHAINS = 4  # chain_method="auto" takes vmap from this many chains (bench_vmap.py)
-# ... and up to this many sampled parameters: on CPU, 4 chains, vmap vs loop was 1.3x at
-# 10k parameters, 1.06x at 92k, 0.91x at 241k and 0.5x at 1.05M (benchmarks/README.md)
+# ... and up to this many sampled parameters: on CPU, 4 chains, vmap vs loop was 1.9x at
+# 10k parameters, 1.13x at 83k, 1.03x at 198k, 0.80x at 395k and 0.49x at 1.05M
+# (benchmarks/bench_vmap.py, README "Chains in one batched step")
 VMAP_MAX_PARAMS = 100_000
 
 
