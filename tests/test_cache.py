@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import slt
+import slt.posterior as posterior_module
 from slt import zoo
 from slt.sampling import build_posterior
 
@@ -73,3 +74,21 @@ def test_batch_mean_is_the_mean_of_the_indexed_rows():
     torch.testing.assert_close(batch_mean(values, index), values[index].mean(1))
     torch.testing.assert_close(batch_mean(values, index[0]), values[index[0]].mean())
     torch.testing.assert_close(batch_mean(table, slice(3, 9)), table[3:9].mean(0))
+
+
+@pytest.mark.parametrize("num_chains, built", [(4, False), (2, True)])
+def test_the_cache_is_built_only_when_the_loop_reads_it(num_chains, built, monkeypatch):
+    # the vmapped default (4 chains) stacks w* into its pass and never builds the
+    # per-sample table; the loop (2 chains) builds it on first use
+    calls = []
+    build = posterior_module.Posterior._build_cache
+
+    def spy(self):
+        calls.append(self)
+        build(self)
+
+    monkeypatch.setattr(posterior_module.Posterior, "_build_cache", spy)
+    case = zoo.regular(4, n=256)
+    slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=num_chains,
+                     num_draws=20, num_burnin=0, step_size=1e-4, progress=False)  # fmt: skip
+    assert bool(calls) == built
