@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -284,17 +284,61 @@ def calibrate(
                          stiffness, stationary, None, not reasons, tuple(reasons))  # fmt: skip
         return cand, q_here
 
+    tried, chosen, spent, confirmed, notes = _search(
+        trial, first, grid, num_candidates=num_candidates, max_pilot_steps=max_pilot_steps,
+        steps_per_stretch=num_chains * (num_burnin + num_draws), flat_tolerance=flat_tolerance,
+    )  # fmt: skip
+    return CalibrationResult(
+        step_size=chosen,
+        candidates=tuple(tried),
+        top_hessian_eigenvalue=q_max,
+        gradient_variance=grad_var,
+        nbeta=nb,
+        localization=gamma,
+        settings={
+            "sampler": sampler,
+            "control_variate": control_variate,
+            "num_chains": num_chains,
+            "num_draws": num_draws,
+            "num_burnin": num_burnin,
+            "seed": seed,
+            "max_stiff_bias": max_stiff_bias,
+            "min_acceptance": min_acceptance,
+            "max_noise_ratio": max_noise_ratio,
+            "flat_tolerance": flat_tolerance,
+            "pilot_steps": spent,
+        },
+        warnings=tuple(notes),
+        seconds=time.perf_counter() - start,
+        confirmed=confirmed,
+    )
+
+
+def _search(
+    trial: Callable[[float, int], tuple[Candidate, float]],
+    first: float,
+    grid: list[float] | None,
+    *,
+    num_candidates: int,
+    max_pilot_steps: int | None,
+    steps_per_stretch: int,
+    flat_tolerance: float,
+) -> tuple[list[Candidate], float, int, bool, list[str]]:
+    """Walk the candidates from the largest ε down (``grid``, or ``first``·2^-k) and stop
+    at the first passing candidate that its passing neighbour confirms (criterion 6) or
+    before the pilot budget runs out. Returns (candidates tried, chosen ε, pilot steps
+    spent, whether a neighbour confirmed the choice, warnings)."""
     tried: list[Candidate] = []
     chosen = None
     spent = 0
     for k in range(len(grid) if grid is not None else num_candidates):
         eps = grid[k] if grid is not None else first * 2.0**-k
         stretch = max(1, round(first / eps))
-        cost = num_chains * stretch * (num_burnin + num_draws)
+        cost = stretch * steps_per_stretch
         if tried and max_pilot_steps is not None and spent + cost > max_pilot_steps:
             break
         spent += cost
-        cand, q_here = trial(eps, stretch)
+        cand, _ = trial(eps, stretch)
         if tried and tried[-1].passed and cand.passed:
             prev = tried[-1]
             noise = 2 * math.hypot(prev.llc_std, cand.llc_std)
@@ -325,30 +369,7 @@ def calibrate(
                 f"no step size passed the criteria; using {chosen:.3g} — treat the estimate "
                 "with care (a larger localization, or more pilot steps, may help)"
             )
-    return CalibrationResult(
-        step_size=chosen,
-        candidates=tuple(tried),
-        top_hessian_eigenvalue=q_max,
-        gradient_variance=grad_var,
-        nbeta=nb,
-        localization=gamma,
-        settings={
-            "sampler": sampler,
-            "control_variate": control_variate,
-            "num_chains": num_chains,
-            "num_draws": num_draws,
-            "num_burnin": num_burnin,
-            "seed": seed,
-            "max_stiff_bias": max_stiff_bias,
-            "min_acceptance": min_acceptance,
-            "max_noise_ratio": max_noise_ratio,
-            "flat_tolerance": flat_tolerance,
-            "pilot_steps": spent,
-        },
-        warnings=tuple(notes),
-        seconds=time.perf_counter() - start,
-        confirmed=confirmed,
-    )
+    return tried, chosen, spent, confirmed, notes
 
 
 def _replace(c: Candidate, **changes) -> Candidate:
