@@ -53,16 +53,27 @@ class ChainGenerators:
 
     def __init__(self, generators: list[torch.Generator]):
         self.generators = generators
+        self._key = None
+        self._flat: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
 
     def noise_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Noise shaped like the chain-stacked ``params``: row c of one (chain, d) buffer
+        drawn from generator c in one call, exactly as the loop draws chain c's. The
+        buffer and its per-parameter views are reused from call to call (the kernels use
+        the noise at once), so a step allocates nothing."""
         first = params[0]
-        size = sum(p[0].numel() for p in params)
-        flat = torch.stack([
-            torch.randn(size, generator=g, device=first.device, dtype=first.dtype)
-            for g in self.generators
-        ])  # fmt: skip
-        chunks = flat.split([p[0].numel() for p in params], dim=1)
-        return [chunk.reshape(p.shape) for chunk, p in zip(chunks, params)]
+        key = (tuple(p.shape for p in params), first.dtype, first.device)
+        if key != self._key:
+            size = sum(p[0].numel() for p in params)
+            self._flat = torch.empty(len(self.generators), size, dtype=first.dtype,
+                                     device=first.device)  # fmt: skip
+            chunks = self._flat.split([p[0].numel() for p in params], dim=1)
+            self._parts = [chunk.view(p.shape) for chunk, p in zip(chunks, params)]
+            self._key = key
+        for row, g in zip(self._flat, self.generators):
+            torch.randn(row.shape, generator=g, out=row)
+        return self._parts
 
 
 def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
