@@ -93,6 +93,12 @@ class BatchStream:
         ):
             self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
 
+    def _batch_starts(self) -> range:
+        """The first row of each batch of an epoch on the fast path (a short last batch
+        unless the loader drops it)."""
+        n, bs = self.tensors[0].shape[0], self.loader.batch_size
+        return range(0, n - n % bs if self.loader.drop_last else n, bs)
+
     def indexed_epoch(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
         """One pass as (batch, sample indices); the indices are None off the fast path."""
         if self.tensors is None:
@@ -102,8 +108,7 @@ class BatchStream:
         n = self.tensors[0].shape[0]
         bs = self.loader.batch_size
         order = torch.randperm(n, generator=generator) if self.shuffle else None
-        stop = n - n % bs if self.loader.drop_last else n
-        for start in range(0, stop, bs):
+        for start in self._batch_starts():
             if order is None:
                 rows = slice(start, start + bs)
             else:
@@ -119,8 +124,8 @@ class BatchStream:
             raise ValueError("chain_indices needs a DataLoader over a TensorDataset")
         n = self.tensors[0].shape[0]
         bs = self.loader.batch_size
-        stop = n - n % bs if self.loader.drop_last else n
-        if stop == 0:
+        starts = self._batch_starts()
+        if not starts:
             raise ValueError("loader: yielded no batches (is the dataset empty?)")
         while True:
             if self.shuffle:
@@ -128,7 +133,7 @@ class BatchStream:
             else:
                 order = torch.arange(n).expand(len(generators), n)
             order = order.to(self.device)
-            for start in range(0, stop, bs):
+            for start in starts:
                 yield order[:, start : start + bs]
 
     def epoch(self, generator: torch.Generator) -> Iterator[Any]:

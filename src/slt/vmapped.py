@@ -12,11 +12,10 @@ For small models the step is dominated by per-operation overhead, which vmap pay
 all chains: measured on 2 CPU cores with the defaults, 16 chains of a 10-parameter
 regression took 71 µs per chain-step against 386 µs in the loop (benchmarks/bench_vmap.py).
 The gradient control variate evaluates w* in the same pass as the chains (w and w* stacked
-to 2C "chains"). The MALA acceptance of
-SGLD moves (every ``acceptance_every`` steps) is computed per chain with the formulas of
-:mod:`slt.samplers.mala`, reduced over each chain's parameters. Kernels whose update
-reduces over all parameters (SGNHT's thermostat, MALA's accept test) and per-sample
-recording are not supported here.
+to 2C "chains"). The MALA acceptance of SGLD moves (every ``acceptance_every`` steps) is
+computed per chain by :func:`slt.samplers.mala.move_log_ratio`, reduced over each chain's
+parameters. Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's
+accept test) and per-sample recording are not supported here.
 """
 
 from __future__ import annotations

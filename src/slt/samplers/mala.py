@@ -133,11 +133,9 @@ def move_log_ratio(
         return t.sum(dtype=torch.float64)
 
     value = -nbeta * (loss_new.to(torch.float64) - loss.to(torch.float64))
+    grad = localized_drift(start, grad, center, nbeta=nbeta, localization=localization)
+    grad_new = localized_drift(params, grad_new, center, nbeta=nbeta, localization=localization)
     for w, w1, g, g1, c in zip(start, params, grad, grad_new, center):
-        for x, gx in ((w, g), (w1, g1)):  # the drifts, in place
-            gx.mul_(-nbeta)
-            if localization != 0.0:
-                gx.add_(x, alpha=-localization).add_(c, alpha=localization)
         delta = torch.sub(w1, w)
         if localization != 0.0:
             both = torch.add(w, w1).sub_(c, alpha=2.0)
