@@ -1,0 +1,185 @@
+"""The vmapped step's gradient pass replayed from a traced graph (slt.traced): same numbers
+as the eager pass, reused across estimates of one architecture, never where it would be
+wrong."""
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+from slt import traced, zoo
+
+KW = dict(num_chains=4, num_draws=40, num_burnin=10, step_size=1e-4, chain_method="vmap",
+          progress=False, seed=3)  # fmt: skip
+
+
+@pytest.fixture
+def tracing(monkeypatch):
+    """Every vmapped run traces (however short), from an empty graph cache."""
+    monkeypatch.setattr(traced, "MIN_STEPS", 0)
+    monkeypatch.setattr(traced, "enabled", True)
+    monkeypatch.setattr(traced, "_CACHE", type(traced._CACHE)())
+
+
+def _estimate(model, loader, loss_fn, enabled, **kw):
+    traced.enabled = enabled
+    try:
+        return slt.estimate_llc(model, loader, loss_fn, **(KW | kw))
+    finally:
+        traced.enabled = True
+
+
+def _traced_and_eager(model, loader, loss_fn, **kw):
+    before = traced.traces
+    fast = _estimate(model, loader, loss_fn, True, **kw)
+    new = traced.traces - before
+    slow = _estimate(model, loader, loss_fn, False, **kw)
+    return fast, slow, new
+
+
+def _same(a, b):
+    np.testing.assert_array_equal(a.trace, b.trace)
+    np.testing.assert_array_equal(a.trace_at_center, b.trace_at_center)
+    np.testing.assert_array_equal(a.acceptance, b.acceptance)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+@pytest.mark.parametrize("control_variate", ["gradient", "loss", "none"])
+def test_traced_pass_gives_the_eager_numbers(tracing, no_cache, sampler, control_variate):
+    case = zoo.deep_linear((5, 4, 3), 2, n=512)
+    fast, slow, new = _traced_and_eager(case.model, case.loader(), case.loss_fn,
+                                        sampler=sampler, control_variate=control_variate,
+                                        acceptance_every=7 if sampler == "sgld" else 0)  # fmt: skip
+    assert new == 1
+    _same(fast, slow)
+
+
+class _Scaled(torch.nn.Module):
+    """A frozen layer, a buffer and a trainable layer: everything the model reads besides
+    the sampled parameters must reach the graph as an argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(3, 4)
+        self.frozen.requires_grad_(False)
+        self.head = torch.nn.Linear(4, 1)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.frozen(x))) * self.scale
+
+
+def _data(model, n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    with torch.no_grad():
+        y = model(x) + 0.3 * torch.randn(n, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,
+                                       shuffle=True)  # fmt: skip
+
+
+def test_frozen_parameters_and_buffers_are_arguments_not_constants(tracing):
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    loader = _data(model)
+    first, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3))
+    assert new == 1
+    _same(first, slow)
+    # another checkpoint of the architecture: new frozen weights and buffer, same graph
+    with torch.no_grad():
+        model.frozen.weight.mul_(-2.0)
+        model.scale.fill_(2.0)
+    second, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3))
+    assert new == 0
+    _same(second, slow)
+    assert not np.allclose(first.trace, second.trace)
+
+
+def test_graphs_are_reused_across_estimates_and_traced_again_for_new_python_state(tracing):
+    case = zoo.regular(4, n=256)
+    _, _, new = _traced_and_eager(case.model, case.loader(), case.loss_fn)
+    assert new == 1
+    _, _, new = _traced_and_eager(case.model, case.loader(), case.loss_fn, step_size=3e-5)
+    assert new == 0  # another step size and seed: the same graph
+    # σ is a Python float the graph holds: another σ is another graph, with its own numbers
+    fast, slow, new = _traced_and_eager(case.model, case.loader(), slt.gaussian_nll(2.0))
+    assert new == 1
+    _same(fast, slow)
+
+
+SCALE = 1.0
+
+
+def _global_scaled_loss(model, batch):  # reads a module global the fingerprint cannot see
+    x, y = batch
+    return SCALE * ((model(x) - y) ** 2).mean()
+
+
+def test_a_graph_that_no_longer_matches_the_eager_pass_is_not_used(tracing):
+    global SCALE
+    case = zoo.regular(3, n=256)
+    _, _, new = _traced_and_eager(case.model, case.loader(), _global_scaled_loss)
+    assert new == 1
+    SCALE = 3.0
+    try:  # the cached graph has 1.0 baked in; its first use is checked against eager
+        fast, slow, new = _traced_and_eager(case.model, case.loader(), _global_scaled_loss)
+    finally:
+        SCALE = 1.0
+    assert new == 0
+    _same(fast, slow)
+
+
+class _Unregistered(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.offset = torch.ones(1)  # a plain attribute, not a buffer
+
+    def forward(self, x):
+        return self.lin(x) + self.offset
+
+
+def test_what_cannot_be_traced_runs_eagerly(tracing):
+    torch.manual_seed(0)
+    model = _Unregistered().eval()
+    loader = _data(model)
+    fast, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3))
+    assert new == 0  # fake tensors refuse the unregistered tensor: no graph
+    _same(fast, slow)
+
+
+def test_models_with_hooks_are_not_traced(tracing):
+    case = zoo.regular(3, n=256)
+    model = case.model
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fast, slow, new = _traced_and_eager(model, case.loader(), case.loss_fn)
+    finally:
+        handle.remove()
+    assert new == 0
+    _same(fast, slow)
+    assert len(calls) >= 2 * 50  # the hook ran at every step of both runs
+
+
+def test_short_runs_stay_eager(monkeypatch):
+    monkeypatch.setattr(traced, "_CACHE", type(traced._CACHE)())
+    case = zoo.regular(3, n=256)
+    before = traced.traces
+    slt.estimate_llc(case.model, case.loader(), case.loss_fn,
+                     **(KW | dict(num_burnin=0, num_draws=traced.MIN_STEPS - 1)))  # fmt: skip
+    assert traced.traces == before
+
+
+def test_fingerprints():
+    fp = traced.fingerprint
+    assert fp(torch.nn.Linear(3, 2)) == fp(torch.nn.Linear(3, 2))
+    assert fp(torch.nn.Linear(3, 2)) != fp(torch.nn.Linear(3, 4))
+    assert fp(torch.nn.LeakyReLU(0.1)) != fp(torch.nn.LeakyReLU(0.2))
+    assert fp(slt.gaussian_nll(1.0)) == fp(slt.gaussian_nll(1.0))
+    assert fp(slt.gaussian_nll(1.0)) != fp(slt.gaussian_nll(2.0))
+    assert fp(_global_scaled_loss) is _global_scaled_loss
+    k = 2.0
+    assert fp(lambda model, batch: k * model(batch[0]).sum()) is None  # a closure
+    model = _Unregistered()
+    assert fp(model) is None  # a tensor attribute is not plain Python state
