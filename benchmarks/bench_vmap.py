@@ -4,7 +4,9 @@
 
 Same model, data, settings and seeds for both, slt's defaults otherwise (gradient control
 variate, MALA acceptance probe every 20 steps); reports µs per chain-step (median of
-repeats, fixed cost removed by also timing a 1-step call) and the speed-up of vmap.
+repeats, fixed cost removed by also timing a 1-step call) and the speed-up of vmap, with
+the gradient pass eager and replayed from its traced graph (``slt.traced``; estimates of
+``slt.traced.MIN_STEPS`` steps or more trace, and the timed runs here are forced to).
 ``--mlp`` runs ReLU MLPs of 83k to 1.05M parameters at 4 chains instead: where the
 crossover lies that ``chain_method="auto"`` uses (``slt.vmapped.VMAP_MAX_PARAMS``).
 """
@@ -20,10 +22,13 @@ import torch
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import cases as bench_cases
 import slt
+import slt.traced
 from slt import zoo
 
+MIN_STEPS = slt.traced.MIN_STEPS
 
-def per_chain_step(case, method, chains, steps, repeats):
+
+def per_chain_step(case, method, chains, steps, repeats, traced=False):
     kw = dict(
         step_size=5e-5, num_chains=chains, num_burnin=0, progress=False, chain_method=method
     )  # fmt: skip  (defaults otherwise: acceptance probe every 20)
@@ -33,8 +38,12 @@ def per_chain_step(case, method, chains, steps, repeats):
         slt.estimate_llc(case.model, case.loader(128), case.loss_fn, num_draws=draws, **kw)
         return time.perf_counter() - start
 
-    call(5)  # warm-up
-    return _common.per_chain_step(call, chains, steps, repeats)
+    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0
+    try:
+        call(5)  # warm-up (and the trace, cached for the timed calls)
+        return _common.per_chain_step(call, chains, steps, repeats)
+    finally:
+        slt.traced.enabled, slt.traced.MIN_STEPS = True, MIN_STEPS
 
 
 def main(argv=None):
@@ -55,14 +64,17 @@ def main(argv=None):
         chain_counts = (4, 8, 16)
     cpu = platform.processor() or platform.machine()
     print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
-    print("| case | d | chains | loop µs/chain-step | vmap µs/chain-step | vmap speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| case | d | chains | µs/chain-step: loop | vmap eager | vmap traced "
+          "| speed-up over the loop: eager / traced |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         for chains in chain_counts:
             loop = per_chain_step(case, "loop", chains, steps, repeats)
-            vmap = per_chain_step(case, "vmap", chains, steps, repeats)
-            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {vmap:.0f} "
-                  f"| {loop / vmap:.2f}x |", flush=True)  # fmt: skip
+            eager = per_chain_step(case, "vmap", chains, steps, repeats)
+            traced = per_chain_step(case, "vmap", chains, steps, repeats, traced=True)
+            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {eager:.0f} "
+                  f"| {traced:.0f} | {loop / eager:.2f}x / {loop / traced:.2f}x |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -183,3 +183,26 @@ def test_fingerprints():
     assert fp(lambda model, batch: k * model(batch[0]).sum()) is None  # a closure
     model = _Unregistered()
     assert fp(model) is None  # a tensor attribute is not plain Python state
+
+
+def test_the_replayed_graph_drops_detaches_and_same_shape_views():
+    from torch.func import vmap
+
+    def fn(batch, w):
+        leaves = w.detach().requires_grad_(True)
+        with torch.enable_grad():
+            values = vmap(lambda x, v: ((x @ v) ** 2).mean())(batch, leaves)
+            (grad,) = torch.autograd.grad(values.sum(), [leaves])
+        return [grad], values.detach()
+
+    batch, w = torch.randn(4, 16, 3), torch.randn(4, 3)
+    graph = traced._trace(fn, (batch, w))
+    (output,) = graph.graph.find_nodes(op="output")
+    kept = [n for n in graph.graph.nodes if n not in output.all_input_nodes]  # outputs stay
+    assert torch.ops.aten.detach.default not in [n.target for n in kept]
+    for node in kept:
+        if node.target in (torch.ops.aten.view.default, torch.ops.aten.expand.default):
+            assert node.meta["val"].shape != node.args[0].meta["val"].shape
+    grads, values = graph(batch, w)
+    expect_grads, expect_values = fn(batch, w)
+    assert torch.equal(grads[0], expect_grads[0]) and torch.equal(values, expect_values)

@@ -14,7 +14,10 @@ regression took 71 µs per chain-step against 386 µs in the loop (benchmarks/be
 The gradient control variate evaluates w* in the same pass as the chains (w and w* stacked
 to 2C "chains"). The MALA acceptance of SGLD moves (every ``acceptance_every`` steps) is
 computed per chain by :func:`slt.samplers.mala.move_log_ratio`, reduced over each chain's
-parameters. Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's
+parameters. In runs of :data:`slt.traced.MIN_STEPS` steps or more the gradient pass is
+replayed from a traced graph of its ATen operations (:mod:`slt.traced`): the same
+operations without the Python around them, so the same numbers, about twice as fast on a
+small model. Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's
 accept test) and per-sample recording are not supported here.
 """
 
@@ -39,9 +42,10 @@ from slt.traced import TracedPass, fingerprint, has_hooks
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
 VMAP_MIN_CHAINS = 4  # chain_method="auto" takes vmap from this many chains (bench_vmap.py)
-# ... and up to this many sampled parameters: on CPU, 4 chains, vmap vs loop was 1.9x at
-# 10k parameters, 1.13x at 83k, 1.03x at 198k, 0.80x at 395k and 0.49x at 1.05M
-# (benchmarks/bench_vmap.py, README "Chains in one batched step")
+# ... and up to this many sampled parameters: on CPU, 4 chains, vmap (eager / traced) vs
+# the loop was 1.18x / 1.30x at 83k parameters, 1.00x / 1.07x at 198k, 0.88x / 0.92x at
+# 395k and 0.49x / 0.50x at 1.05M (benchmarks/bench_vmap.py, README "Chains in one batched
+# step")
 VMAP_MAX_PARAMS = 100_000
 
 
