@@ -154,3 +154,20 @@ def test_vmap_equals_the_loop_with_tied_weights():
     vm = slt.estimate_llc(model, loader, loss_fn, chain_method="vmap", **kw)
     np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
     np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)
+
+
+def test_auto_takes_vmap_from_two_chains_where_the_pass_will_be_traced(monkeypatch):
+    from slt import traced
+
+    case = zoo.regular(3, n=256)
+    kw = dict(num_chains=2, num_draws=30, num_burnin=0, progress=False, seed=2)
+    monkeypatch.setattr(traced, "_CACHE", type(traced._CACHE)())
+    before = traced.traces
+    loop = slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="loop", **kw)
+    short = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
+    assert traced.traces == before  # 30 < MIN_STEPS: the loop
+    monkeypatch.setattr(traced, "MIN_STEPS", 30)
+    auto = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
+    assert traced.traces == before + 1  # the vmapped step, traced
+    np.testing.assert_array_equal(short.trace, loop.trace)
+    np.testing.assert_allclose(auto.trace, loop.trace, rtol=1e-5)

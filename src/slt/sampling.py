@@ -16,7 +16,7 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.posterior import Posterior
 from slt.result import LLCResult
 from slt.samplers import FULL_BATCH, SAMPLERS
-from slt.vmapped import VMAP_MAX_PARAMS, VMAP_MIN_CHAINS, VMAP_SAMPLERS
+from slt.vmapped import VMAP_MAX_PARAMS, VMAP_SAMPLERS, vmap_min_chains
 
 # Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
 # Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
@@ -128,7 +128,7 @@ def sample_llc(
     auto_vmap = (
         chain_method == "auto"
         and vmappable
-        and num_chains >= VMAP_MIN_CHAINS
+        and num_chains >= vmap_min_chains(posterior.module, num_burnin + num_draws)
         and posterior.num_params <= VMAP_MAX_PARAMS
     )
     if chain_method == "vmap" or auto_vmap:

@@ -11,7 +11,8 @@ ReLU MLP at 8 took 1.73 ms against 2.11 (the rest of its step is arithmetic).
 
 Nothing here is compiled (that is ``compile=True``, :mod:`slt.compiled`): the graph holds
 the eager operations, so its numbers are the eager pass's. Each graph is checked bit for bit
-against the eager pass on its first use in a run and discarded if it differs; a function
+against the eager pass on its first use in a run: a graph kept from an earlier run that
+differs is traced again, one that still differs is not used; a function
 that cannot be traced (data-dependent Python control flow, a tensor the graph was not given)
 runs eagerly. Tracing is on ``fake`` tensors, so any tensor the function reads must be one
 of its arguments: the vmapped step passes every parameter and buffer of the model.
@@ -30,6 +31,7 @@ Tracing costs ~0.05-0.2 s per graph, and the first trace in a process imports
 
 from __future__ import annotations
 
+import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +45,7 @@ MIN_STEPS = 500  # shorter vmapped runs do not trace (see the module docstring)
 traces = 0  # graphs traced so far in this process (tests count them)
 _CACHE_SIZE = 64
 _CACHE: OrderedDict[tuple, Callable | None] = OrderedDict()  # None: could not be traced
+_LOCK = threading.Lock()  # one trace at a time: make_fx keeps global tracing state
 _PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _MODULE_OWN = {"_parameters", "_buffers", "_modules"}
@@ -77,18 +80,25 @@ class TracedPass:
 
     def _first_use(self, signature: tuple, args: tuple) -> tuple[Callable | None, Any]:
         """The graph for ``signature`` (shared, or traced now) if it reproduces the eager
-        result on ``args`` exactly, else None; and the eager result."""
+        result on ``args`` exactly, else None; and the eager result. A shared graph that
+        does not (Python state the fingerprint missed) is traced again."""
         key = None if self.key is None else (self.key, signature)
-        graph = _CACHE.get(key, False) if key is not None else False
-        if graph is False:
-            graph = _trace(self.fn, args)
-            if key is not None:
-                _remember(key, graph)
+        with _LOCK:
+            graph = _CACHE.get(key, False) if key is not None else False
+            shared = graph is not False
+            if not shared:
+                graph = _trace(self.fn, args)
         result = self.fn(*args)
         if graph is not None and not _same(graph(*args), result):
-            graph = None  # e.g. Python state the fingerprint missed: run eagerly
-            if key is not None:
-                _remember(key, None)
+            graph = None
+            if shared:
+                with _LOCK:
+                    graph = _trace(self.fn, args)
+                if graph is not None and not _same(graph(*args), result):
+                    graph = None
+        if key is not None:
+            with _LOCK:
+                _remember(key, graph)
         return graph, result
 
 

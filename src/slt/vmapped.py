@@ -41,7 +41,11 @@ from slt.samplers.mala import acceptance_probability, move_log_ratio
 from slt.traced import TracedPass, fingerprint, has_hooks
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
-VMAP_MIN_CHAINS = 4  # chain_method="auto" takes vmap from this many chains (bench_vmap.py)
+# chain_method="auto" takes vmap from this many chains: 4 where the pass runs eagerly, 2
+# where it will be traced (bench_vmap.py, 1 thread: traced vmap over the loop was 1.0-1.3x
+# at 1 chain, 1.2-2.0x at 2, eager vmap 0.6-0.9x at 1 chain, 1.06-1.3x at 2, 1.2-1.7x at 3)
+VMAP_MIN_CHAINS = 4
+VMAP_MIN_CHAINS_TRACED = 2
 # ... and up to this many sampled parameters: on CPU, 4 chains, vmap (eager / traced) vs
 # the loop was 1.18x / 1.30x at 83k parameters, 1.00x / 1.07x at 198k, 0.88x / 0.92x at
 # 395k and 0.49x / 0.50x at 1.05M (benchmarks/bench_vmap.py, README "Chains in one batched
@@ -179,6 +183,15 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
     # every 20 steps would not repay tracing its own graph
     step.probe = lambda params, batch: grad_chains(list(params.values()), batch, fast=False)
     return state, step
+
+
+def vmap_min_chains(module: torch.nn.Module, num_steps: int) -> int:
+    """The fewest chains from which ``chain_method="auto"`` takes vmap for ``module`` in a
+    run of ``num_steps`` steps: fewer where the gradient pass will be traced. (An untraced
+    fallback at 2 chains still runs about as fast as the loop.)"""
+    if tracing.enabled and num_steps >= tracing.MIN_STEPS and not has_hooks(module):
+        return VMAP_MIN_CHAINS_TRACED
+    return VMAP_MIN_CHAINS
 
 
 def _has_tied_parameters(module: torch.nn.Module) -> bool:
