@@ -206,3 +206,21 @@ def test_the_replayed_graph_drops_detaches_and_same_shape_views():
     grads, values = graph(batch, w)
     expect_grads, expect_values = fn(batch, w)
     assert torch.equal(grads[0], expect_grads[0]) and torch.equal(values, expect_values)
+
+
+def test_short_runs_use_a_graph_traced_by_an_earlier_run(tracing, monkeypatch):
+    case = zoo.regular(4, n=256)
+    monkeypatch.setattr(traced, "MIN_STEPS", 50)
+    before, reused = traced.traces, traced.reuses
+    long = _estimate(case.model, case.loader(), case.loss_fn, True)  # 50 steps: traces
+    assert traced.traces == before + 1
+    short_kw = dict(num_burnin=0, num_draws=20, seed=5)
+    fast = _estimate(case.model, case.loader(), case.loss_fn, True, **short_kw)
+    assert traced.traces == before + 1 and traced.reuses == reused + 1
+    slow = _estimate(case.model, case.loader(), case.loss_fn, False, **short_kw)
+    _same(fast, slow)
+    assert np.isfinite(long.llc)
+    # without an earlier graph a short run neither traces nor uses one
+    other = zoo.regular(5, n=256)
+    _estimate(other.model, other.loader(), other.loss_fn, True, **short_kw)
+    assert traced.traces == before + 1 and traced.reuses == reused + 1

@@ -24,7 +24,8 @@ that Python state (:func:`fingerprint`), so the next estimate of the same archit
 the next training checkpoint, the next step size — reuses them; where the state cannot be
 fingerprinted (a closure, an arbitrary object attribute) the graph lives for one run.
 Tracing costs ~0.05-0.2 s per graph, and the first trace in a process imports
-``torch._dynamo`` (~1.3 s, once), so runs shorter than :data:`MIN_STEPS` stay eager.
+``torch._dynamo`` (~1.3 s, once), so runs shorter than :data:`MIN_STEPS` trace nothing:
+they replay a graph an earlier run left, if there is one, and otherwise run eagerly.
 
 ``slt.traced.enabled = False`` turns tracing off (every vmapped step then runs eagerly).
 """
@@ -43,6 +44,7 @@ from torch.utils import _pytree as pytree
 enabled = True
 MIN_STEPS = 500  # shorter vmapped runs do not trace (see the module docstring)
 traces = 0  # graphs traced so far in this process (tests count them)
+reuses = 0  # graphs taken from an earlier run, checked and used
 _CACHE_SIZE = 64
 _CACHE: OrderedDict[tuple, Callable | None] = OrderedDict()  # None: could not be traced
 _LOCK = threading.Lock()  # one trace at a time: make_fx keeps global tracing state
@@ -55,14 +57,17 @@ class TracedPass:
     """``fn(batch, *tensors)`` replayed from one traced graph per argument signature.
 
     ``key``: a hashable fingerprint of the Python state ``fn`` reads (see
-    :func:`fingerprint`), or None to keep the graphs for this object's life only. Within
+    :func:`fingerprint`), or None to keep the graphs for this object's life only. With
+    ``trace=False`` only graphs kept from earlier runs are used (a short run gains from
+    them but would not repay a trace of its own); otherwise ``fn`` runs eagerly. Within
     one object the tensors after ``batch`` must keep their shapes, dtypes and devices from
     call to call (a run's parameters do), so a call looks its graph up by the batch's
     shapes alone."""
 
-    def __init__(self, fn: Callable, key: Any = None):
+    def __init__(self, fn: Callable, key: Any = None, *, trace: bool = True):
         self.fn = fn
         self.key = key
+        self.trace = trace
         self._graphs: dict[Any, Callable | None] = {}
 
     def __call__(self, batch: Any, *tensors: torch.Tensor) -> Any:
@@ -82,21 +87,27 @@ class TracedPass:
         """The graph for ``signature`` (shared, or traced now) if it reproduces the eager
         result on ``args`` exactly, else None; and the eager result. A shared graph that
         does not (Python state the fingerprint missed) is traced again."""
+        global reuses
         key = None if self.key is None else (self.key, signature)
         with _LOCK:
             graph = _CACHE.get(key, False) if key is not None else False
-            shared = graph is not False
-            if not shared:
+        shared = graph is not False
+        if not shared and not self.trace:
+            return None, self.fn(*args)
+        if not shared:
+            with _LOCK:
                 graph = _trace(self.fn, args)
         result = self.fn(*args)
         if graph is not None and not _same(graph(*args), result):
             graph = None
-            if shared:
+            if shared and self.trace:
                 with _LOCK:
                     graph = _trace(self.fn, args)
                 if graph is not None and not _same(graph(*args), result):
                     graph = None
-        if key is not None:
+        elif shared and graph is not None:
+            reuses += 1
+        if key is not None and self.trace:  # a short run leaves the shared graphs as they are
             with _LOCK:
                 _remember(key, graph)
         return graph, result

@@ -14,10 +14,10 @@ regression took 71 µs per chain-step against 386 µs in the loop (benchmarks/be
 The gradient control variate evaluates w* in the same pass as the chains (w and w* stacked
 to 2C "chains"). The MALA acceptance of SGLD moves (every ``acceptance_every`` steps) is
 computed per chain by :func:`slt.samplers.mala.move_log_ratio`, reduced over each chain's
-parameters. In runs of :data:`slt.traced.MIN_STEPS` steps or more the gradient pass is
-replayed from a traced graph of its ATen operations (:mod:`slt.traced`): the same
-operations without the Python around them, so the same numbers, about twice as fast on a
-small model. Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's
+parameters. The gradient pass is replayed from a traced graph of its ATen operations
+(:mod:`slt.traced`) — traced in runs of :data:`slt.traced.MIN_STEPS` steps or more, reused
+by any run after — the same operations without the Python around them, so the same
+numbers, about twice as fast on a small model. Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's
 accept test) and per-sample recording are not supported here.
 """
 
@@ -76,10 +76,11 @@ Stepper = tuple[Any, Callable[[Any, Any, ChainGenerators], tuple[Any, torch.Tens
 
 
 def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
-               traced: bool = False) -> Stepper:  # fmt: skip
+               trace: bool = False) -> Stepper:  # fmt: skip
     """The initial state and the step of ``kernel`` on all chains at once, in eager mode.
-    With ``traced``, the chains' gradient pass is replayed from a traced graph where it
-    can be (:mod:`slt.traced`; same numbers)."""
+    The chains' gradient pass is replayed from a traced graph where one can be
+    (:mod:`slt.traced`; same numbers): traced now if ``trace``, else only a graph kept from
+    an earlier run."""
     module = LossModule(posterior.module, posterior.loss_fn)
     names = posterior.names
     # everything else the model reads (frozen parameters, buffers) is passed in too, unbatched,
@@ -111,10 +112,11 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
         return grads, values.detach()
 
     fast_pass = gradient_pass
-    if traced and not has_hooks(posterior.module):
+    if tracing.enabled and not has_hooks(posterior.module):
         shape = fingerprint(posterior.module), fingerprint(posterior.loss_fn)
         key = None if None in shape else (*shape, tuple(keys), tied)
-        fast_pass = TracedPass(gradient_pass, key)
+        if trace or key is not None:
+            fast_pass = TracedPass(gradient_pass, key, trace=trace)
 
     def grad_chains(params: list[torch.Tensor], batch, fast: bool = True):
         return (fast_pass if fast else gradient_pass)(batch, *params, *extras)
@@ -231,8 +233,8 @@ def run_chains_vmap(
     eager = stepper is None
     if acceptance_every and (not eager or step_size is None):
         raise ValueError("run_chains_vmap: acceptance_every > 0 needs the eager step and step_size")
-    traced = tracing.enabled and num_steps >= tracing.MIN_STEPS
-    state, step = stepper or eager_step(posterior, kernel, num_chains, traced=traced)
+    trace = num_steps >= tracing.MIN_STEPS  # shorter runs use only graphs traced before
+    state, step = stepper or eager_step(posterior, kernel, num_chains, trace=trace)
     center = [v.detach().unsqueeze(0) for v in posterior.anchor.values()]
     record: list[torch.Tensor] = []
     shape = (num_chains, num_steps)
