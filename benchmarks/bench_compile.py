@@ -3,7 +3,9 @@
     python benchmarks/bench_compile.py [--quick]
 
 For each model and chain count: µs per chain-step of ``estimate_llc`` with
-``chain_method="loop"``, ``"vmap"``, and ``"vmap"`` with ``compile=True`` (median of
+``chain_method="loop"``, ``"vmap"`` (its gradient pass eager, and replayed from its traced
+graph as in runs of ``slt.traced.MIN_STEPS`` steps or more), and ``"vmap"`` with
+``compile=True`` (median of
 repeats, fixed cost removed by also timing a 1-step call); the seconds the first compiled
 call took beyond an eager one (compilation); the same for a second estimate on a perturbed
 copy of the model (a "checkpoint": should be ~0 s and compile no graph); and the largest
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import slt  # noqa: E402
+import slt.traced  # noqa: E402
 from slt import compiled, zoo  # noqa: E402
 
 
@@ -38,11 +41,17 @@ def timed(case, model, chains, draws, chain_method="vmap", **kw):
     return time.perf_counter() - start, res
 
 
-def per_chain_step(case, chains, steps, repeats, **kw):
+def per_chain_step(case, chains, steps, repeats, traced=False, **kw):
     def call(draws):
         return timed(case, case.model, chains, draws, **kw)[0]
 
-    return _common.per_chain_step(call, chains, steps, repeats)
+    min_steps = slt.traced.MIN_STEPS
+    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0  # traced: every run traces
+    try:
+        call(5)  # warm-up (and the trace, cached for the timed calls)
+        return _common.per_chain_step(call, chains, steps, repeats)
+    finally:
+        slt.traced.enabled, slt.traced.MIN_STEPS = True, min_steps
 
 
 def main(argv=None):
@@ -55,10 +64,11 @@ def main(argv=None):
     cpu = platform.processor() or platform.machine()
     print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
     print(
-        "| case | d | chains | compile s | checkpoint s (graphs) | loop µs/chain-step "
-        "| vmap µs/chain-step | compiled µs/chain-step | speed-up over vmap | max trace diff |"
+        "| case | d | chains | compile s | checkpoint s (graphs) | µs/chain-step: loop "
+        "| vmap eager | vmap traced | compiled | compiled speed-up over eager / traced "
+        "| max trace diff |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         for chains in (4, 16):
             eager_short, ref = timed(case, case.model, chains, 20)
@@ -74,10 +84,12 @@ def main(argv=None):
             graphs = compiled.compilations - before
             loop = per_chain_step(case, chains, steps, repeats, chain_method="loop")
             eager = per_chain_step(case, chains, steps, repeats)
+            traced = per_chain_step(case, chains, steps, repeats, traced=True)
             fast = per_chain_step(case, chains, steps, repeats, compile=True)
             print(f"| {case.name} | {case.num_params} | {chains} | {first - eager_short:.1f} "
-                  f"| {again - eager_again:.2f} ({graphs}) | {loop:.0f} | {eager:.0f} | {fast:.0f} "
-                  f"| {eager / fast:.1f}x | {diff:.1e} |", flush=True)  # fmt: skip
+                  f"| {again - eager_again:.2f} ({graphs}) | {loop:.0f} | {eager:.0f} "
+                  f"| {traced:.0f} | {fast:.0f} | {eager / fast:.1f}x / {traced / fast:.1f}x "
+                  f"| {diff:.1e} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
