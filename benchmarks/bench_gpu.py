@@ -5,8 +5,9 @@
 Needs CUDA (exits with a message otherwise); finishes in a few minutes on one GPU.
 ``--device cpu --smoke`` is a dry run of the same code on the CPU (tiny settings, two
 small cases) so that the script is known to work before a GPU is lent. Reports
-µs per chain-step for the loop and vmap paths, the speed-up, λ̂ against the known λ, and
-peak GPU memory, with the date and the GPU's name.
+µs per chain-step for the loop and vmap paths (vmap with its gradient pass eager and
+replayed from the traced graph, ``slt.traced``), the speed-ups, λ̂ against the known λ,
+and peak GPU memory, with the date and the GPU's name.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import torch
 
 import slt
+import slt.traced
 from slt import zoo
 
 
@@ -33,7 +35,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench(case, method, chains, draws, repeats, device):
+def bench(case, method, chains, draws, repeats, device, traced=False):
+    min_steps = slt.traced.MIN_STEPS
+    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0  # traced: every run traces
+    try:
+        return _bench(case, method, chains, draws, repeats, device)
+    finally:
+        slt.traced.enabled, slt.traced.MIN_STEPS = True, min_steps
+
+
+def _bench(case, method, chains, draws, repeats, device):
     model, loader = _to(case, device)
     kw = dict(step_size=1e-5, localization=10.0, num_chains=chains, num_burnin=0,
               acceptance_every=0, progress=False, chain_method=method)  # fmt: skip
@@ -80,17 +91,18 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{device} (dry run)"
     print(f"{time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}")
     print(
-        "| case | d | chains | loop µs/chain-step | vmap µs/chain-step | speed-up "
-        "| λ̂ loop | λ̂ vmap | λ | peak MiB |"
+        "| case | d | chains | µs/chain-step: loop | vmap eager | vmap traced "
+        "| speed-up over the loop: eager / traced | λ̂ loop | λ̂ vmap | λ | peak MiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         for chains in (4, 16):
             loop, l1, _ = bench(case, "loop", chains, draws, repeats, device)
             vm, l2, mem = bench(case, "vmap", chains, draws, repeats, device)
-            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {vm:.0f} | "
-                  f"{loop / vm:.1f}x | {l1:.4g} | {l2:.4g} | {float(case.lam):g} | {mem:.0f} |",
-                  flush=True)  # fmt: skip
+            tr, _, _ = bench(case, "vmap", chains, draws, repeats, device, traced=True)
+            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {vm:.0f} "
+                  f"| {tr:.0f} | {loop / vm:.1f}x / {loop / tr:.1f}x | {l1:.4g} | {l2:.4g} "
+                  f"| {float(case.lam):g} | {mem:.0f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
