@@ -224,3 +224,38 @@ def test_short_runs_use_a_graph_traced_by_an_earlier_run(tracing, monkeypatch):
     other = zoo.regular(5, n=256)
     _estimate(other.model, other.loader(), other.loss_fn, True, **short_kw)
     assert traced.traces == before + 1 and traced.reuses == reused + 1
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.gelu(self.norm(self.emb(x))).mean(1))
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.norm = torch.nn.BatchNorm2d(4)  # eval mode: its running statistics are buffers
+        self.drop = torch.nn.Dropout(0.2)
+        self.out = torch.nn.Linear(4 * 6 * 6, 1)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.relu(self.norm(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["tokens", "conv"])
+def test_common_layers_are_traced_and_give_the_eager_numbers(tracing, kind):
+    torch.manual_seed(0)
+    model = (_Tokens() if kind == "tokens" else _Conv()).eval()
+    x = torch.randint(0, 20, (256, 6)) if kind == "tokens" else torch.randn(256, 1, 8, 8)
+    data = torch.utils.data.TensorDataset(x, torch.randn(256, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    fast, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(1.0), step_size=1e-5)
+    assert new == 1
+    _same(fast, slow)
