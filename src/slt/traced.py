@@ -12,10 +12,10 @@ ReLU MLP at 8 took 1.73 ms against 2.11 (the rest of its step is arithmetic).
 Nothing here is compiled (that is ``compile=True``, :mod:`slt.compiled`): the graph holds
 the eager operations, so its numbers are the eager pass's. Each graph is checked bit for bit
 against the eager pass on its first use in a run: a graph kept from an earlier run that
-differs is traced again, one that still differs is not used; a function
-that cannot be traced (data-dependent Python control flow, a tensor the graph was not given)
-runs eagerly. Tracing is on ``fake`` tensors, so any tensor the function reads must be one
-of its arguments: the vmapped step passes every parameter and buffer of the model.
+differs is traced again, one that still differs is not used; a function that cannot be
+traced (data-dependent Python control flow, a tensor the graph was not given) runs eagerly.
+Tracing is on ``fake`` tensors, so any tensor the function reads must be one of its
+arguments: the vmapped step passes every parameter and buffer of the model.
 
 A graph is specialised to its arguments' shapes, dtypes and devices, and holds as constants
 whatever plain Python values the traced code read (a layer's sizes, a loss's σ). Graphs are
@@ -106,7 +106,8 @@ class TracedPass:
                 if graph is not None and not _same(graph(*args), result):
                     graph = None
         elif shared and graph is not None:
-            reuses += 1
+            with _LOCK:
+                reuses += 1
         if key is not None and self.trace:  # a short run leaves the shared graphs as they are
             with _LOCK:
                 _remember(key, graph)

@@ -17,8 +17,9 @@ computed per chain by :func:`slt.samplers.mala.move_log_ratio`, reduced over eac
 parameters. The gradient pass is replayed from a traced graph of its ATen operations
 (:mod:`slt.traced`) — traced in runs of :data:`slt.traced.MIN_STEPS` steps or more, reused
 by any run after — the same operations without the Python around them, so the same
-numbers, about twice as fast on a small model. Kernels whose update reduces over all parameters (SGNHT's thermostat, MALA's
-accept test) and per-sample recording are not supported here.
+numbers, about twice as fast on a small model. Kernels whose update reduces over all
+parameters (SGNHT's thermostat, MALA's accept test) and per-sample recording are not
+supported here.
 """
 
 from __future__ import annotations
