@@ -46,7 +46,7 @@ MIN_STEPS = 500  # shorter vmapped runs do not trace (see the module docstring)
 traces = 0  # graphs traced so far in this process (tests count them)
 reuses = 0  # graphs taken from an earlier run, checked and used
 _CACHE_SIZE = 64
-_CACHE: OrderedDict[tuple, Callable | None] = OrderedDict()  # None: could not be traced
+_CACHE: OrderedDict[tuple, _Replay | None] = OrderedDict()  # None: could not be traced
 _LOCK = threading.Lock()  # one trace at a time: make_fx keeps global tracing state
 _PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -68,22 +68,26 @@ class TracedPass:
         self.fn = fn
         self.key = key
         self.trace = trace
-        self._graphs: dict[Any, Callable | None] = {}
+        self._graphs: dict[Any, _Replay | None] = {}
 
     def __call__(self, batch: Any, *tensors: torch.Tensor) -> Any:
         if isinstance(batch, (list, tuple)) and all(isinstance(b, torch.Tensor) for b in batch):
-            quick = tuple(b.shape for b in batch)
+            quick, leaves = tuple(b.shape for b in batch), batch
         else:
-            quick = _signature((batch,))
+            quick, leaves = _signature((batch,)), None
         graph = self._graphs.get(quick, False)
         if graph is False:
             args = (batch, *tensors)
             graph, result = self._first_use(_signature(args), args)
             self._graphs[quick] = graph
             return result
-        return self.fn(batch, *tensors) if graph is None else graph(batch, *tensors)
+        if graph is None:
+            return self.fn(batch, *tensors)
+        if leaves is None:
+            leaves = pytree.tree_leaves(batch)
+        return graph.flat(*leaves, *tensors)
 
-    def _first_use(self, signature: tuple, args: tuple) -> tuple[Callable | None, Any]:
+    def _first_use(self, signature: tuple, args: tuple) -> tuple[_Replay | None, Any]:
         """The graph for ``signature`` (shared, or traced now) if it reproduces the eager
         result on ``args`` exactly, else None; and the eager result. A shared graph that
         does not (Python state the fingerprint missed) is traced again."""
@@ -114,17 +118,40 @@ class TracedPass:
         return graph, result
 
 
-def _trace(fn: Callable, args: tuple) -> Callable | None:
+class _Replay:
+    """A traced graph: ``replay(*args)`` as ``fn(*args)``, and ``replay.flat(*leaves)`` on
+    the arguments' tensors in ``pytree`` order, which skips the per-call flattening of
+    the arguments (the graph's own code is regenerated without it)."""
+
+    def __init__(self, graph: torch.fx.GraphModule):
+        self.graph = graph
+        info = getattr(graph.graph._codegen, "pytree_info", None)  # None: flat arguments
+        self._out_spec = None if info is None else info.out_spec
+        if info is not None:
+            graph.graph._codegen = torch.fx.graph.CodeGen()  # positional tensors in, a list out
+            graph.recompile()
+        self._forward = graph.forward
+
+    def __call__(self, *args: Any) -> Any:
+        return self.flat(*pytree.tree_leaves(args))
+
+    def flat(self, *leaves: torch.Tensor) -> Any:
+        out = self._forward(*leaves)
+        return out if self._out_spec is None else pytree.tree_unflatten(out, self._out_spec)
+
+
+def _trace(fn: Callable, args: tuple) -> _Replay | None:
     global traces
     from torch.fx.experimental.proxy_tensor import make_fx
 
     try:
         graph = make_fx(fn, tracing_mode="fake")(*args)
+        _drop_no_ops(graph)
+        replay = _Replay(graph)
     except Exception:  # untraceable: data-dependent control flow, a tensor not passed in, ...
         return None
     traces += 1
-    _drop_no_ops(graph)
-    return graph
+    return replay
 
 
 def _drop_no_ops(graph: torch.fx.GraphModule) -> None:
@@ -154,7 +181,7 @@ def _drop_no_ops(graph: torch.fx.GraphModule) -> None:
     graph.recompile()
 
 
-def _remember(key: tuple, graph: Callable | None) -> None:
+def _remember(key: tuple, graph: _Replay | None) -> None:
     _CACHE[key] = graph
     _CACHE.move_to_end(key)
     while len(_CACHE) > _CACHE_SIZE:

@@ -56,6 +56,7 @@ class ChainGenerators:
         self._key = None
         self._flat: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []
 
     def noise_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Noise shaped like the chain-stacked ``params``: row c of one (chain, d) buffer
@@ -70,8 +71,9 @@ class ChainGenerators:
                                      device=first.device)  # fmt: skip
             chunks = self._flat.split([p[0].numel() for p in params], dim=1)
             self._parts = [chunk.view(p.shape) for chunk, p in zip(chunks, params)]
+            self._rows = list(self._flat)  # made once: iterating the buffer unbinds it
             self._key = key
-        for row, g in zip(self._flat, self.generators):
+        for row, g in zip(self._rows, self.generators):
             torch.randn(row.shape, generator=g, out=row)
         return self._parts
 
