@@ -131,19 +131,23 @@ def estimate_llc(
         "loop" runs the chains one after another; "vmap" steps all chains at once with
         ``torch.func.vmap`` (same batches and noise per chain, equal to the loop up to
         rounding, the MALA acceptance of SGLD moves included; "sgld" and "rmsprop_sgld"
-        only, without per-sample recording). "auto" takes "vmap" where it applies —
-        ``record="loss"``, 4 or more chains — and falls back to the loop if the model cannot
-        be vmapped (data-dependent control flow, random layers), and for more than 100,000
-        sampled parameters, where vmap stops paying (0.9x at 241k, 0.5x at 1M on CPU).
-        Measured on 2 CPU cores
-        with the defaults (benchmarks/bench_vmap.py): 1.3-1.6x faster per chain-step at 4
-        chains, 1.9-2.7x at 8, 2.4-4.4x at 16, on models of 10 to 10,400 parameters.
+        only, without per-sample recording). In runs of 500 steps or more the batched
+        step's gradient pass is replayed from a traced graph (:mod:`slt.traced`; the same
+        numbers, about twice as fast on small models). "auto" takes "vmap" where it
+        applies — ``record="loss"``, 2 or more chains where the pass will be traced, 4 or
+        more otherwise — and falls back to the loop if the model cannot be vmapped
+        (data-dependent control flow, random layers), and for more than 100,000 sampled
+        parameters, where vmap stops paying (0.9x at 395k, 0.5x at 1M on CPU). Measured on
+        2 CPU cores with the defaults (benchmarks/bench_vmap.py, 2026-11-30), per
+        chain-step over the loop: traced 2.4-3.5x at 4 chains, 2.8-5.8x at 8, 2.7-8.3x at
+        16, on models of 10 to 10,400 parameters.
     compile : bool
         With ``chain_method="vmap"``, run the batched step under ``torch.compile``
         (:mod:`slt.compiled`; equal to the eager step up to rounding). The first estimate
         on a model shape pays seconds of compilation; later ones in the process (the next
         training checkpoint, another step size) reuse it. Measured on one CPU thread:
-        1.1-7x fewer µs per chain-step, after 2-18 s of compilation.
+        1.3-1.6x fewer µs per chain-step than the traced default, after 2-15 s of
+        compilation.
     params : str, list of str, or callable, optional
         Sample only the parameters whose names match (exact names or glob patterns such
         as ``"layers.0.*"``, or a predicate ``(name, parameter) -> bool``) and hold the
