@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+import slt.traced
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,15 @@ def per_chain_step(call: Callable[[int], float], chains: int, steps: int, repeat
     full = statistics.median(call(steps) for _ in range(repeats))
     short = statistics.median(call(1) for _ in range(repeats))
     return (full - short) / (chains * (steps - 1)) * 1e6
+
+
+@contextmanager
+def vmap_pass(traced: bool) -> Iterator[None]:
+    """Within it, every vmapped run replays its gradient pass from a traced graph, however
+    short (``traced``), or none does (``slt.traced``); restored on exit."""
+    saved = slt.traced.enabled, slt.traced.MIN_STEPS
+    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0
+    try:
+        yield
+    finally:
+        slt.traced.enabled, slt.traced.MIN_STEPS = saved

@@ -29,7 +29,6 @@ import torch  # noqa: E402
 
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import slt  # noqa: E402
-import slt.traced  # noqa: E402
 from slt import compiled, zoo  # noqa: E402
 
 
@@ -45,13 +44,9 @@ def per_chain_step(case, chains, steps, repeats, traced=False, **kw):
     def call(draws):
         return timed(case, case.model, chains, draws, **kw)[0]
 
-    min_steps = slt.traced.MIN_STEPS
-    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0  # traced: every run traces
-    try:
+    with _common.vmap_pass(traced):
         call(5)  # warm-up (and the trace, cached for the timed calls)
         return _common.per_chain_step(call, chains, steps, repeats)
-    finally:
-        slt.traced.enabled, slt.traced.MIN_STEPS = True, min_steps
 
 
 def main(argv=None):

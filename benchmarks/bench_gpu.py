@@ -19,8 +19,8 @@ import time
 
 import torch
 
+import _common  # benchmarks/ is on sys.path when run as a script
 import slt
-import slt.traced
 from slt import zoo
 
 
@@ -36,12 +36,8 @@ def _sync(device):
 
 
 def bench(case, method, chains, draws, repeats, device, traced=False):
-    min_steps = slt.traced.MIN_STEPS
-    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0  # traced: every run traces
-    try:
+    with _common.vmap_pass(traced):
         return _bench(case, method, chains, draws, repeats, device)
-    finally:
-        slt.traced.enabled, slt.traced.MIN_STEPS = True, min_steps
 
 
 def _bench(case, method, chains, draws, repeats, device):

@@ -22,10 +22,7 @@ import torch
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import cases as bench_cases
 import slt
-import slt.traced
 from slt import zoo
-
-MIN_STEPS = slt.traced.MIN_STEPS
 
 
 def per_chain_step(case, method, chains, steps, repeats, traced=False):
@@ -38,12 +35,9 @@ def per_chain_step(case, method, chains, steps, repeats, traced=False):
         slt.estimate_llc(case.model, case.loader(128), case.loss_fn, num_draws=draws, **kw)
         return time.perf_counter() - start
 
-    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0
-    try:
+    with _common.vmap_pass(traced):
         call(5)  # warm-up (and the trace, cached for the timed calls)
         return _common.per_chain_step(call, chains, steps, repeats)
-    finally:
-        slt.traced.enabled, slt.traced.MIN_STEPS = True, MIN_STEPS
 
 
 def main(argv=None):
