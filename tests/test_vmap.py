@@ -1,5 +1,7 @@
 """chain_method="vmap": all chains in one batched step, equal to the loop."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,43 @@ def test_auto_takes_vmap_from_two_chains_where_the_pass_will_be_traced(monkeypat
     assert traced.traces == before + 1  # the vmapped step, traced
     np.testing.assert_array_equal(short.trace, loop.trace)
     np.testing.assert_allclose(auto.trace, loop.trace, rtol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 8)
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_vmap_runs_eval_mode_attention_and_equals_the_loop(traced, monkeypatch):
+    # under torch.func an eval-mode TransformerEncoderLayer / MultiheadAttention would take
+    # the fused inference kernel (no derivative, no batching rule): vmap raised before
+    from slt import traced as tracing
+
+    monkeypatch.setattr(tracing, "MIN_STEPS", 1 if traced else 10**9)
+    monkeypatch.setattr(tracing, "_CACHE", type(tracing._CACHE)())
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(128, 5, 3)
+    with torch.no_grad():
+        y = model(x) + 0.5 * torch.randn(128)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,
+                                         shuffle=True)  # fmt: skip
+    kw = dict(num_chains=2, num_draws=20, num_burnin=0, step_size=1e-4, progress=False)
+    loss_fn = slt.gaussian_nll(0.5)
+    traces = tracing.traces
+    loop = slt.estimate_llc(model, loader, loss_fn, chain_method="loop", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor vmap's per-sample fallback for a missing rule
+        vm = slt.estimate_llc(model, loader, loss_fn, chain_method="vmap", **kw)
+    assert tracing.traces == traces + traced
+    np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
+    np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()  # the switch is restored
+    assert not model.training

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from slt.losses import LossModule
+from slt.losses import LossModule, plain_attention
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
@@ -169,7 +169,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
                                            dynamic=False)  # fmt: skip
         z = noise.noise_like(w)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), plain_attention():
                 w, square_avg, loss, center_loss = _COMPILED[key](
                     module, w, square_avg, batch, z, center, anchor, init_grad, hyper, **options
                 )  # fmt: skip

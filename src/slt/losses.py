@@ -7,6 +7,7 @@ A loss that is c times the NLL behaves like the temperature c·nβ, so a plain
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,13 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 class LossModule(torch.nn.Module):
     """``forward(batch) = loss_fn(model, batch)``: lets ``torch.func.functional_call`` swap
-    the model's parameters under any ``loss_fn``."""
+    the model's parameters under any ``loss_fn``.
+
+    The call runs with PyTorch's fused attention fast path off: under ``torch.func``
+    transforms the swapped-in parameters do not report ``requires_grad``, so an eval-mode
+    ``nn.MultiheadAttention`` or ``nn.TransformerEncoderLayer`` would take its fused
+    inference kernel, which has neither a derivative nor a batching rule. The plain path
+    computes the same function, and is what autograd runs outside the transforms."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
         super().__init__()
@@ -26,7 +33,22 @@ class LossModule(torch.nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+        if torch.compiler.is_compiling():  # the compiled caller sets it (dynamo can't)
+            return self.loss_fn(self.model, batch)
+        with plain_attention():
+            return self.loss_fn(self.model, batch)
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """``torch.backends.mha`` fast path off inside, as it was after."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def per_sample(loss_fn: LossFn) -> LossFn:

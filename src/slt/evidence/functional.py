@@ -21,19 +21,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from slt.data import BatchStream, batch_size
-from slt.losses import LossFn
-
-
-class _Bound(torch.nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap parameters."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+from slt.losses import LossFn, LossModule
 
 
 def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
@@ -79,7 +67,7 @@ class FlatLoss:
         self.sizes = [p.numel() for _, p in named]
         self.center = torch.cat([p.detach().reshape(-1) for _, p in named])  # (d,) the model's w
         self.dtype, self.device = self.center.dtype, self.center.device
-        self.bound = _Bound(module, loss_fn)
+        self.bound = LossModule(module, loss_fn)
         stream = BatchStream(loader, self.device)
         self.batches = [_cast(b, dtype) for b in stream.epoch(torch.Generator().manual_seed(0))]
         if not self.batches:
