@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
 
 
 class LossModule(torch.nn.Module):
@@ -35,7 +39,10 @@ class LossModule(torch.nn.Module):
     def forward(self, batch: Any) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the compiled caller sets it (dynamo can't)
             return self.loss_fn(self.model, batch)
-        with plain_attention():
+        with plain_attention(), warnings.catch_warnings():
+            # vmap's per-sample fallback for an operation without a batching rule (an
+            # LSTM's, say) works and warns "file us an issue": nothing a user can act on
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
             return self.loss_fn(self.model, batch)
 
 
