@@ -113,6 +113,7 @@ PLAN = {
     "rrr": ("rrr", {"quick": Run(4, 100, 400, 3), "full": Run(4, 250, 1000, 5)}),
     "mlp10k": ("mlp10k", {"quick": Run(4, 50, 250, 3), "full": Run(4, 100, 500, 5)}),
     "mlp1m": ("mlp1m", {"quick": Run(2, 10, 50, 2), "full": Run(2, 20, 100, 3)}),
+    "transformer": ("transformer", {"quick": Run(4, 50, 250, 3), "full": Run(4, 100, 500, 5)}),
     "lambda_hat": ("regular", {"quick": Run(6, 500, 1000, 1), "full": Run(6, 500, 1000, 3)}),
 }
 

@@ -1,4 +1,5 @@
-"""The benchmark's cases: two zoo cases with a known λ and two ReLU MLPs without one.
+"""The benchmark's cases: two zoo cases with a known λ, two ReLU MLPs and a small transformer
+without one.
 
 Every case is a σ = 1 Gaussian regression on n = 4096 samples, so one per-sample negative
 log-likelihood serves slt and devinterp alike (see ``_devinterp.py``).
@@ -14,6 +15,10 @@ log-likelihood serves slt and devinterp alike (see ``_devinterp.py``).
   with data y = f_w(x) + N(0, 1) drawn from that same network (realizable: w is the true
   parameter, though with d ≫ n not a minimum of L_n, so its λ̂ is only compared between
   methods). Training a 1M-parameter network here would cost more than the benchmark.
+- ``transformer``: a 2-layer transformer encoder (d_model 32, 4 heads, feed-forward 64) over
+  sequences of 8 vectors of 8 features, mean-pooled to one output (d = 17 409), realizable
+  at its seeded initialisation like ``mlp1m``: PyTorch's own attention, LayerNorm and ReLU
+  feed-forward layers, in eval mode.
 """
 
 from __future__ import annotations
@@ -113,11 +118,46 @@ def realizable_mlp(widths: Sequence[int], *, seed: int = 0) -> Case:
     return Case(name, model, data, slt.gaussian_nll(SIGMA), None)
 
 
+class SequenceRegressor(torch.nn.Module):
+    """A sequence of ``features``-vectors → a linear embedding to ``width`` → a
+    ``torch.nn.TransformerEncoder`` (``layers`` post-norm layers, ``heads`` heads, feed-forward
+    2·width, no dropout) → the mean over positions → one output."""
+
+    def __init__(self, features: int, width: int, heads: int, layers: int):
+        super().__init__()
+        self.embed = torch.nn.Linear(features, width)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0,
+                                                 batch_first=True)  # fmt: skip
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def realizable_transformer(*, length: int = 8, features: int = 8, width: int = 32, heads: int = 4,
+                           layers: int = 2, seed: int = 0) -> Case:  # fmt: skip
+    """A :class:`SequenceRegressor` at its seeded default initialisation, with data drawn from
+    it (inputs (n, length, features) standard normal, y = f_w(x) + N(0, σ²)), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():  # PyTorch's initialisers draw from the global generator
+        torch.manual_seed(seed)
+        model = SequenceRegressor(features, width, heads, layers).eval()
+    x = torch.randn(N, length, features, generator=generator)
+    with torch.no_grad():
+        y = model(x)
+        y = y + SIGMA * torch.randn(y.shape, generator=generator)
+    data = torch.utils.data.TensorDataset(x, y)
+    name = f"transformer(d_model={width},heads={heads},layers={layers},seq={length})"
+    return Case(name, model, data, slt.gaussian_nll(SIGMA), None)
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "regular": lambda: from_zoo(zoo.regular(10)),
     "rrr": lambda: from_zoo(zoo.reduced_rank(20, 10, 10, 3)),
     "mlp10k": lambda: teacher_student((20, 100, 80, 1), (20, 16, 1), train_steps=500),
     "mlp1m": lambda: realizable_mlp((256, 1024, 768, 1)),
+    "transformer": realizable_transformer,
 }
 
 

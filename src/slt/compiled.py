@@ -46,7 +46,8 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from slt.losses import LossModule, plain_attention
+from slt.attention import plain_attention
+from slt.losses import LossModule
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators

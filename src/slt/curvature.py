@@ -21,7 +21,7 @@ def top_hessian_eigenvalue(
     for _ in range(iters):
         norm = torch.sqrt(sum((x * x).sum() for x in v))
         v = [x / norm for x in v]
-        loss = posterior.loss_fn(posterior.module, batch)
+        loss = posterior.loss(posterior.module, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         hv = torch.autograd.grad(grads, params, grad_outputs=v, allow_unused=True)
         hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
@@ -40,7 +40,7 @@ def minibatch_gradient_variance(
     stream = posterior.batches.forever(torch.Generator().manual_seed(seed))
     flats = []
     for _ in range(num_batches):
-        loss = posterior.loss_fn(posterior.module, next(stream))
+        loss = posterior.loss(posterior.module, next(stream))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         flats.append(torch.cat([
             (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)

@@ -7,13 +7,14 @@ A loss that is c times the NLL behaves like the temperature c·nβ, so a plain
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from slt.attention import plain_attention
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -25,11 +26,10 @@ class LossModule(torch.nn.Module):
     """``forward(batch) = loss_fn(model, batch)``: lets ``torch.func.functional_call`` swap
     the model's parameters under any ``loss_fn``.
 
-    The call runs with PyTorch's fused attention fast path off: under ``torch.func``
-    transforms the swapped-in parameters do not report ``requires_grad``, so an eval-mode
-    ``nn.MultiheadAttention`` or ``nn.TransformerEncoderLayer`` would take its fused
-    inference kernel, which has neither a derivative nor a batching rule. The plain path
-    computes the same function, and is what autograd runs outside the transforms."""
+    The call runs with PyTorch's attention set up for ``torch.func``
+    (:func:`slt.attention.plain_attention`): without it an eval-mode
+    ``nn.MultiheadAttention`` takes a fused kernel that vmap cannot run, and short
+    sequences hit PyTorch's slow CPU softmax."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
         super().__init__()
@@ -44,18 +44,6 @@ class LossModule(torch.nn.Module):
             # LSTM's, say) works and warns "file us an issue": nothing a user can act on
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
             return self.loss_fn(self.model, batch)
-
-
-@contextlib.contextmanager
-def plain_attention():
-    """``torch.backends.mha`` fast path off inside, as it was after."""
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def per_sample(loss_fn: LossFn) -> LossFn:

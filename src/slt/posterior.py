@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from slt import _checks
+from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size, dataset_size
 from slt.losses import LossFn, LossModule, unsqueeze
 
@@ -158,6 +159,7 @@ class Posterior:
 
         self.module = copy.deepcopy(model).eval()
         self.reference = copy.deepcopy(model).eval()
+        self._attention = has_attention(model)
         for p in (*self.module.parameters(), *self.reference.parameters()):
             p.grad = None
         trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -240,7 +242,7 @@ class Posterior:
             return
         probe = [t[:64] for t in tensors]
         with torch.set_grad_enabled(want_grad):
-            loss = self.loss_fn(self.reference, probe)
+            loss = self.loss(self.reference, probe)
             if not torch.allclose(losses[:64].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
                 return  # not a mean of per-sample terms
             if want_grad:
@@ -293,7 +295,7 @@ class Posterior:
         with torch.set_grad_enabled(with_grad):
             batches = self.batches.epoch(generator) if self.full_data is None else [self.full_data]
             for i, batch in enumerate(batches):
-                loss = check_scalar_loss(self.loss_fn(self.reference, batch), where=f"on batch {i}")
+                loss = check_scalar_loss(self.loss(self.reference, batch), where=f"on batch {i}")
                 size = batch_size(batch)
                 if with_grad:
                     torch._foreach_add_(grad, self._grads(loss, center), alpha=size)
@@ -309,6 +311,15 @@ class Posterior:
         if with_grad:
             torch._foreach_div_(grad, count)
         return value, count, grad
+
+    def loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """``loss_fn(module, batch)``, for a model with ``nn.MultiheadAttention`` with
+        attention as the batched passes compute it (:func:`slt.attention.plain_attention`;
+        short sequences by parts, which is also faster here than PyTorch's kernels)."""
+        if not self._attention:
+            return self.loss_fn(module, batch)
+        with plain_attention(math_backend=False):
+            return self.loss_fn(module, batch)
 
     @staticmethod
     def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -329,7 +340,7 @@ class Posterior:
         """
         if params is not self.params:
             raise ValueError("Posterior.grad_fn takes the parameter dict returned by reset()")
-        loss = self.loss_fn(self.module, batch)
+        loss = self.loss(self.module, batch)
         grads = self._grads(loss, list(params.values()))
         if record is not None:
             torch._foreach_copy_(record, grads)
@@ -353,9 +364,9 @@ class Posterior:
             return loss, partial(self.grad_fn, correction=correction)
         if self.control_variate == "loss":
             with torch.no_grad():
-                return self.loss_fn(self.reference, batch).detach(), self.grad_fn
+                return self.loss(self.reference, batch).detach(), self.grad_fn
         center = list(self.center.values())
-        loss = self.loss_fn(self.reference, batch)
+        loss = self.loss(self.reference, batch)
         correction = self._grads(loss, center)
         torch._foreach_sub_(correction, self.init_grad)  # in place: one parameter set fewer
         return loss.detach(), partial(self.grad_fn, correction=correction)

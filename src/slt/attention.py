@@ -1,0 +1,106 @@
+"""PyTorch's attention as slt evaluates it: batchable by ``torch.func``, fast on short sequences.
+
+Two things go wrong when a model with ``nn.MultiheadAttention`` (or a
+``nn.TransformerEncoderLayer``, which holds one) runs under ``vmap``:
+
+- In eval mode it takes PyTorch's fused inference kernel, because the swapped-in weights
+  do not report ``requires_grad`` under the transforms; that kernel has no derivative and
+  no batching rule. :func:`plain_attention` turns the fast path off, and puts
+  ``scaled_dot_product_attention`` on its plain (math) backend, which vmap can batch.
+- The math backend's softmax over the keys is PyTorch's CPU softmax, which is slow on
+  short rows (one thread: 16,384 rows of 8 in 2.1 ms, against 0.4 ms for max, exp, sum
+  and divide as separate operations). Toy transformers have short sequences, so for
+  ``scaled_dot_product_attention`` calls with at most :data:`SHORT_KEYS` keys, no dropout
+  and no grouped-query attention, :func:`plain_attention` computes attention from those
+  operations instead (:func:`attention_by_parts`). Same function, different rounding.
+
+slt runs every evaluation of a model inside :func:`plain_attention`: the batched passes
+always (:class:`slt.losses.LossModule`), the one-chain loop and the passes at w* where the
+model holds an ``nn.MultiheadAttention`` (:meth:`slt.posterior.Posterior.loss`; without
+forcing the math backend there), so all of them compute the same function the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch.nn.attention import SDPBackend
+
+# scaled_dot_product_attention with at most this many keys is computed by parts
+SHORT_KEYS = 32
+
+
+def attention_by_parts(query, key, value, attn_mask=None, is_causal=False, scale=None):
+    """softmax(q kᵀ · scale + mask) v from matmul, max, exp, sum and divide.
+
+    The max is detached (softmax does not depend on it), so autograd does not route
+    gradients through it. A row whose keys are all masked gives 0, as PyTorch's math
+    backend does."""
+    scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool,
+                          device=query.device).tril()  # fmt: skip
+        scores = scores.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        else:
+            scores = scores + attn_mask
+    top = scores.detach().amax(-1, keepdim=True)
+    if attn_mask is not None:  # a fully masked row: -inf - -inf would be NaN
+        top = top.clamp_min(torch.finfo(top.dtype).min)
+    weights = (scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    if attn_mask is not None:  # ... and 0 / 0 here. Other rows sum to >= 1 exactly (their
+        total = total.clamp_min(1.0)  # largest term is exp(0)), so this changes nothing there
+    return (weights / total) @ value
+
+
+_ORIGINAL = torch.nn.functional.scaled_dot_product_attention
+
+
+def _scaled_dot_product_attention(*args, **kwargs):
+    """``torch.nn.functional.scaled_dot_product_attention``, by parts where that applies."""
+    options = _short(*args, **kwargs)
+    if options is None:
+        return _ORIGINAL(*args, **kwargs)
+    return attention_by_parts(*options)
+
+
+def _short(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False):  # fmt: skip
+    """The arguments of :func:`attention_by_parts`, or None where it does not apply."""
+    if dropout_p or enable_gqa or key.size(-2) > SHORT_KEYS:
+        return None
+    if is_causal and attn_mask is not None:
+        return None  # PyTorch raises for this; let it
+    return query, key, value, attn_mask, is_causal, scale
+
+
+def has_attention(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds an ``nn.MultiheadAttention``."""
+    return any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())
+
+
+@contextlib.contextmanager
+def plain_attention(*, math_backend: bool = True):
+    """PyTorch's attention as slt evaluates models, inside; as it was, after: the fused fast
+    path off, ``scaled_dot_product_attention`` by parts where that applies (its function in
+    ``torch.nn.functional``, where ``nn.MultiheadAttention`` finds it, is swapped for the
+    duration), and otherwise on the math backend if ``math_backend`` (the one vmap can
+    batch)."""
+    functional = torch.nn.functional
+    was = torch.backends.mha.get_fastpath_enabled(), functional.scaled_dot_product_attention
+    torch.backends.mha.set_fastpath_enabled(False)
+    functional.scaled_dot_product_attention = _scaled_dot_product_attention
+    try:
+        with contextlib.ExitStack() as stack:
+            if math_backend:
+                stack.enter_context(torch.nn.attention.sdpa_kernel(SDPBackend.MATH))
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was[0])
+        functional.scaled_dot_product_attention = was[1]

@@ -1,0 +1,89 @@
+"""slt.attention: PyTorch's attention as the batched passes run it."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slt
+from slt import attention
+from slt.losses import LossModule
+from slt.posterior import Posterior
+
+
+def _qkv(seed=0, keys=6):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 2, 5, 8, generator=g)
+    k, v = torch.randn(2, 3, 2, keys, 8, generator=g).unbind(0)
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+def _masks():
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(5, 6, generator=g) > 0.4
+    keep[3] = False  # a row with every key masked
+    additive = torch.zeros(5, 6).masked_fill(~keep, -math.inf)
+    return {"none": {}, "causal": {"is_causal": True}, "bool": {"attn_mask": keep},
+            "additive": {"attn_mask": additive}, "scale": {"scale": 0.3}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_masks()))
+def test_attention_by_parts_equals_the_math_backend(name):
+    options = _masks()[name]
+    q, k, v = _qkv()
+    ours = attention.attention_by_parts(q, k, v, **options)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        theirs = F.scaled_dot_product_attention(q, k, v, **options)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * weights).sum(), (q, k, v))
+    expected = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
+    for a, b in zip(grads, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_only_short_plain_calls_are_computed_by_parts(monkeypatch):
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].size(-2))
+        return by_parts(*args, **kwargs)
+
+    by_parts = attention.attention_by_parts
+    monkeypatch.setattr(attention, "attention_by_parts", counting)
+    q, k, v = _qkv(keys=attention.SHORT_KEYS)
+    original = F.scaled_dot_product_attention
+    with attention.plain_attention():
+        F.scaled_dot_product_attention(q, k, v)
+        F.scaled_dot_product_attention(*_qkv(keys=attention.SHORT_KEYS + 1))
+        F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        assert not torch.backends.mha.get_fastpath_enabled()
+    F.scaled_dot_product_attention(q, k, v)
+    assert calls == [attention.SHORT_KEYS]
+    assert torch.backends.mha.get_fastpath_enabled()  # as they were
+    assert F.scaled_dot_product_attention is original
+
+
+def test_every_evaluation_of_an_attention_model_uses_it(monkeypatch):
+    # the batched passes (LossModule) and the posterior's own passes (the loop, w*)
+    calls = []
+    by_parts = attention.attention_by_parts
+    monkeypatch.setattr(attention, "attention_by_parts",
+                        lambda *a, **kw: calls.append(1) or by_parts(*a, **kw))  # fmt: skip
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(40, 1))
+    batch = (torch.randn(4, 5, 8), torch.randn(4, 1))
+    loss_fn = slt.gaussian_nll(1.0)
+    with torch.no_grad():
+        plain = loss_fn(model, batch)
+        assert calls == []
+        torch.testing.assert_close(LossModule(model, loss_fn)(batch), plain, rtol=1e-5, atol=1e-6)
+        assert calls == [1]
+    posterior = Posterior(model, [batch], loss_fn)
+    assert len(calls) > 1
+    calls.clear()
+    posterior.grad_fn(posterior.reset(), batch)
+    assert calls == [1]
+    assert attention.has_attention(model) and not attention.has_attention(torch.nn.Linear(2, 2))
