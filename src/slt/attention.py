@@ -28,8 +28,12 @@ import math
 import torch
 from torch.nn.attention import SDPBackend
 
-# scaled_dot_product_attention with at most this many keys is computed by parts
-SHORT_KEYS = 32
+# scaled_dot_product_attention with at most this many keys is computed by parts. Measured
+# on a 2-layer transformer encoder (d_model 32, 4 heads, batch 128, one thread), forward and
+# backward, PyTorch's kernels (flash in the loop, math under vmap) ÷ by parts: loop 1.18,
+# 1.25, 1.36, 1.03, 0.94, 0.63 and vmap (4 chains) 1.17, 1.29, 1.44, 0.91, 0.83, 0.62 at
+# 4, 8, 12, 16, 32, 64 keys
+SHORT_KEYS = 12
 
 
 def attention_by_parts(query, key, value, attn_mask=None, is_causal=False, scale=None):
