@@ -143,6 +143,34 @@ def test_auto_keeps_the_loop_for_large_models(monkeypatch):
     np.testing.assert_array_equal(auto.trace, loop.trace)
 
 
+@pytest.mark.parametrize("control_variate", ["gradient", "none"])
+def test_auto_keeps_the_loop_where_the_batched_activations_are_large(monkeypatch,
+                                                                      control_variate):  # fmt: skip
+    # regular(10) on batches of 64: one output per sample, so 64 numbers per chain; 4 chains
+    # are 256 rows' worth, 512 with the gradient control variate's w* rows
+    import slt.sampling
+    from slt import vmapped
+
+    case = zoo.regular(10, n=256)
+    kw = dict(num_chains=4, num_draws=20, num_burnin=0, progress=False, seed=1,
+              control_variate=control_variate)  # fmt: skip
+    loader = torch.utils.data.DataLoader(case.dataset, batch_size=64, shuffle=True)
+    posterior = slt.sampling.build_posterior(case.model, loader, case.loss_fn, n=None, nbeta=None,
+                                             localization=1.0, control_variate=control_variate,
+                                             sampler="sgld")  # fmt: skip
+    first = next(iter(posterior.batches.epoch(torch.Generator().manual_seed(1))))
+    assert vmapped.activations(posterior, first) == 64
+    assert not vmapped.has_hooks(posterior.reference)  # the counting hooks are gone
+    rows = 4 * (2 if control_variate == "gradient" else 1)
+    loop = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="loop", **kw)
+    vm = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="vmap", **kw)
+    assert not np.array_equal(vm.trace, loop.trace)  # rounding tells the two apart
+    for cap, expected in [(64 * rows - 1, loop), (64 * rows, vm)]:
+        monkeypatch.setattr(slt.sampling, "VMAP_MAX_ACTIVATIONS", cap)
+        auto = slt.estimate_llc(case.model, loader, case.loss_fn, **kw)
+        np.testing.assert_array_equal(auto.trace, expected.trace)
+
+
 def test_vmap_equals_the_loop_with_an_unshuffled_loader():
     # sample indices come as slices then; the cached control variate must still apply
     case = zoo.regular(3, n=256)

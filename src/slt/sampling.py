@@ -9,6 +9,7 @@ import math
 import time
 
 import numpy as np
+import torch
 
 from slt.chains import DivergenceError, run_chains
 from slt.data import NotOneBatch
@@ -16,7 +17,13 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.posterior import Posterior
 from slt.result import LLCResult
 from slt.samplers import FULL_BATCH, SAMPLERS
-from slt.vmapped import VMAP_MAX_PARAMS, VMAP_SAMPLERS, vmap_min_chains
+from slt.vmapped import (
+    VMAP_MAX_ACTIVATIONS,
+    VMAP_MAX_PARAMS,
+    VMAP_SAMPLERS,
+    activations,
+    vmap_min_chains,
+)
 
 # Below this mean MALA acceptance of its moves, SGLD's discretization visibly biases λ̂: on
 # Gaussian posteriors the acceptance cannot fall below 1/2 for a stable step, and 0.6-0.8
@@ -80,6 +87,18 @@ def build_posterior(
         ) from None
 
 
+def _small_activations(posterior: Posterior, num_chains: int, seed: int) -> bool:
+    """Whether the batched pass of ``num_chains`` chains keeps at most
+    :data:`slt.vmapped.VMAP_MAX_ACTIVATIONS` numbers of activations (measured on the first
+    batch the chains would see)."""
+    rows = num_chains * (2 if posterior.control_variate == "gradient" else 1)
+    try:
+        batch = next(iter(posterior.batches.epoch(torch.Generator().manual_seed(seed))))
+        return rows * activations(posterior, batch) <= VMAP_MAX_ACTIVATIONS
+    except Exception:  # a model the hooks or this batch cannot run: vmap decides as before
+        return True
+
+
 def sample_llc(
     posterior: Posterior,
     *,
@@ -130,6 +149,7 @@ def sample_llc(
         and vmappable
         and num_chains >= vmap_min_chains(posterior.module, num_burnin + num_draws)
         and posterior.num_params <= VMAP_MAX_PARAMS
+        and _small_activations(posterior, num_chains, seed)
     )
     if chain_method == "vmap" or auto_vmap:
         try:

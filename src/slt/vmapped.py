@@ -52,6 +52,14 @@ VMAP_MIN_CHAINS_TRACED = 2
 # 395k and 0.49x / 0.50x at 1.05M (benchmarks/bench_vmap.py, README "Chains in one batched
 # step")
 VMAP_MAX_PARAMS = 100_000
+# ... and while the batched pass's activations stay small: the leaf modules' outputs on one
+# batch, times the rows of the pass (chains, twice that with the gradient control variate),
+# at most this many numbers. The pass keeps every row's activations for the backward, and
+# where they are large the step is arithmetic, which batching does not cut: plain SGLD, 4
+# chains, per chain-step loop ÷ traced vmap was 2.7x / 2.0x at 24k / 46k numbers per chain
+# (a tiny transformer, the 10k MLP), 1.2-1.7x at 131k-185k, 1.36x at 311k and 1.09x at 623k
+# (the benchmark's transformer, whose defaults then took +89 MB against the loop's ~+20)
+VMAP_MAX_ACTIVATIONS = 2**21
 
 
 def stacked(tensors: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
@@ -195,6 +203,28 @@ def vmap_min_chains(module: torch.nn.Module, num_steps: int) -> int:
     if tracing.enabled and num_steps >= tracing.MIN_STEPS and not has_hooks(module):
         return VMAP_MIN_CHAINS_TRACED
     return VMAP_MIN_CHAINS
+
+
+def activations(posterior: Posterior, batch: Any) -> int:
+    """How many numbers the leaf modules of the posterior's model output while the loss is
+    evaluated on ``batch`` at w* (forward hooks on its reference copy, removed after)."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        total += sum(t.numel() for t in outputs if isinstance(t, torch.Tensor))
+
+    module = posterior.reference
+    leaves = [m for m in module.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            posterior.loss(module, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
 
 
 def _has_tied_parameters(module: torch.nn.Module) -> bool:
