@@ -136,8 +136,14 @@ def estimate_llc(
         numbers, about twice as fast on small models). "auto" takes "vmap" where it
         applies — ``record="loss"``, 2 or more chains where the pass will be traced, 4 or
         more otherwise — and falls back to the loop if the model cannot be vmapped
-        (data-dependent control flow, random layers), and for more than 100,000 sampled
-        parameters, where vmap stops paying (0.9x at 395k, 0.5x at 1M on CPU). Measured on
+        (data-dependent control flow, random layers, recurrent layers), and keeps the loop
+        for more than 100,000 sampled parameters, where vmap stops paying (0.9x at 395k,
+        0.5x at 1M on CPU), and where the batched pass would hold more than 2**21 numbers
+        of activations (the model's leaf-module outputs on one batch times the chains,
+        twice that with the gradient control variate): there the step is arithmetic, vmap
+        gains little (1.09x on a 17k-parameter transformer at 623k numbers per chain) and
+        its memory grows with the chains. Models with attention run batched too
+        (:mod:`slt.attention`). Measured on
         2 CPU cores with the defaults (benchmarks/bench_vmap.py, 2026-11-30), per
         chain-step over the loop: traced 2.4-3.5x at 4 chains, 2.8-5.8x at 8, 2.7-8.3x at
         16, on models of 10 to 10,400 parameters.
