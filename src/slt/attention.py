@@ -95,7 +95,8 @@ def plain_attention(*, math_backend: bool = True):
     path off, ``scaled_dot_product_attention`` by parts where that applies (its function in
     ``torch.nn.functional``, where ``nn.MultiheadAttention`` finds it, is swapped for the
     duration), and otherwise on the math backend if ``math_backend`` (the one vmap can
-    batch)."""
+    batch). These switches are process-wide: another thread calling attention meanwhile
+    gets the same function, computed this way."""
     functional = torch.nn.functional
     was = torch.backends.mha.get_fastpath_enabled(), functional.scaled_dot_product_attention
     torch.backends.mha.set_fastpath_enabled(False)
