@@ -10,8 +10,8 @@ Two things go wrong when a model with ``nn.MultiheadAttention`` (or a
 - The math backend's softmax over the keys is PyTorch's CPU softmax, which is slow on
   short rows (one thread: 16,384 rows of 8 in 2.1 ms, against 0.4 ms for max, exp, sum
   and divide as separate operations). Toy transformers have short sequences, so for
-  ``scaled_dot_product_attention`` calls with at most :data:`SHORT_KEYS` keys, no dropout
-  and no grouped-query attention, :func:`plain_attention` computes attention from those
+  ``scaled_dot_product_attention`` calls on the CPU with at most :data:`SHORT_KEYS` keys, no
+  dropout and no grouped-query attention, :func:`plain_attention` computes attention from those
   operations instead (:func:`attention_by_parts`). Same function, different rounding.
 
 slt runs every evaluation of a model inside :func:`plain_attention`: the batched passes
@@ -76,8 +76,9 @@ def _scaled_dot_product_attention(*args, **kwargs):
 
 def _short(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
            enable_gqa=False):  # fmt: skip
-    """The arguments of :func:`attention_by_parts`, or None where it does not apply."""
-    if dropout_p or enable_gqa or key.size(-2) > SHORT_KEYS:
+    """The arguments of :func:`attention_by_parts`, or None where it does not apply (the
+    slow softmax is PyTorch's CPU kernel's, so only on the CPU)."""
+    if dropout_p or enable_gqa or key.size(-2) > SHORT_KEYS or query.device.type != "cpu":
         return None
     if is_causal and attn_mask is not None:
         return None  # PyTorch raises for this; let it
