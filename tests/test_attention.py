@@ -87,3 +87,18 @@ def test_every_evaluation_of_an_attention_model_uses_it(monkeypatch):
     posterior.grad_fn(posterior.reset(), batch)
     assert calls == [1]
     assert attention.has_attention(model) and not attention.has_attention(torch.nn.Linear(2, 2))
+
+
+def test_hessian_vector_products_run_on_long_attention():
+    # PyTorch's CPU flash attention, which the loop's passes keep above SHORT_KEYS keys, has
+    # no second derivative: calibrate's power iteration raised on such models
+    from slt.curvature import top_hessian_eigenvalue
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    keys = attention.SHORT_KEYS + 4
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(8 * keys, 1))
+    batch = (torch.randn(16, keys, 8), torch.randn(16, 1))
+    posterior = Posterior(model, [batch], slt.gaussian_nll(1.0))
+    eig = top_hessian_eigenvalue(posterior, batch, iters=5)
+    assert math.isfinite(eig) and eig > 0
