@@ -102,3 +102,34 @@ def test_hessian_vector_products_run_on_long_attention():
     posterior = Posterior(model, [batch], slt.gaussian_nll(1.0))
     eig = top_hessian_eigenvalue(posterior, batch, iters=5)
     assert math.isfinite(eig) and eig > 0
+
+
+class _CausalSelfAttention(torch.nn.Module):  # attention written by hand, as in nanoGPT
+    def __init__(self, width=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(out.transpose(1, 2).reshape(b, t, c).mean(1))
+
+
+def test_a_model_calling_sdpa_itself_is_seen_in_its_first_evaluation(monkeypatch):
+    calls = []
+    by_parts = attention.attention_by_parts
+    monkeypatch.setattr(attention, "attention_by_parts",
+                        lambda *a, **kw: calls.append(1) or by_parts(*a, **kw))  # fmt: skip
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 6, 8), torch.randn(16, 1))
+    posterior = Posterior(_CausalSelfAttention(), [batch], slt.gaussian_nll(1.0))
+    assert posterior._attention is True
+    calls.clear()
+    posterior.grad_fn(posterior.reset(), batch)
+    assert calls == [1]
+    plain = Posterior(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1)), [batch],
+                      slt.gaussian_nll(1.0))  # fmt: skip
+    assert plain._attention is False

@@ -16,8 +16,9 @@ Two things go wrong when a model with ``nn.MultiheadAttention`` (or a
 
 slt runs every evaluation of a model inside :func:`plain_attention`: the batched passes
 always (:class:`slt.losses.LossModule`), the one-chain loop and the passes at w* where the
-model holds an ``nn.MultiheadAttention`` (:meth:`slt.posterior.Posterior.loss`; without
-forcing the math backend there), so all of them compute the same function the same way.
+model holds an ``nn.MultiheadAttention`` or its first evaluation called
+``scaled_dot_product_attention`` (:meth:`slt.posterior.Posterior.loss`; without forcing the
+math backend there), so all of them compute the same function the same way.
 """
 
 from __future__ import annotations
@@ -64,10 +65,13 @@ def attention_by_parts(query, key, value, attn_mask=None, is_causal=False, scale
 
 
 _ORIGINAL = torch.nn.functional.scaled_dot_product_attention
+calls = 0  # of scaled_dot_product_attention inside plain_attention, by parts or not
 
 
 def _scaled_dot_product_attention(*args, **kwargs):
     """``torch.nn.functional.scaled_dot_product_attention``, by parts where that applies."""
+    global calls
+    calls += 1
     options = _short(*args, **kwargs)
     if options is None:
         return _ORIGINAL(*args, **kwargs)

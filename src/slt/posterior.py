@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from slt import _checks
+from slt import _checks, attention
 from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size, dataset_size
 from slt.losses import LossFn, LossModule, unsqueeze
@@ -159,7 +159,7 @@ class Posterior:
 
         self.module = copy.deepcopy(model).eval()
         self.reference = copy.deepcopy(model).eval()
-        self._attention = has_attention(model)
+        self._attention = True if has_attention(model) else None  # None: not known yet
         for p in (*self.module.parameters(), *self.reference.parameters()):
             p.grad = None
         trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -313,13 +313,19 @@ class Posterior:
         return value, count, grad
 
     def loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """``loss_fn(module, batch)``, for a model with ``nn.MultiheadAttention`` with
-        attention as the batched passes compute it (:func:`slt.attention.plain_attention`;
-        short sequences by parts, which is also faster here than PyTorch's kernels)."""
-        if not self._attention:
+        """``loss_fn(module, batch)``; for a model with attention (an
+        ``nn.MultiheadAttention``, or calls of ``scaled_dot_product_attention`` seen in the
+        first evaluation) with attention as the batched passes compute it
+        (:func:`slt.attention.plain_attention`; short sequences by parts, which is also
+        faster here than PyTorch's kernels)."""
+        if self._attention is False:
             return self.loss_fn(module, batch)
+        before = attention.calls
         with plain_attention(math_backend=False):
-            return self.loss_fn(module, batch)
+            loss = self.loss_fn(module, batch)
+        if self._attention is None:
+            self._attention = attention.calls > before
+        return loss
 
     @staticmethod
     def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
