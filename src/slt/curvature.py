@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from slt.attention import plain_attention
 from slt.posterior import Posterior
 
 
@@ -22,8 +21,7 @@ def top_hessian_eigenvalue(
     for _ in range(iters):
         norm = torch.sqrt(sum((x * x).sum() for x in v))
         v = [x / norm for x in v]
-        with plain_attention():  # PyTorch's flash attention has no second derivative
-            loss = posterior.loss(posterior.module, batch)
+        loss = posterior.loss(posterior.module, batch, twice=True)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         hv = torch.autograd.grad(grads, params, grad_outputs=v, allow_unused=True)
         hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]

@@ -312,16 +312,18 @@ class Posterior:
             torch._foreach_div_(grad, count)
         return value, count, grad
 
-    def loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
+    def loss(self, module: torch.nn.Module, batch: Any, *, twice: bool = False) -> torch.Tensor:
         """``loss_fn(module, batch)``; for a model with attention (an
         ``nn.MultiheadAttention``, or calls of ``scaled_dot_product_attention`` seen in the
         first evaluation) with attention as the batched passes compute it
         (:func:`slt.attention.plain_attention`; short sequences by parts, which is also
-        faster here than PyTorch's kernels)."""
-        if self._attention is False:
+        faster here than PyTorch's kernels). ``twice``: the loss will be differentiated
+        twice, so attention runs on the math backend (PyTorch's flash attention has no
+        second derivative)."""
+        if self._attention is False and not twice:
             return self.loss_fn(module, batch)
         before = attention.calls
-        with plain_attention(math_backend=False):
+        with plain_attention(math_backend=twice):
             loss = self.loss_fn(module, batch)
         if self._attention is None:
             self._attention = attention.calls > before
