@@ -126,10 +126,10 @@ def test_a_model_calling_sdpa_itself_is_seen_in_its_first_evaluation(monkeypatch
     torch.manual_seed(0)
     batch = (torch.randn(16, 6, 8), torch.randn(16, 1))
     posterior = Posterior(_CausalSelfAttention(), [batch], slt.gaussian_nll(1.0))
-    assert posterior._attention is True
+    assert posterior.attention  # so the batched passes set attention up too
     calls.clear()
     posterior.grad_fn(posterior.reset(), batch)
     assert calls == [1]
     plain = Posterior(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1)), [batch],
                       slt.gaussian_nll(1.0))  # fmt: skip
-    assert plain._attention is False
+    assert not plain.attention

@@ -37,6 +37,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import types
@@ -143,7 +144,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
     """
     if sampler not in VMAP_SAMPLERS:
         raise ValueError(f"compile=True supports samplers {VMAP_SAMPLERS}, got {sampler!r}")
-    module = LossModule(posterior.module, posterior.loss_fn)
+    module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
     names = tuple(posterior.names)
     center = [posterior.center[n].detach() for n in names]
     anchor = [posterior.anchor[n].detach() for n in names]
@@ -170,7 +171,8 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
                                            dynamic=False)  # fmt: skip
         z = noise.noise_like(w)
         try:
-            with torch.no_grad(), plain_attention():
+            setup = plain_attention() if posterior.attention else contextlib.nullcontext()
+            with torch.no_grad(), setup:
                 w, square_avg, loss, center_loss = _COMPILED[key](
                     module, w, square_avg, batch, z, center, anchor, init_grad, hyper, **options
                 )  # fmt: skip

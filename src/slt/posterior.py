@@ -312,6 +312,12 @@ class Posterior:
             torch._foreach_div_(grad, count)
         return value, count, grad
 
+    @property
+    def attention(self) -> bool:
+        """Whether the model has attention (:meth:`loss`; known once it has been evaluated,
+        which construction does)."""
+        return self._attention is not False
+
     def loss(self, module: torch.nn.Module, batch: Any, *, twice: bool = False) -> torch.Tensor:
         """``loss_fn(module, batch)``; for a model with attention (an
         ``nn.MultiheadAttention``, or calls of ``scaled_dot_product_attention`` seen in the

@@ -90,7 +90,7 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
     The chains' gradient pass is replayed from a traced graph where one can be
     (:mod:`slt.traced`; same numbers): traced now if ``trace``, else only a graph kept from
     an earlier run."""
-    module = LossModule(posterior.module, posterior.loss_fn)
+    module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
     names = posterior.names
     # everything else the model reads (frozen parameters, buffers) is passed in too, unbatched,
     # so that a traced graph holds no tensor of this posterior
