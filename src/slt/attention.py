@@ -27,7 +27,7 @@ import contextlib
 import math
 
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # scaled_dot_product_attention with at most this many keys is computed by parts. Measured
 # on a 2-layer transformer encoder (d_model 32, 4 heads, batch 128, one thread), forward and
@@ -95,21 +95,24 @@ def has_attention(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def plain_attention(*, math_backend: bool = True):
+def plain_attention(*, math_backend: bool = True, enabled: bool = True):
     """PyTorch's attention as slt evaluates models, inside; as it was, after: the fused fast
     path off, ``scaled_dot_product_attention`` by parts where that applies (its function in
     ``torch.nn.functional``, where ``nn.MultiheadAttention`` finds it, is swapped for the
     duration), and otherwise on the math backend if ``math_backend`` (the one vmap can
     batch). These switches are process-wide: another thread calling attention meanwhile
-    gets the same function, computed this way."""
+    gets the same function, computed this way. ``enabled=False`` (a model known to have no
+    attention) changes nothing: the set-up costs ~10 µs."""
+    if not enabled:
+        yield
+        return
     functional = torch.nn.functional
     was = torch.backends.mha.get_fastpath_enabled(), functional.scaled_dot_product_attention
     torch.backends.mha.set_fastpath_enabled(False)
     functional.scaled_dot_product_attention = _scaled_dot_product_attention
+    backend = sdpa_kernel(SDPBackend.MATH) if math_backend else contextlib.nullcontext()
     try:
-        with contextlib.ExitStack() as stack:
-            if math_backend:
-                stack.enter_context(torch.nn.attention.sdpa_kernel(SDPBackend.MATH))
+        with backend:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(was[0])

@@ -37,7 +37,6 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import types
@@ -171,8 +170,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
                                            dynamic=False)  # fmt: skip
         z = noise.noise_like(w)
         try:
-            setup = plain_attention() if posterior.attention else contextlib.nullcontext()
-            with torch.no_grad(), setup:
+            with torch.no_grad(), plain_attention(enabled=posterior.attention):
                 w, square_avg, loss, center_loss = _COMPILED[key](
                     module, w, square_avg, batch, z, center, anchor, init_grad, hyper, **options
                 )  # fmt: skip

@@ -7,7 +7,6 @@ A loss that is c times the NLL behaves like the temperature c·nβ, so a plain
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -42,8 +41,7 @@ class LossModule(torch.nn.Module):
     def forward(self, batch: Any) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the compiled caller sets it (dynamo can't)
             return self.loss_fn(self.model, batch)
-        setup = plain_attention() if self.attention else contextlib.nullcontext()
-        with setup, warnings.catch_warnings():
+        with plain_attention(enabled=self.attention), warnings.catch_warnings():
             # vmap's per-sample fallback for an operation without a batching rule (an
             # LSTM's, say) works and warns "file us an issue": nothing a user can act on
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)

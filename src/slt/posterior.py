@@ -260,7 +260,7 @@ class Posterior:
     def _per_sample_at_center(self, tensors, want_grad: bool, chunk: int = 256):
         from torch.func import functional_call, grad_and_value, vmap
 
-        module = LossModule(self.reference, self.loss_fn)
+        module = LossModule(self.reference, self.loss_fn, attention=self.attention)
         names = self.names
         center = {n: v.detach() for n, v in self.center.items()}
 
@@ -327,10 +327,8 @@ class Posterior:
         nanoGPT-style block). ``twice``: the loss will be differentiated
         twice, so attention runs on the math backend (PyTorch's flash attention has no
         second derivative)."""
-        if self._attention is False and not twice:
-            return self.loss_fn(module, batch)
         before = attention.calls
-        with plain_attention(math_backend=twice):
+        with plain_attention(math_backend=twice, enabled=self.attention or twice):
             loss = self.loss_fn(module, batch)
         if self._attention is None:
             self._attention = attention.calls > before
