@@ -133,3 +133,40 @@ def test_a_model_calling_sdpa_itself_is_seen_in_its_first_evaluation(monkeypatch
     plain = Posterior(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1)), [batch],
                       slt.gaussian_nll(1.0))  # fmt: skip
     assert not plain.attention
+
+
+def test_overlapping_threads_put_every_switch_back():
+    """Two threads inside at once, leaving in the order they entered: the second must not
+    restore what the first had switched (which would leave attention swapped for good)."""
+    import threading
+
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    before = (F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled(),
+              _cur_sdpa_kernel_backends())  # fmt: skip
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with attention.plain_attention(math_backend=True):
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with attention.plain_attention(math_backend=False):
+            second_in.set()
+            first_out.wait(5)
+            seen["inside"] = (F.scaled_dot_product_attention,
+                              torch.backends.mha.get_fastpath_enabled())  # fmt: skip
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["inside"] == (attention._scaled_dot_product_attention, False)
+    after = (F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled(),
+             _cur_sdpa_kernel_backends())  # fmt: skip
+    assert after == before

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,7 +75,7 @@ def _scaled_dot_product_attention(*args, **kwargs):
     calls += 1
     options = _short(*args, **kwargs)
     if options is None:
-        return _ORIGINAL(*args, **kwargs)
+        return (_state.function or _ORIGINAL)(*args, **kwargs)
     return attention_by_parts(*options)
 
 
@@ -94,6 +95,50 @@ def has_attention(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())
 
 
+class _Switches:
+    """What :func:`plain_attention` changed, and how many are inside it (threads included):
+    the first to enter changes PyTorch's switches, the last to leave puts back what the
+    first found, so overlapping entries from several threads restore them exactly."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.inside = self.on_math = 0
+        self.fastpath = self.function = self.backend = None
+
+
+_state = _Switches()
+
+
+def _enter(math_backend: bool) -> None:
+    functional = torch.nn.functional
+    with _state.lock:
+        if _state.inside == 0:
+            _state.fastpath = torch.backends.mha.get_fastpath_enabled()
+            _state.function = functional.scaled_dot_product_attention
+            torch.backends.mha.set_fastpath_enabled(False)
+            functional.scaled_dot_product_attention = _scaled_dot_product_attention
+        _state.inside += 1
+        if math_backend:
+            if _state.on_math == 0:
+                _state.backend = sdpa_kernel(SDPBackend.MATH)
+                _state.backend.__enter__()
+            _state.on_math += 1
+
+
+def _leave(math_backend: bool) -> None:
+    with _state.lock:
+        if math_backend:
+            _state.on_math -= 1
+            if _state.on_math == 0:
+                _state.backend.__exit__(None, None, None)
+                _state.backend = None
+        _state.inside -= 1
+        if _state.inside == 0:
+            torch.backends.mha.set_fastpath_enabled(_state.fastpath)
+            torch.nn.functional.scaled_dot_product_attention = _state.function
+            _state.fastpath = _state.function = None
+
+
 @contextlib.contextmanager
 def plain_attention(*, math_backend: bool = True, enabled: bool = True):
     """PyTorch's attention as slt evaluates models, inside; as it was, after: the fused fast
@@ -101,19 +146,15 @@ def plain_attention(*, math_backend: bool = True, enabled: bool = True):
     ``torch.nn.functional``, where ``nn.MultiheadAttention`` finds it, is swapped for the
     duration), and otherwise on the math backend if ``math_backend`` (the one vmap can
     batch). These switches are process-wide: another thread calling attention meanwhile
-    gets the same function, computed this way. ``enabled=False`` (a model known to have no
-    attention) changes nothing: the set-up costs ~10 µs."""
+    gets the same function, computed this way; with several threads inside at once, the
+    switches stay until the last leaves and are then put back as the first found them.
+    ``enabled=False`` (a model known to have no attention) changes nothing: the set-up
+    costs ~10 µs."""
     if not enabled:
         yield
         return
-    functional = torch.nn.functional
-    was = torch.backends.mha.get_fastpath_enabled(), functional.scaled_dot_product_attention
-    torch.backends.mha.set_fastpath_enabled(False)
-    functional.scaled_dot_product_attention = _scaled_dot_product_attention
-    backend = sdpa_kernel(SDPBackend.MATH) if math_backend else contextlib.nullcontext()
+    _enter(math_backend)
     try:
-        with backend:
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(was[0])
-        functional.scaled_dot_product_attention = was[1]
+        _leave(math_backend)
