@@ -84,42 +84,63 @@ def _stack_batches(batches: list[Any]) -> Any:
 Stepper = tuple[Any, Callable[[Any, Any, ChainGenerators], tuple[Any, torch.Tensor, Any]]]
 
 
+class ChainPass:
+    """Every chain's loss and gradient at chain-stacked parameters, in eager mode.
+
+    ``loss(batch, *tensors)`` is one chain's L_B, with the sampled parameters followed by
+    :attr:`extras` (everything else the model reads: frozen parameters and buffers, passed
+    unbatched, so that a traced graph holds no tensor of the posterior);
+    ``gradients(batch, *tensors)`` is the chains' (∇L_B, L_B) from it; ``keys`` are the names
+    ``functional_call`` sees."""
+
+    def __init__(self, posterior: Posterior):
+        module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
+        names = posterior.names
+        fixed = {n: t for n, t in posterior.module.named_parameters() if n not in names}
+        fixed.update(posterior.module.named_buffers())
+        self.keys = [f"model.{n}" for n in [*names, *fixed]]
+        self.extras = [t.detach() for t in fixed.values()]
+        self.tied = _has_tied_parameters(posterior.module)
+        self.sampled = len(names)
+        keys, tied = self.keys, self.tied
+
+        def loss(batch: Any, *tensors: torch.Tensor) -> torch.Tensor:
+            # parameters as positional tensors: vmap flattens a tuple faster than a dict, and
+            # functional_call skips its tied-weights bookkeeping where nothing is tied
+            return functional_call(module, dict(zip(keys, tensors)), (batch,), tie_weights=tied)
+
+        self.loss = loss
+        self.forward = vmap(loss, in_dims=(0, *[0] * len(names), *[None] * len(self.extras)))
+
+    def gradients(self, batch, *tensors: torch.Tensor):
+        """Every chain's ∇L_B and L_B: a vmapped forward pass, then one ordinary backward
+        pass of Σ_c L_B(w_c) — chains do not interact, so its gradient with respect to the
+        stacked parameters is the per-chain gradients (bit-identical to
+        ``vmap(grad_and_value(loss))`` and 1.3-1.6x faster on CPU)."""
+        params, rest = tensors[: self.sampled], tensors[self.sampled :]
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            values = self.forward(batch, *leaves, *rest)
+            grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+        return grads, values.detach()
+
+    def probe(self, params: list[torch.Tensor], batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The chains' plain (∇L_B(w), L_B(w)) at ``params``, for the acceptance probe:
+        eager, as a probe every 20 steps would not repay tracing its own graph."""
+        return self.gradients(batch, *params, *self.extras)
+
+
 def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
                trace: bool = False) -> Stepper:  # fmt: skip
     """The initial state and the step of ``kernel`` on all chains at once, in eager mode.
     The chains' gradient pass is replayed from a traced graph where one can be
     (:mod:`slt.traced`; same numbers): traced now if ``trace``, else only a graph kept from
     an earlier run."""
-    module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
+    chain_pass = ChainPass(posterior)
     names = posterior.names
-    # everything else the model reads (frozen parameters, buffers) is passed in too, unbatched,
-    # so that a traced graph holds no tensor of this posterior
-    fixed = {n: t for n, t in posterior.module.named_parameters() if n not in names}
-    fixed.update(posterior.module.named_buffers())
-    keys = [f"model.{n}" for n in [*names, *fixed]]
-    extras = [t.detach() for t in fixed.values()]
-    tied = _has_tied_parameters(posterior.module)
-
-    def loss(batch: Any, *tensors: torch.Tensor) -> torch.Tensor:
-        # parameters as positional tensors: vmap flattens a tuple faster than a dict, and
-        # functional_call skips its tied-weights bookkeeping where nothing is tied
-        return functional_call(module, dict(zip(keys, tensors)), (batch,), tie_weights=tied)
-
-    forward = vmap(loss, in_dims=(0, *[0] * len(names), *[None] * len(extras)))
-
-    def gradient_pass(batch, *tensors: torch.Tensor):
-        """Every chain's ∇L_B and L_B: a vmapped forward pass, then one ordinary backward
-        pass of Σ_c L_B(w_c) — chains do not interact, so its gradient with respect to the
-        stacked parameters is the per-chain gradients (bit-identical to
-        ``vmap(grad_and_value(loss))`` and 1.3-1.6x faster on CPU)."""
-        params, rest = tensors[: len(names)], tensors[len(names) :]
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
-            values = forward(batch, *leaves, *rest)
-            grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
-        return grads, values.detach()
-
+    keys, extras, tied, loss = chain_pass.keys, chain_pass.extras, chain_pass.tied, chain_pass.loss
+    gradient_pass = chain_pass.gradients
     fast_pass = gradient_pass
     if tracing.enabled and not has_hooks(posterior.module):
         shape = fingerprint(posterior.module), fingerprint(posterior.loss_fn)
@@ -127,8 +148,8 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
         if trace or key is not None:
             fast_pass = TracedPass(gradient_pass, key, trace=trace)
 
-    def grad_chains(params: list[torch.Tensor], batch, fast: bool = True):
-        return (fast_pass if fast else gradient_pass)(batch, *params, *extras)
+    def grad_chains(params: list[torch.Tensor], batch):
+        return fast_pass(batch, *params, *extras)
 
     center = [v.detach() for v in posterior.center.values()]
     mode = posterior.control_variate
@@ -190,9 +211,7 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
         state, info = kernel.step(state, step_grad, batch, noise)
         return state, info.loss, center_loss
 
-    # plain (∇L_B(w), L_B(w)) of every chain, for the acceptance probe: eager, as a probe
-    # every 20 steps would not repay tracing its own graph
-    step.probe = lambda params, batch: grad_chains(list(params.values()), batch, fast=False)
+    step.probe = chain_pass.probe
     return state, step
 
 
@@ -227,6 +246,11 @@ def activations(posterior: Posterior, batch: Any) -> int:
     return total
 
 
+def _chain_params(state) -> list[torch.Tensor]:
+    """The chain-stacked parameters of a kernel's state or of the compiled step's."""
+    return list(state.params.values()) if hasattr(state, "params") else state[0]
+
+
 def _has_tied_parameters(module: torch.nn.Module) -> bool:
     """Whether one parameter is registered under more than one name."""
     every = sum(1 for _ in module.named_parameters(remove_duplicate=False))
@@ -257,15 +281,16 @@ def run_chains_vmap(
     """Like :func:`slt.chains.run_chains`, every chain in each step at once. The kernel
     must be built with a chain-stacked ``center`` (see :func:`stacked`). ``stepper``, if
     given, replaces :func:`eager_step` (``kernel`` is then unused), e.g. the compiled step
-    of :func:`slt.compiled.compiled_step`. With ``acceptance_every = k > 0`` (eager SGLD
-    only) the MALA acceptance of the move at step size ``step_size`` is recorded at steps
-    0, k, 2k, ..., as in the loop."""
+    of :func:`slt.compiled.compiled_step`. With ``acceptance_every = k > 0`` (SGLD only) the
+    MALA acceptance of the move at step size ``step_size`` is recorded at steps 0, k, 2k,
+    ..., as in the loop, from the step's ``probe`` (:meth:`ChainPass.probe`)."""
     mode = posterior.control_variate
     eager = stepper is None
-    if acceptance_every and (not eager or step_size is None):
-        raise ValueError("run_chains_vmap: acceptance_every > 0 needs the eager step and step_size")
     trace = num_steps >= tracing.MIN_STEPS  # shorter runs use only graphs traced before
     state, step = stepper or eager_step(posterior, kernel, num_chains, trace=trace)
+    if acceptance_every and (step_size is None or not hasattr(step, "probe")):
+        raise ValueError("run_chains_vmap: acceptance_every > 0 needs step_size and a step "
+                         "with a probe")  # fmt: skip
     center = [v.detach().unsqueeze(0) for v in posterior.anchor.values()]
     record: list[torch.Tensor] = []
     shape = (num_chains, num_steps)
@@ -288,24 +313,26 @@ def run_chains_vmap(
                 batch = [t[index] for t in tensors]
             else:
                 index, batch = None, _stack_batches([next(s)[0] for s in streams])
-            if not eager:
-                state, loss, center_loss = step(state, batch, noise)
-            else:
-                probing = acceptance_every and t % acceptance_every == 0
-                if probing:
-                    start = [p.detach().clone() for p in state.params.values()]
+            probing = acceptance_every and t % acceptance_every == 0
+            if probing:
+                start = [p.detach().clone() for p in _chain_params(state)]
+                if not eager:  # the compiled step keeps no plain ∇L_B(w_t): one more pass
+                    record, _ = step.probe(start, batch)
+            if eager:
                 state, loss, center_loss = step(state, batch, noise, index,
                                                 record if probing else None)  # fmt: skip
-                if probing:
-                    params = list(state.params.values())
-                    grad_new, loss_new = step.probe(state.params, batch)
-                    with torch.no_grad():
-                        log_ratio = move_log_ratio(
-                            start, params, record, grad_new, loss, loss_new, center,
-                            nbeta=posterior.nbeta, localization=posterior.localization,
-                            step_size=step_size, chains=True,
-                        )  # fmt: skip
-                        acceptance[:, t] = acceptance_probability(log_ratio)
+            else:
+                state, loss, center_loss = step(state, batch, noise)
+            if probing:
+                params = _chain_params(state)
+                grad_new, loss_new = step.probe(params, batch)
+                with torch.no_grad():
+                    log_ratio = move_log_ratio(
+                        start, params, record, grad_new, loss, loss_new, center,
+                        nbeta=posterior.nbeta, localization=posterior.localization,
+                        step_size=step_size, chains=True,
+                    )  # fmt: skip
+                    acceptance[:, t] = acceptance_probability(log_ratio)
             losses[:, t] = loss
             if center_loss is not None:
                 center_losses[:, t] = center_loss
@@ -315,9 +342,8 @@ def run_chains_vmap(
                 if not torch.isfinite(losses[:, t]).any():
                     break
     bar.close()
-    final = state.params.values() if hasattr(state, "params") else state[0]
     with torch.no_grad():  # as after the loop: the posterior holds the last chain's last draw
-        torch._foreach_copy_(list(posterior.params.values()), [w[-1] for w in final])
+        torch._foreach_copy_(list(posterior.params.values()), [w[-1] for w in _chain_params(state)])
     diverged = ~torch.isfinite(losses[:, : int(steps_run.max())]).all(dim=1).cpu().numpy()
     return Trace(
         losses.cpu().numpy(),
