@@ -28,6 +28,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-inductor-")
 import torch  # noqa: E402
 
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import cases  # noqa: E402
 import slt  # noqa: E402
 from slt import compiled, zoo  # noqa: E402
 
@@ -55,7 +56,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steps, repeats = (100, 3) if args.quick else (300, 3)
-    cases = [zoo.regular(10), zoo.deep_linear((20, 40, 80, 80), 10)]
+    runs = [
+        (zoo.regular(10), (4, 16)),
+        (zoo.deep_linear((20, 40, 80, 80), 10), (4, 16)),
+        (cases.realizable_transformer(), (4,)),
+    ]  # the transformer: compute-bound, 4 chains only
     cpu = platform.processor() or platform.machine()
     print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
     print(
@@ -64,8 +69,8 @@ def main(argv=None):
         "| max trace diff |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for case in cases:
-        for chains in (4, 16):
+    for case, chain_counts in runs:
+        for chains in chain_counts:
             eager_short, ref = timed(case, case.model, chains, 20)
             first, res = timed(case, case.model, chains, 20, compile=True)
             diff = float(abs(ref.trace - res.trace).max())

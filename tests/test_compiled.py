@@ -89,4 +89,18 @@ def test_compile_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="chain_method"):
         _estimate(case, sampler="sgnht", compile=True)
     with pytest.raises(ValueError, match="chain_method"):
-        _estimate(case, acceptance_every=20, compile=True)
+        _estimate(case, record="per_sample", record_path="unused.h5", compile=True)
+
+
+def test_compiled_step_probes_the_acceptance_as_the_eager_step_does():
+    # the compiled step keeps no plain gradient at w_t, so its probe takes one more pass
+    # there; the acceptances must be the eager step's, at the same steps, up to rounding
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+    eager = _estimate(case, acceptance_every=7, step_size=2e-3)
+    fast = _estimate(case, acceptance_every=7, step_size=2e-3, compile=True)
+    _assert_same(eager, fast)
+    probed = np.isfinite(eager.acceptance)
+    assert probed[:, ::7].all() and probed.sum() == 3 * 5  # steps 0, 7, ..., 28
+    np.testing.assert_array_equal(np.isfinite(fast.acceptance), probed)
+    np.testing.assert_allclose(fast.acceptance[probed], eager.acceptance[probed], atol=1e-4)
+    assert eager.mala_acceptance < 0.999  # a step size at which the probe sees something

@@ -9,7 +9,9 @@ on the same batches, and the SGLD (or pSGLD) update
 (Welling & Teh 2011; Lau et al. 2023, arXiv 2308.12108, eq. 9), fused into one graph by
 TorchInductor. The batches and the noise ξ are drawn outside the graph, from each chain's
 own generators exactly as the eager path draws them, so the numbers equal the eager vmap
-path up to floating-point reassociation (tested).
+path up to floating-point reassociation (tested). The MALA acceptance probe of SGLD moves
+(``acceptance_every``) runs outside the graph, eagerly, with one more gradient pass than in
+the eager step (at the move's start, whose plain gradient the fused step does not keep).
 
 The compiled function is cached for the life of the process, keyed by what fixes its
 graph: the model's class and the names, shapes, dtypes and device of its parameters and
@@ -21,18 +23,19 @@ entry still need a new graph (torch's guards see a different Python attribute of
 model or the loss, say), torch recompiles it rather than reuse a wrong one; ``compilations``
 counts every graph compiled.
 
-Measured on one CPU thread (benchmarks/README.md, "torch.compile"): 1.1-7x fewer µs per
-chain-step than the eager vmap path on a 10-parameter and a 10k-parameter model (most at
-4 chains), after 2-6 s of compilation per model shape (16-18 s for the first in a
-process) — but only 1.3-1.6x fewer than the traced pass (:mod:`slt.traced`) that runs of
-500 steps or more use by default, so it pays for long sweeps over many estimates of one
-architecture (training checkpoints), not for one estimate.
+Measured on one CPU thread (benchmarks/README.md, "torch.compile"): on a 10-parameter and
+a 10k-parameter model 1.2-1.4x fewer µs per chain-step than the traced pass
+(:mod:`slt.traced`) that runs of 500 steps or more use by default, after 2-12 s of
+compilation per model shape, so there it pays for long sweeps over many estimates of one
+architecture (training checkpoints); on a 17k-parameter transformer, whose step is many
+small operations, 1.8x fewer (6.1 against 11.0 ms) after 25 s, repaid within about one
+default estimate.
 
 Examples
 --------
 >>> for model in checkpoints:  # doctest: +SKIP
 ...     res = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="vmap",
-...                            acceptance_every=0, compile=True)  # compiles on the first only
+...                            compile=True)  # compiles on the first only
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from slt.losses import LossModule
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
-from slt.vmapped import VMAP_SAMPLERS, Stepper, stacked
+from slt.vmapped import VMAP_SAMPLERS, ChainPass, Stepper, stacked
 
 _RMSPROP = inspect.signature(rmsprop_sgld).parameters  # its defaults, as SAMPLERS builds it
 _ALPHA, _EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -184,4 +187,5 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
             ) from err
         return (w, square_avg), loss, center_loss
 
+    step.probe = ChainPass(posterior).probe  # eager, as in the uncompiled step
     return (w, square_avg), step

@@ -136,12 +136,11 @@ def sample_llc(
         center=posterior.anchor,
     )
     probe_every = acceptance_every if sampler == "sgld" else 0
-    vmappable = sampler in VMAP_SAMPLERS and not record_every and not (compile and probe_every)
+    vmappable = sampler in VMAP_SAMPLERS and not record_every
     if chain_method == "vmap" and not vmappable:
         raise ValueError(
-            f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with record="loss" (and '
-            f"acceptance_every=0 when compiled); got sampler={sampler!r}, "
-            f"acceptance_every={acceptance_every}, compile={compile}"
+            f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with record="loss"; got '
+            f"sampler={sampler!r}" + (', record="per_sample"' if record_every else "")
         )
     trace = None
     auto_vmap = (
