@@ -77,7 +77,21 @@ def summary(results: list[dict]) -> str:
             f"| {res['case']} {res['run_label']} | {ratio[0]}× / {ratio[1]}× ({target}×) "
             f"| {step} | {fixed} | {mem} |"
         )
-    lines = ["\n".join(rows), "", LAMBDA_HAT + "."]
+    lines = ["\n".join(rows), ""]
+    for res in results:
+        ms = res["methods"]
+        if "slt-compiled" not in ms:
+            continue
+        ratio = [_num(_field(ms, name, "devinterp_llc_over_this"), ".1f")
+                 for name in ("slt-compiled", "slt-plain-compiled")]  # fmt: skip
+        warm = [_field(ms, name, "warm_up_s") for name in ("slt-compiled", "slt")]
+        compiling = "" if None in warm else f" after {warm[0] - warm[1]:.0f} s of compiling"
+        lines.append(
+            f"With compile=True on {res['case']}, compiled once in the warm-up{compiling}: "
+            f"devinterp llc() ÷ slt per estimate {ratio[0]}× (defaults) / {ratio[1]}× (plain "
+            "SGLD)."
+        )
+    lines.append(LAMBDA_HAT + ".")
     for res in results:
         if res.get("key") == "lambda_hat":
             here = ", ".join(

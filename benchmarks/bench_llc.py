@@ -19,8 +19,11 @@ the known λ where there is one. README.md here says what each row runs.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp's per-chain trange cannot be turned off
+# torch's compile cache on disk starts empty, so the compiled rows' warm-up is a cold compile
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-inductor-")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -96,6 +99,14 @@ METHODS = {
         "slt (control_variate=none, acceptance_every=0)",
         partial(run_slt, control_variate="none", **NO_PROBE),
     ),
+    "slt-compiled": Method(  # the defaults, compiled: a sweep over checkpoints after the first
+        "slt defaults, compile=True (vmap; compiled in the warm-up)",
+        partial(run_slt, chain_method="vmap", compile=True),
+    ),
+    "slt-plain-compiled": Method(
+        "slt (control_variate=none, acceptance_every=0), compile=True (vmap)",
+        partial(run_slt, control_variate="none", chain_method="vmap", compile=True, **NO_PROBE),
+    ),
     "devinterp-llc": Method("devinterp llc()", _devinterp.run_devinterp_llc),
     "devinterp-chain": Method("devinterp sample_single_chain", _devinterp.run_devinterp_chain),
     "devinterp-loop": Method("devinterp SGMCMC.sgld loop", _devinterp.run_devinterp_loop),
@@ -103,6 +114,10 @@ METHODS = {
 }
 MEMORY_METHODS = ("slt", "slt-plain", "devinterp-llc", "sgd")  # a fresh process each: ~5-10 s
 LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", "devinterp-llc")
+# The compiled rows run only where compilation repays itself within about one estimate
+# (bench_compile.py): on the small models it takes 23k-790k chain-steps.
+COMPILED_METHODS = ("slt-compiled", "slt-plain-compiled")
+COMPILED_CASES = ("transformer",)
 
 # key -> (cases.CASES name, run per mode). Full mode runs estimate_llc's default 4 × (250 +
 # 1000) on the small cases; "lambda_hat" repeats linear regression at the size of the issue's
@@ -132,8 +147,10 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
     nbeta = nbeta_of(case)
     _devinterp.check_per_sample_loss(case)
     one_step = run.short(1)
-    for name in names if warm_up else ():  # imports, allocator, first-call costs
-        METHODS[name].run(case, run.short(min(20, run.num_draws)), 0, nbeta)
+    warm_up_s = {}
+    for name in names if warm_up else ():  # imports, allocator, first-call costs, compiling
+        warm_up_s[name] = timed(METHODS[name].run, case, run.short(min(20, run.num_draws)), 0,
+                                nbeta)[0]  # fmt: skip
     full = {name: [] for name in names}
     short = {name: [] for name in names}
     chains = {name: [] for name in names}
@@ -157,6 +174,7 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
             "fixed_ms": t_short * 1e3,
             "call_s": full[name],
             "one_step_call_s": short[name],
+            "warm_up_s": warm_up_s.get(name),
             "llc": float(values.mean()) if values.size else None,
             "llc_se": float(values.std(ddof=1) / math.sqrt(values.size))
             if values.size > 1
@@ -177,7 +195,7 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer draws and repeats (~11 min)")
+    mode.add_argument("--quick", action="store_true", help="fewer draws and repeats (~13 min)")
     mode.add_argument("--smoke", action="store_true", help="2 × (2+10), 1 repeat: does it run?")
     parser.add_argument("--cases", nargs="+", choices=list(PLAN), default=list(PLAN))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -226,6 +244,8 @@ def main(argv=None) -> dict:
             built[case_name] = cases.build(case_name)
         case = built[case_name]
         names = list(LAMBDA_HAT_METHODS if key == "lambda_hat" else METHODS)
+        if key not in COMPILED_CASES:
+            names = [name for name in names if name not in COMPILED_METHODS]
         res = {"key": key, **bench_case(case, run, names, warm_up=not args.smoke)}
         if not args.no_memory and key != "lambda_hat":
             measured = [m for m in names if m in MEMORY_METHODS]
