@@ -17,13 +17,16 @@ row's compile time includes torch's one-off start-up of the compiler.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
 import platform
+import shutil
 import tempfile
 import time
 
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="slt-inductor-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
 

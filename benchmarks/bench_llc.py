@@ -18,12 +18,15 @@ the known λ where there is one. README.md here says what each row runs.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp's per-chain trange cannot be turned off
 # torch's compile cache on disk starts empty, so the compiled rows' warm-up is a cold compile
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="slt-inductor-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -113,11 +116,12 @@ METHODS = {
     "sgd": Method("torch.optim.SGD (floor)", run_sgd_floor),
 }
 MEMORY_METHODS = ("slt", "slt-plain", "devinterp-llc", "sgd")  # a fresh process each: ~5-10 s
-LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", "devinterp-llc")
-# The compiled rows run only where compilation repays itself within about one estimate
-# (bench_compile.py): on the small models it takes 23k-790k chain-steps.
+# The compiled rows: what each estimate after the first costs in a sweep over checkpoints of
+# one architecture (compiled once, in the warm-up, whose seconds are reported). Not on the 1M
+# model, which runs in the loop.
 COMPILED_METHODS = ("slt-compiled", "slt-plain-compiled")
-COMPILED_CASES = ("transformer",)
+COMPILED_CASES = ("regular", "rrr", "mlp10k", "transformer", "lambda_hat")
+LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", *COMPILED_METHODS, "devinterp-llc")
 
 # key -> (cases.CASES name, run per mode). Full mode runs estimate_llc's default 4 × (250 +
 # 1000) on the small cases; "lambda_hat" repeats linear regression at the size of the issue's

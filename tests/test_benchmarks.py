@@ -29,7 +29,7 @@ def test_smoke_run_reports_every_method_on_the_small_cases(tmp_path):
     assert report["meta"]["mode"] == "smoke" and report["meta"]["devinterp"] == "2.0.1"
     for res in report["results"]:
         methods = res["methods"]
-        assert len(methods) == 8 and res["lam"] > 0
+        assert len(methods) == 10 and res["lam"] > 0  # the compiled rows included
         for name, m in methods.items():
             assert m["median_call_s"] > 0 and m["fixed_ms"] > 0, (res["key"], name)
             assert m["label"] in report["table"]
@@ -37,6 +37,7 @@ def test_smoke_run_reports_every_method_on_the_small_cases(tmp_path):
                 assert m["llc_chains_pooled"] == 2, (res["key"], name)
         assert methods["devinterp-llc"]["devinterp_llc_over_this"] == 1.0
         assert methods["sgd"]["x_sgd_step"] == 1.0
+        assert f"With compile=True on {res['case']}" in report["table"]
 
 
 def test_memory_child_measures_a_fresh_process():
