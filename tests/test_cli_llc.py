@@ -188,6 +188,33 @@ def test_step_size_auto_is_passed_through(user, monkeypatch):
     assert seen["step_size"] == "auto"
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], ("auto", False)), (["--compile"], ("vmap", True)),
+     (["--chain-method", "loop"], ("loop", False))],
+)  # fmt: skip
+def test_chain_method_and_compile_are_passed_through(user, monkeypatch, flags, expected):
+    _, file = user
+    seen = {}
+    real = _direct()
+
+    def fake(model, loader, loss_fn, **kwargs):
+        seen.update(kwargs)
+        return real
+
+    monkeypatch.setattr(slt, "estimate_llc", fake)
+    ran = invoke("--model", f"{file}:make_model", "--data", f"{file}:dataset", *flags, *TINY)
+    assert ran.exit_code == 0, ran.output
+    assert (seen["chain_method"], seen["compile"]) == expected
+
+
+def test_compile_with_the_loop_is_refused_by_name(user):
+    _, file = user
+    spec = ["--model", f"{file}:make_model", "--data", f"{file}:dataset"]
+    ran = invoke(*spec, "--chain-method", "loop", "--compile", *TINY)
+    assert ran.exit_code == 2 and "compile=True needs chain_method" in ran.output
+
+
 def _accepts_auto() -> bool:
     doc = inspect.getdoc(slt.estimate_llc) or ""
     hint = str(inspect.signature(slt.estimate_llc).parameters["step_size"].annotation)

@@ -184,3 +184,7 @@ def test_cli_trajectory(tmp_path, monkeypatch):
     changed = CliRunner().invoke(app, [*args, "--localization", "3"])
     assert changed.exit_code == 2
     assert "localization: 1.0 -> 3.0" in changed.output and "--overwrite" in changed.output
+    # --chain-method and --compile reach estimate_llc (which refuses the pair, by name)
+    refused = CliRunner().invoke(app, [*args, "--results", "other.jsonl", "--chain-method",
+                                       "loop", "--compile"])  # fmt: skip
+    assert refused.exit_code == 2 and "compile=True needs chain_method" in refused.output

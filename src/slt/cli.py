@@ -84,7 +84,20 @@ _BURNIN = typer.Option(250, min=0, help="Burn-in steps per chain.")
 _SAMPLER = typer.Option("sgld", help='Sampler, e.g. "sgld" or "rmsprop_sgld".')
 _CV = typer.Option("gradient", help='Control variate: "gradient", "loss" or "none".')
 _LLC_SEED = typer.Option(0, min=0, help="Seed; chain c is seeded from (seed, c).")
+_CHAIN_METHOD = typer.Option(
+    "auto", help='"auto", "loop" or "vmap" (all chains in one batched step); see estimate_llc.'
+)
+_COMPILE = typer.Option(
+    False, help="Run the batched step under torch.compile (with --chain-method auto, vmap is "
+    "used): seconds of compiling once per model shape, then faster steps.",
+)  # fmt: skip
 _LLC_OUT = typer.Option(Path("llc.nc"), help="netCDF file for the result (slt.load reads it).")
+
+
+def _chain_method(chain_method: str, compile: bool) -> str:
+    """--compile means the batched step: "auto" becomes "vmap" (an explicit "loop" is left
+    for estimate_llc to refuse, by name)."""
+    return "vmap" if compile and chain_method == "auto" else chain_method
 
 
 @app.command()
@@ -104,6 +117,8 @@ def llc(
     sampler: str = _SAMPLER,
     control_variate: str = _CV,
     seed: int = _LLC_SEED,
+    chain_method: str = _CHAIN_METHOD,
+    compile: bool = _COMPILE,
     out: Path = _LLC_OUT,
     progress: bool = _PROGRESS,
 ) -> None:
@@ -139,6 +154,8 @@ def llc(
             sampler=sampler,
             control_variate=control_variate,
             seed=seed,
+            chain_method=_chain_method(chain_method, compile),
+            compile=compile,
             progress=progress,
         )
     except (ValueError, TypeError, slt.DivergenceError) as err:
@@ -187,6 +204,8 @@ def trajectory(
     sampler: str = _SAMPLER,
     control_variate: str = _CV,
     seed: int = _LLC_SEED,
+    chain_method: str = _CHAIN_METHOD,
+    compile: bool = _COMPILE,
     results: Path = _RESULTS,
     executor: str = _EXECUTOR,
     max_workers: int | None = _WORKERS,
@@ -213,6 +232,7 @@ def trajectory(
             progress=progress, nbeta=nbeta, localization=localization, step_size=step,
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
             sampler=sampler, control_variate=control_variate, seed=seed,
+            chain_method=_chain_method(chain_method, compile), compile=compile,
         )  # fmt: skip
     except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError) as err:
         text = str(err).replace("overwrite=True", "--overwrite")
