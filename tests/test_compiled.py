@@ -79,7 +79,7 @@ def test_a_loss_with_other_constants_recompiles_rather_than_reuse():
     assert compiled.compilations == before + 1
 
 
-def test_compile_refuses_what_it_cannot_do():
+def test_compile_refuses_what_it_cannot_do(tmp_path):
     case = zoo.regular(2, n=128)
     for method in ("loop", "auto"):
         with pytest.raises(ValueError, match="compile=True needs chain_method"):
@@ -89,7 +89,8 @@ def test_compile_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="chain_method"):
         _estimate(case, sampler="sgnht", compile=True)
     with pytest.raises(ValueError, match="chain_method"):
-        _estimate(case, record="per_sample", record_path="unused.h5", compile=True)
+        _estimate(case, record="per_sample", record_path=tmp_path / "r.h5", compile=True)
+    assert not (tmp_path / "r.h5").exists()  # refused before the recording file is made
 
 
 def test_compiled_step_probes_the_acceptance_as_the_eager_step_does():

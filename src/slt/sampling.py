@@ -122,13 +122,6 @@ def sample_llc(
     :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
     start = time.perf_counter() if start is None else start
     control_variate = posterior.control_variate
-    recorder = None
-    if record_every:
-        from slt.record import PerSampleRecorder
-
-        recorder = PerSampleRecorder(posterior, num_chains=num_chains, start=num_burnin,
-                                     every=record_every, path=record_path,
-                                     num_draws=num_draws)  # fmt: skip
     kernel = SAMPLERS[sampler](
         step_size=step_size,
         nbeta=posterior.nbeta,
@@ -142,6 +135,13 @@ def sample_llc(
             f'chain_method="vmap" supports samplers {VMAP_SAMPLERS} with record="loss"; got '
             f"sampler={sampler!r}" + (', record="per_sample"' if record_every else "")
         )
+    recorder = None
+    if record_every:  # after the checks: it creates the file
+        from slt.record import PerSampleRecorder
+
+        recorder = PerSampleRecorder(posterior, num_chains=num_chains, start=num_burnin,
+                                     every=record_every, path=record_path,
+                                     num_draws=num_draws)  # fmt: skip
     trace = None
     auto_vmap = (
         chain_method == "auto"
