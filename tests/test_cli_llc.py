@@ -172,8 +172,8 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_step_size_auto_is_passed_through(user, monkeypatch):
-    _, file = user
+def _passed_through(monkeypatch) -> dict:
+    """Replace estimate_llc by a stand-in that records its keyword arguments (returned)."""
     seen = {}
     real = _direct()
 
@@ -182,6 +182,12 @@ def test_step_size_auto_is_passed_through(user, monkeypatch):
         return real
 
     monkeypatch.setattr(slt, "estimate_llc", fake)
+    return seen
+
+
+def test_step_size_auto_is_passed_through(user, monkeypatch):
+    _, file = user
+    seen = _passed_through(monkeypatch)
     spec = ["--model", f"{file}:make_model", "--data", f"{file}:dataset", "--step-size", "auto"]
     ran = invoke(*spec, *TINY)
     assert ran.exit_code == 0, ran.output
@@ -195,14 +201,7 @@ def test_step_size_auto_is_passed_through(user, monkeypatch):
 )  # fmt: skip
 def test_chain_method_and_compile_are_passed_through(user, monkeypatch, flags, expected):
     _, file = user
-    seen = {}
-    real = _direct()
-
-    def fake(model, loader, loss_fn, **kwargs):
-        seen.update(kwargs)
-        return real
-
-    monkeypatch.setattr(slt, "estimate_llc", fake)
+    seen = _passed_through(monkeypatch)
     ran = invoke("--model", f"{file}:make_model", "--data", f"{file}:dataset", *flags, *TINY)
     assert ran.exit_code == 0, ran.output
     assert (seen["chain_method"], seen["compile"]) == expected
