@@ -167,7 +167,7 @@ def sample_llc(
                 num_steps=num_burnin + num_draws,
                 seed=seed,
                 progress=progress,
-                acceptance_every=acceptance_every if sampler == "sgld" else 0,
+                acceptance_every=probe_every,
                 step_size=step_size,
                 observe=recorder,
             )
