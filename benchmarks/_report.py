@@ -51,6 +51,10 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+# three significant figures: a ratio of 4.96 against a target of 5 must not print as 5.0
+RATIO = ".3g"
+
+
 def summary(results: list[dict]) -> str:
     """Per case: the figures the issue sets targets for."""
     rows = [
@@ -63,7 +67,7 @@ def summary(results: list[dict]) -> str:
         ms = res["methods"]
         target = "≥ 5" if res["num_params"] <= SMALL_PARAMS else "≥ 3"
         ratio = [
-            _num(_field(ms, name, "devinterp_llc_over_this"), ".1f")
+            _num(_field(ms, name, "devinterp_llc_over_this"), RATIO)
             for name in ("slt", "slt-plain")
         ]
         step = _num(_field(ms, "slt-none", "x_sgd_step"), ".2f")
@@ -82,7 +86,7 @@ def summary(results: list[dict]) -> str:
         ms = res["methods"]
         if "slt-compiled" not in ms:
             continue
-        ratio = [_num(_field(ms, name, "devinterp_llc_over_this"), ".1f")
+        ratio = [_num(_field(ms, name, "devinterp_llc_over_this"), RATIO)
                  for name in ("slt-compiled", "slt-plain-compiled")]  # fmt: skip
         warm = [_field(ms, name, "warm_up_s") for name in ("slt-compiled", "slt")]
         compiling = "" if None in warm else f" after {warm[0] - warm[1]:.0f} s of compiling"
