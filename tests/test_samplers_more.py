@@ -14,6 +14,7 @@ answers with tolerances of 4 standard errors, the settings fixed in advance:
 """
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -242,12 +243,17 @@ def test_log_acceptance_ratio_is_zero_for_a_reversible_pair():
     assert abs(float(r)) < 1e-12
 
 
+@pytest.mark.parametrize("piece", [None, 1, 5])
 @pytest.mark.parametrize("localization", [0.0, 2.0])
-def test_move_log_ratio_equals_the_list_formula(localization):
-    # the streamed per-tensor form (the acceptance probe's) against log_acceptance_ratio with
-    # log_density and explicit drifts; per chain when the tensors carry a chain dimension
+def test_move_log_ratio_equals_the_list_formula(localization, piece, monkeypatch):
+    # the streamed form (the acceptance probe's, in pieces of MOVE_PIECE numbers: here also
+    # pieces that split tensors and chains) against log_acceptance_ratio with log_density
+    # and explicit drifts; per chain when the tensors carry a chain dimension
     from slt.samplers.base import localized_drift
     from slt.samplers.mala import log_density, move_log_ratio
+
+    if piece is not None:  # the module (slt.samplers.mala is also the kernel's name)
+        monkeypatch.setattr(sys.modules[move_log_ratio.__module__], "MOVE_PIECE", piece)
 
     gen = torch.Generator().manual_seed(3)
     shapes, chains, nbeta, eps = [(4, 3), (5,)], 3, 40.0, 1e-3

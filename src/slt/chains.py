@@ -167,6 +167,7 @@ def run_chains(
                 if probing:
                     grad_fn = probe.before(grad_fn)
                 state, info = kernel.step(state, grad_fn, batch, noise_gen)
+                del grad_fn  # and the control variate's correction it holds (a parameter set)
                 row[t] = info.loss
                 if info.acceptance is not None:
                     row_acceptance[t] = info.acceptance
