@@ -80,7 +80,7 @@ class ChainGenerators:
 
 def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
     """Standard normal noise shaped like ``params``, drawn in one call from ``generator``
-    (or per chain, from a :class:`ChainGenerators`)."""
+    (or per chain, from a :class:`ChainGenerators`), in new tensors."""
     if isinstance(generator, ChainGenerators):
         return generator.noise_like(params)
     first = params[0]
@@ -91,6 +91,33 @@ def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> li
         dtype=first.dtype,
     )
     return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+class NoiseBuffer:
+    """:func:`gaussian_noise` into one buffer reused from call to call, as
+    :class:`ChainGenerators` does for the batched chains: the same numbers from the same
+    generator, without a new tensor, its split and its views at every step (~20 µs of a
+    10k-parameter model's ~600 µs step on one CPU thread). For a kernel's own use: the
+    noise it returns is overwritten by the next call, so a kernel holding one is for one
+    thread at a time."""
+
+    def __init__(self):
+        self._key = None
+        self._flat: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+
+    def __call__(self, params: list[torch.Tensor], generator) -> list[torch.Tensor]:
+        if isinstance(generator, ChainGenerators):
+            return generator.noise_like(params)
+        first = params[0]
+        key = (tuple(p.shape for p in params), first.dtype, first.device)
+        if key != self._key:
+            sizes = [p.numel() for p in params]
+            self._flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+            self._parts = [c.view_as(p) for c, p in zip(self._flat.split(sizes), params)]
+            self._key = key
+        torch.randn(self._flat.shape, generator=generator, out=self._flat)
+        return self._parts
 
 
 def localized_drift(

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, Params, StepInfo, gaussian_noise, localized_drift
+from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo, localized_drift
 
 
 def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -198,6 +198,8 @@ def mala(*, step_size: float, nbeta: float, localization: float, center: Params)
     noise_scale = math.sqrt(step_size)
     density = dict(center=anchor, nbeta=nbeta, localization=localization)
 
+    noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
+
     def init(params: Params) -> MALAState:
         return MALAState(params, [torch.empty_like(p) for p in params.values()])
 
@@ -215,7 +217,7 @@ def mala(*, step_size: float, nbeta: float, localization: float, center: Params)
         previous = state.previous
         with torch.no_grad():
             torch._foreach_copy_(previous, w)
-            noise = gaussian_noise(w, generator)
+            noise = noise_like(w, generator)
             uniform = torch.rand((), generator=generator, device=w[0].device, dtype=torch.float64)
             torch._foreach_add_(w, state.drift, alpha=step_size / 2)
             torch._foreach_add_(w, noise, alpha=noise_scale)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, Params, StepInfo, gaussian_noise, localized_drift
+from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo, localized_drift
 
 
 class RMSpropSGLDState(NamedTuple):
@@ -49,6 +49,8 @@ def rmsprop_sgld(
     anchor = list(center.values())
     root_step = math.sqrt(step_size)
 
+    noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
+
     def init(params: Params) -> RMSpropSGLDState:
         return RMSpropSGLDState(params, [torch.zeros_like(p) for p in params.values()])
 
@@ -66,7 +68,7 @@ def rmsprop_sgld(
             torch._foreach_reciprocal_(precond)
             drift = localized_drift(w, grads, anchor, nbeta=nbeta, localization=localization)
             torch._foreach_mul_(drift, precond)
-            noise = gaussian_noise(w, generator)
+            noise = noise_like(w, generator)
             torch._foreach_sqrt_(precond)
             torch._foreach_mul_(noise, precond)
             torch._foreach_add_(w, drift, alpha=step_size / 2)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, Params, StepInfo, gaussian_noise
+from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo
 
 
 class SGLDState(NamedTuple):
@@ -39,6 +39,8 @@ def sgld(*, step_size: float, nbeta: float, localization: float, center: Params)
     noise_scale = math.sqrt(step_size)
     pull = step_size * localization / 2
 
+    noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
+
     def init(params: Params) -> SGLDState:
         return SGLDState(params)
 
@@ -53,7 +55,7 @@ def sgld(*, step_size: float, nbeta: float, localization: float, center: Params)
             if pull != 0.0:
                 torch._foreach_lerp_(w, anchor, pull)
             torch._foreach_add_(w, grads, alpha=-nbeta * step_size / 2)
-            torch._foreach_add_(w, gaussian_noise(w, generator), alpha=noise_scale)
+            torch._foreach_add_(w, noise_like(w, generator), alpha=noise_scale)
         return state, StepInfo(loss)
 
     return Kernel(init, step)

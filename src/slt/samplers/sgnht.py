@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, Params, StepInfo, gaussian_noise, localized_drift
+from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo, localized_drift
 
 
 class SGNHTState(NamedTuple):
@@ -77,6 +77,8 @@ def sgnht(
     anchor = list(center.values())
     noise_scale = math.sqrt(2 * diffusion * step_size)
 
+    noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
+
     def init(params: Params) -> SGNHTState:
         momentum = [torch.zeros_like(p) for p in params.values()]
         device = momentum[0].device
@@ -92,7 +94,7 @@ def sgnht(
         v = state.momentum
         with torch.no_grad():
             drift = localized_drift(w, grads, anchor, nbeta=nbeta, localization=localization)
-            noise = gaussian_noise(w, generator)
+            noise = noise_like(w, generator)
             torch._foreach_mul_(v, (1 - state.thermostat).to(v[0].dtype))
             torch._foreach_add_(v, drift, alpha=step_size)
             if noise_scale:
