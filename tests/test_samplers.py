@@ -117,18 +117,23 @@ def test_step_reports_loss_before_the_move():
     assert not torch.equal(params["b"], center["b"])
 
 
-def test_noise_buffer_draws_what_gaussian_noise_draws():
-    # the kernels' reused buffer: the same numbers, call after call, from the same generator;
-    # a new parameter shape gets a new buffer
+def test_noise_buffer_draws_one_randn_call_per_step():
+    # the kernels' reused buffer: call after call, one torch.randn over all parameters from
+    # the generator, split in parameter order; a new parameter shape gets a new buffer
     from slt.samplers.base import NoiseBuffer
+
+    def reference(params, generator):
+        flat = torch.randn(sum(p.numel() for p in params), generator=generator)
+        return [c.view_as(p) for c, p in zip(flat.split([p.numel() for p in params]), params)]
 
     params = list(_params().values())
     buffer, a, b = NoiseBuffer(), torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     first = buffer(params, a)
     kept = [t.clone() for t in first]
-    torch.testing.assert_close(kept, gaussian_noise(params, b), rtol=0, atol=0)
+    torch.testing.assert_close(kept, reference(params, b), rtol=0, atol=0)
     second = buffer(params, a)
     assert all(s is f for s, f in zip(second, first))  # the same tensors, refilled
-    torch.testing.assert_close(second, gaussian_noise(params, b), rtol=0, atol=0)
+    torch.testing.assert_close(second, reference(params, b), rtol=0, atol=0)
     other = [torch.zeros(7)]
-    torch.testing.assert_close(buffer(other, a), gaussian_noise(other, b), rtol=0, atol=0)
+    torch.testing.assert_close(buffer(other, a), reference(other, b), rtol=0, atol=0)
+    torch.testing.assert_close(gaussian_noise(params, a), reference(params, b), rtol=0, atol=0)

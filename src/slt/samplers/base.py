@@ -80,17 +80,9 @@ class ChainGenerators:
 
 def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
     """Standard normal noise shaped like ``params``, drawn in one call from ``generator``
-    (or per chain, from a :class:`ChainGenerators`), in new tensors."""
-    if isinstance(generator, ChainGenerators):
-        return generator.noise_like(params)
-    first = params[0]
-    flat = torch.randn(
-        sum(p.numel() for p in params),
-        generator=generator,
-        device=first.device,
-        dtype=first.dtype,
-    )
-    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+    (or per chain, from a :class:`ChainGenerators`), in new tensors. The kernels draw the
+    same numbers into a buffer they reuse (:class:`NoiseBuffer`)."""
+    return NoiseBuffer()(params, generator)
 
 
 class NoiseBuffer:
