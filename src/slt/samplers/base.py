@@ -46,6 +46,30 @@ class Kernel(NamedTuple):
     step: Callable[[Any, GradFn, Any, torch.Generator], tuple[Any, StepInfo]]
 
 
+class _NoiseLayout:
+    """One flat noise buffer and its views shaped like ``params`` (with ``rows``, a
+    (rows, d) buffer for chain-stacked parameters), made again only when the parameters'
+    shapes, dtype or device change."""
+
+    def __init__(self):
+        self._key = None
+        self.flat: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []
+
+    def fit(self, params: list[torch.Tensor], rows: int = 0) -> _NoiseLayout:
+        first = params[0]
+        key = (tuple(p.shape for p in params), first.dtype, first.device, rows)
+        if key != self._key:
+            sizes = [(p[0] if rows else p).numel() for p in params]
+            shape = (rows, sum(sizes)) if rows else (sum(sizes),)
+            self.flat = torch.empty(shape, dtype=first.dtype, device=first.device)
+            self.parts = [c.view(p.shape) for c, p in zip(self.flat.split(sizes, -1), params)]
+            self.rows = list(self.flat) if rows else []  # made once: iterating unbinds
+            self._key = key
+        return self
+
+
 class ChainGenerators:
     """One generator per chain for kernels that step all chains at once (``chain_method=
     "vmap"``): parameters carry a leading chain dimension, and chain c's noise is drawn
@@ -53,29 +77,17 @@ class ChainGenerators:
 
     def __init__(self, generators: list[torch.Generator]):
         self.generators = generators
-        self._key = None
-        self._flat: torch.Tensor | None = None
-        self._parts: list[torch.Tensor] = []
-        self._rows: list[torch.Tensor] = []
+        self._layout = _NoiseLayout()
 
     def noise_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Noise shaped like the chain-stacked ``params``: row c of one (chain, d) buffer
         drawn from generator c in one call, exactly as the loop draws chain c's. The
         buffer and its per-parameter views are reused from call to call (the kernels use
         the noise at once), so a step allocates nothing."""
-        first = params[0]
-        key = (tuple(p.shape for p in params), first.dtype, first.device)
-        if key != self._key:
-            size = sum(p[0].numel() for p in params)
-            self._flat = torch.empty(len(self.generators), size, dtype=first.dtype,
-                                     device=first.device)  # fmt: skip
-            chunks = self._flat.split([p[0].numel() for p in params], dim=1)
-            self._parts = [chunk.view(p.shape) for chunk, p in zip(chunks, params)]
-            self._rows = list(self._flat)  # made once: iterating the buffer unbinds it
-            self._key = key
-        for row, g in zip(self._rows, self.generators):
+        layout = self._layout.fit(params, rows=len(self.generators))
+        for row, g in zip(layout.rows, self.generators):
             torch.randn(row.shape, generator=g, out=row)
-        return self._parts
+        return layout.parts
 
 
 def gaussian_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -94,22 +106,14 @@ class NoiseBuffer:
     thread at a time."""
 
     def __init__(self):
-        self._key = None
-        self._flat: torch.Tensor | None = None
-        self._parts: list[torch.Tensor] = []
+        self._layout = _NoiseLayout()
 
     def __call__(self, params: list[torch.Tensor], generator) -> list[torch.Tensor]:
         if isinstance(generator, ChainGenerators):
             return generator.noise_like(params)
-        first = params[0]
-        key = (tuple(p.shape for p in params), first.dtype, first.device)
-        if key != self._key:
-            sizes = [p.numel() for p in params]
-            self._flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
-            self._parts = [c.view_as(p) for c, p in zip(self._flat.split(sizes), params)]
-            self._key = key
-        torch.randn(self._flat.shape, generator=generator, out=self._flat)
-        return self._parts
+        layout = self._layout.fit(params)
+        torch.randn(layout.flat.shape, generator=generator, out=layout.flat)
+        return layout.parts
 
 
 def localized_drift(
