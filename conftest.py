@@ -15,6 +15,6 @@ def no_cache(monkeypatch):
 
     def build(self):
         self._cache_built = True
-        self._cache_loss = self._cache_grad = None
+        self._cache_loss = self._cache_grad = self._factors = None
 
     monkeypatch.setattr(posterior.Posterior, "_build_cache", build)

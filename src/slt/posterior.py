@@ -24,6 +24,7 @@ import torch
 from slt import _checks, attention
 from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size, dataset_size
+from slt.factors import LinearFactors, record_factors
 from slt.losses import LossFn, LossModule, unsqueeze
 
 ControlVariate = Literal["loss", "gradient", "none"]
@@ -218,32 +219,52 @@ class Posterior:
             self._build_cache()
         return self._cache_grad
 
+    @property
+    def factors(self) -> LinearFactors | None:
+        """The per-sample factors of ∇L_B(w*) (:mod:`slt.factors`), where the gradient
+        control variate has no per-sample gradient table; else None."""
+        if not self._cache_built:
+            self._build_cache()
+        return self._factors
+
+    @property
+    def gradient_table_fits(self) -> bool:
+        """Whether per-sample gradients at w* would be tabled (:meth:`_build_cache`): at
+        most ``_CACHE_MAX_PARAMS`` parameters and ``_CACHE_MAX_FLOATS`` numbers."""
+        d = self.num_params
+        return self.n * d <= _CACHE_MAX_FLOATS and d <= _CACHE_MAX_PARAMS
+
     def _build_cache(self) -> None:
         """Per-sample losses (and gradients) at w* of every sample, so that the control
         variates on a batch are a gather and a mean instead of a forward (and backward)
-        pass: L_B(w*) = mean_{i∈B} ℓ_i(w*), ∇L_B(w*) = mean_{i∈B} ∇ℓ_i(w*).
+        pass: L_B(w*) = mean_{i∈B} ℓ_i(w*), ∇L_B(w*) = mean_{i∈B} ∇ℓ_i(w*). Where the
+        gradients do not fit (:attr:`gradient_table_fits`), the factors of a model of
+        ``nn.Linear`` layers (:mod:`slt.factors`) stand in for them.
 
-        Only for the ``TensorDataset`` fast path (sample indices known), a loss that is a
-        mean of per-sample terms (checked on a batch), and when the gradients fit in
-        ``_CACHE_MAX_FLOATS``; otherwise nothing is cached and the passes at w* run.
-        Built on first use (the loop's :meth:`at_center`), not by the constructor."""
+        Only for the ``TensorDataset`` fast path (sample indices known) and a loss that is a
+        mean of per-sample terms (checked on a batch); otherwise nothing is cached and the
+        passes at w* run. Built on first use (the loop's :meth:`at_center`, the vmapped
+        step's factors), not by the constructor."""
         self._cache_built = True
-        self._cache_loss = self._cache_grad = None
+        self._cache_loss = self._cache_grad = self._factors = None
         tensors = self.batches.tensors
         if self.control_variate == "none" or tensors is None or self.full_data is not None:
             return
-        want_grad = self.control_variate == "gradient"
-        d = self.num_params
-        if want_grad and (self.n * d > _CACHE_MAX_FLOATS or d > _CACHE_MAX_PARAMS):
-            return
+        want_grad = self.control_variate == "gradient" and self.gradient_table_fits
+        if self.control_variate == "gradient" and not want_grad:
+            self._factors = record_factors(self, tensors)
+            if self._factors is None:
+                return
         try:
             losses, grads = self._per_sample_at_center(tensors, want_grad)
         except Exception:  # the model or loss cannot be vmapped: keep the passes at w*
+            self._factors = None
             return
         probe = [t[:64] for t in tensors]
         with torch.set_grad_enabled(want_grad):
             loss = self.loss(self.reference, probe)
             if not torch.allclose(losses[:64].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
+                self._factors = None
                 return  # not a mean of per-sample terms
             if want_grad:
                 flat = torch.cat(
@@ -368,8 +389,13 @@ class Posterior:
             return None, self.grad_fn
         if index is not None and self.cache_loss is not None:
             loss = batch_mean(self.cache_loss, index)
-            if self.cache_grad is None:
+            if self.control_variate == "loss":
                 return loss, self.grad_fn
+            if self.cache_grad is None:  # the factors of nn.Linear layers
+                correction = self.factors.gradient_sums(index)
+                torch._foreach_div_(correction, float(index.shape[-1]))
+                torch._foreach_sub_(correction, self.init_grad)
+                return loss, partial(self.grad_fn, correction=correction)
             flat = batch_mean(self.cache_grad, index) - self._init_grad_flat
             correction = [
                 c.view_as(p) for c, p in zip(flat.split(self._sizes), self.center.values())
