@@ -77,6 +77,13 @@ def test_a_selection_of_weights_and_biases(params):
     _assert_matches_autograd(p, torch.arange(0, 200, 3))
 
 
+def test_an_in_place_activation_after_a_layer():
+    torch.manual_seed(0)
+    relu = torch.nn.ReLU(inplace=True)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 20), relu, torch.nn.Linear(20, 3))
+    _assert_matches_autograd(_posterior(model, _data(200, 6, 3)), torch.arange(5, 200, 4))
+
+
 def test_positions_within_a_sample_are_summed():
     class PerPosition(torch.nn.Module):  # a layer applied at every position, then a mean
         def __init__(self):
@@ -125,12 +132,13 @@ class _Subclass(torch.nn.Linear):  # may compute something else than x Wᵀ + b
         return super().forward(x) ** 2
 
 
+@pytest.mark.parametrize("n", [300, 60])  # 60: the recording pass is one chunk of all samples
 @pytest.mark.parametrize("model", [_Scaled, _Twice, _Interacting, lambda: _Subclass(4, 1)])
-def test_no_factors_where_they_would_not_be_the_gradient(model):
+def test_no_factors_where_they_would_not_be_the_gradient(model, n):
     torch.manual_seed(0)
-    p = _posterior(model(), _data(300, 4))
+    p = _posterior(model(), _data(n, 4))
     assert record_factors(p, p.batches.tensors) is None
-    assert not p.reference._forward_hooks and not any(m._forward_hooks for m in p.reference.modules())
+    assert not any(m._forward_hooks for m in p.reference.modules())  # the hooks removed
 
 
 def test_no_factors_over_the_budget(monkeypatch):
@@ -152,3 +160,20 @@ def test_estimates_agree_with_and_without_the_factors(monkeypatch):
     direct = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
     np.testing.assert_allclose(with_factors.trace, direct.trace, rtol=1e-4)
     np.testing.assert_allclose(with_factors.llc_trace, direct.llc_trace, rtol=1e-3, atol=1e-3)
+
+
+def test_a_loss_the_recording_pass_cannot_run_keeps_the_pass_at_center():
+    model, dataset = _mlp((10, 80, 60, 1)), _data(256, 10)
+
+    def only_batches_of_32(model, batch):  # the recording pass uses chunks of 256
+        if batch[0].shape[0] not in (32, 64):  # 64: the per-sample check's probe
+            raise RuntimeError("this loss takes batches of 32")
+        return slt.gaussian_nll(1.0)(model, batch)
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+    p = build_posterior(model, loader, only_batches_of_32, n=None, nbeta=None,
+                        localization=1.0, control_variate="gradient", sampler="sgld")  # fmt: skip
+    assert p.factors is None and p.cache_loss is None
+    batch, index = next(p.stream(torch.Generator().manual_seed(0)))
+    loss, grad_fn = p.at_center(batch, index)  # the pass at w*
+    assert torch.isfinite(loss) and grad_fn.keywords["correction"] is not None

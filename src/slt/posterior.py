@@ -252,7 +252,10 @@ class Posterior:
             return
         want_grad = self.control_variate == "gradient" and self.gradient_table_fits
         if self.control_variate == "gradient" and not want_grad:
-            self._factors = record_factors(self, tensors)
+            try:
+                self._factors = record_factors(self, tensors)
+            except Exception:  # a model or loss the recording pass cannot run: the passes at w*
+                self._factors = None
             if self._factors is None:
                 return
         try:
