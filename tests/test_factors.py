@@ -177,3 +177,28 @@ def test_a_loss_the_recording_pass_cannot_run_keeps_the_pass_at_center():
     batch, index = next(p.stream(torch.Generator().manual_seed(0)))
     loss, grad_fn = p.at_center(batch, index)  # the pass at w*
     assert torch.isfinite(loss) and grad_fn.keywords["correction"] is not None
+
+
+def test_the_batched_step_reads_the_factors_from_its_threshold(monkeypatch):
+    import slt.vmapped
+
+    model, dataset = _mlp((10, 80, 60, 1)), _data(256, 10)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+    kw = dict(step_size=1e-4, num_chains=3, num_draws=100, num_burnin=20, progress=False,
+              chain_method="vmap")  # fmt: skip
+    calls = []
+    sums = factors_module.LinearFactors.gradient_sums
+
+    def spy(self, index):
+        calls.append(tuple(index.shape))
+        return sums(self, index)
+
+    monkeypatch.setattr(factors_module.LinearFactors, "gradient_sums", spy)
+    rows = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)  # d = 5,801: rows
+    assert not calls
+    monkeypatch.setattr(slt.vmapped, "VMAP_FACTORS_MIN_PARAMS", 5_000)
+    with_factors = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
+    assert calls.count((3, 32)) == 120  # every step, one batch per chain (and the check)
+    np.testing.assert_allclose(with_factors.trace, rows.trace, rtol=1e-4)
+    np.testing.assert_allclose(with_factors.trace_at_center, rows.trace_at_center, rtol=1e-5)
+    np.testing.assert_allclose(with_factors.llc_trace, rows.llc_trace, rtol=1e-3, atol=1e-3)
