@@ -99,6 +99,24 @@ def test_positions_within_a_sample_are_summed():
     assert [layer.positions for layer in factors.layers] == [4, 4]
 
 
+def test_the_feed_forward_layers_of_a_transformer_block():
+    # the weight-refined LLC of one block's feed-forward part: its layers see every position
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0,
+                                                          batch_first=True)  # fmt: skip
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):  # (b, positions, 8) -> (b, 2)
+            return self.head(self.layer(x).mean(1))
+
+    torch.manual_seed(0)
+    p = _posterior(Block().eval(), _data(150, 8, 2, shape=(5,)), params="layer.linear*")
+    factors = _assert_matches_autograd(p, torch.arange(3, 150, 2))
+    assert [layer.positions for layer in factors.layers] == [5, 5]
+
+
 class _Scaled(torch.nn.Module):  # a parameter outside any nn.Linear
     def __init__(self):
         super().__init__()
