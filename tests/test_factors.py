@@ -26,8 +26,8 @@ def _data(n, width_in, width_out=1, seed=1, shape=()):
     return torch.utils.data.TensorDataset(x, torch.randn(n, width_out, generator=g))
 
 
-def _posterior(model, dataset, params=None, batch_size=32):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+def _posterior(model, dataset, params=None, batch_size=32, shuffle=True):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
     return build_posterior(model, loader, slt.gaussian_nll(1.0), n=None, nbeta=None,
                            localization=1.0, control_variate="gradient", sampler="sgld",
                            params=params)  # fmt: skip
@@ -48,12 +48,16 @@ def _assert_matches_autograd(posterior, index):
     return factors
 
 
-def test_the_loop_uses_the_factors_and_they_equal_the_pass_at_center():
+@pytest.mark.parametrize("shuffle", [True, False])  # False: the batches are slices
+def test_the_loop_uses_the_factors_and_they_equal_the_pass_at_center(shuffle):
     # d = 5,801 > 4,096: no per-sample gradient table, so the factors stand in
-    p = _posterior(_mlp((10, 80, 60, 1)), _data(300, 10))
+    p = _posterior(_mlp((10, 80, 60, 1)), _data(300, 10), shuffle=shuffle)
     assert not p.gradient_table_fits
     assert p.factors is not None and p.cache_grad is None
-    batch, index = next(p.stream(torch.Generator().manual_seed(3)))
+    batches = p.stream(torch.Generator().manual_seed(3))
+    batch, index = next(batches)
+    batch, index = next(batches)  # rows 32-63 unshuffled
+    assert isinstance(index, torch.Tensor) == shuffle
     loss, grad_fn = p.at_center(batch, index)
     direct_loss, direct_grad_fn = p.at_center(batch, None)
     torch.testing.assert_close(loss.float(), direct_loss.float(), rtol=1e-5, atol=1e-6)

@@ -58,14 +58,19 @@ class LinearFactors:
         self.layers = list(layers)
         self.count = count  # sampled parameters
 
-    def gradient_sums(self, index: torch.Tensor) -> list[torch.Tensor]:
-        """|B| ∇L_B(w*) of every sampled parameter, for the samples ``index``: (b,) for one
-        batch, or (chain, b) for one batch per chain (each result then has a leading chain
-        dimension). Sums, not means: the caller scales them by 1/|B| in the operation that
-        uses them (a separate division costs ~15 µs a tensor at these sizes)."""
-        lead, size = index.shape[:-1], index.shape[-1]
+    def gradient_sums(self, index: torch.Tensor | slice) -> list[torch.Tensor]:
+        """|B| ∇L_B(w*) of every sampled parameter, for the samples ``index``: (b,) or a
+        slice for one batch, or (chain, b) for one batch per chain (each result then has a
+        leading chain dimension). Sums, not means: the caller scales them by 1/|B| in the
+        operation that uses them (a separate division costs ~15 µs a tensor at these
+        sizes)."""
+        if isinstance(index, slice):  # an unshuffled loader's batch
+            rows = self.table[index]
+            lead, size = (), rows.shape[0]
+        else:
+            lead, size = index.shape[:-1], index.shape[-1]
+            rows = self.table.index_select(0, index.reshape(-1))  # (chain · b, F)
         product = torch.bmm if lead else torch.mm
-        rows = self.table.index_select(0, index.reshape(-1))  # (chain · b, F)
         out: list[torch.Tensor | None] = [None] * self.count
         for layer in self.layers:
             span = size * layer.positions

@@ -396,7 +396,7 @@ class Posterior:
                 return loss, self.grad_fn
             if self.cache_grad is None:  # the factors of nn.Linear layers
                 correction = self.factors.gradient_sums(index)
-                torch._foreach_div_(correction, float(index.shape[-1]))
+                torch._foreach_div_(correction, float(batch_size(batch)))
                 torch._foreach_sub_(correction, self.init_grad)
                 return loss, partial(self.grad_fn, correction=correction)
             flat = batch_mean(self.cache_grad, index) - self._init_grad_flat
