@@ -224,3 +224,28 @@ def test_the_batched_step_reads_the_factors_from_its_threshold(monkeypatch):
     np.testing.assert_allclose(with_factors.trace, rows.trace, rtol=1e-4)
     np.testing.assert_allclose(with_factors.trace_at_center, rows.trace_at_center, rtol=1e-5)
     np.testing.assert_allclose(with_factors.llc_trace, rows.llc_trace, rtol=1e-3, atol=1e-3)
+
+
+def test_the_activation_cap_counts_no_rows_for_w_star_where_the_factors_stand_in(monkeypatch):
+    import slt.sampling
+    import slt.vmapped
+
+    model, dataset = _mlp((10, 80, 60, 1)), _data(256, 10)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+    kw = dict(step_size=1e-4, num_chains=4, num_draws=20, num_burnin=0, progress=False)
+    monkeypatch.setattr(slt.vmapped, "VMAP_FACTORS_MIN_PARAMS", 5_000)
+    monkeypatch.setattr(slt.sampling, "VMAP_FACTORS_MIN_PARAMS", 5_000)
+    p = _posterior(model, dataset)
+    first = next(iter(p.batches.epoch(torch.Generator().manual_seed(0))))
+    per_chain = slt.vmapped.activations(p, first)
+    vm = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
+    loop = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="loop", **kw)
+    assert not np.array_equal(vm.trace, loop.trace)  # rounding tells the two apart
+    for cap, expected in [(4 * per_chain - 1, loop), (4 * per_chain, vm)]:
+        monkeypatch.setattr(slt.sampling, "VMAP_MAX_ACTIVATIONS", cap)
+        auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
+        np.testing.assert_array_equal(auto.trace, expected.trace)
+    monkeypatch.setattr(posterior_module, "record_factors", lambda *args: None)
+    rows = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="loop", **kw)
+    auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)  # 2 × 4 rows: the loop
+    np.testing.assert_array_equal(auto.trace, rows.trace)
