@@ -1,8 +1,11 @@
-"""What every method in ``bench_llc.py`` shares: the run settings and the data and λ̂ helpers."""
+"""What the benchmarks share: the run settings and the data and λ̂ helpers of
+``bench_llc.py``, the per-chain-step timing and the header line of the others."""
 
 from __future__ import annotations
 
+import platform
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,3 +80,12 @@ def vmap_pass(traced: bool) -> Iterator[None]:
         yield
     finally:
         slt.traced.enabled, slt.traced.MIN_STEPS = saved
+
+
+def one_thread_header() -> str:
+    """Sets torch to one thread and returns the line a benchmark's table starts with: the
+    time (UTC), torch's version, the CPU and the thread count."""
+    torch.set_num_threads(1)
+    cpu = platform.processor() or platform.machine()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"{when}  torch {torch.__version__}  {cpu}  1 thread"

@@ -20,7 +20,6 @@ import argparse
 import atexit
 import copy
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -57,15 +56,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    header = _common.one_thread_header()  # one thread from here on
     steps, repeats = (100, 3) if args.quick else (300, 3)
     runs = [
         (zoo.regular(10), (4, 16)),
         (zoo.deep_linear((20, 40, 80, 80), 10), (4, 16)),
         (cases.realizable_transformer(), (4,)),
     ]  # the transformer: compute-bound, 4 chains only
-    cpu = platform.processor() or platform.machine()
-    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
+    print(header)
     print(
         "| case | d | chains | compile s | checkpoint s (graphs) | µs/chain-step: loop "
         "| vmap eager | vmap traced | compiled | compiled speed-up over eager / traced "

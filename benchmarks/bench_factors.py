@@ -14,7 +14,6 @@ and λ̂ under both (equal up to rounding). The 1M model's table (63 MB) is over
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from contextlib import contextmanager
@@ -63,10 +62,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="one repeat of a few steps")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    header = _common.one_thread_header()  # one thread from here on
     repeats = 1 if args.smoke else 3 if args.quick else 5
-    cpu = platform.processor() or platform.machine()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  {cpu}  1 thread")
+    print(header)
     print("| model | d | table MB | chains × steps | s / estimate: pass at w* / factors "
           "| µs / chain-step: pass / factors | speed-up | λ̂: pass / factors |")  # fmt: skip
     print("|---|---:|---:|---|---|---|---:|---|")

@@ -14,10 +14,7 @@ crossover lies that ``chain_method="auto"`` uses (``slt.vmapped.VMAP_MAX_PARAMS`
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-
-import torch
 
 import _common  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import cases as bench_cases
@@ -45,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mlp", action="store_true", help="ReLU MLPs of 83k-1.05M parameters")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    header = _common.one_thread_header()  # one thread from here on
     steps, repeats = (100, 3) if args.quick else (300, 5)
     if args.mlp:  # realizable MLPs at their random init (benchmarks/cases.py), 4 chains
         widths = [(64, 256, 256, 1), (128, 384, 384, 1), (256, 512, 512, 1), (256, 1024, 768, 1)]
@@ -56,8 +53,7 @@ def main(argv=None):
         cases = [zoo.regular(10), zoo.deep_linear((8, 4, 8, 8), 4),
                  zoo.deep_linear((20, 40, 80, 80), 10)]  # fmt: skip
         chain_counts = (4, 8, 16)
-    cpu = platform.processor() or platform.machine()
-    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {cpu}  1 thread")
+    print(header)
     print("| case | d | chains | µs/chain-step: loop | vmap eager | vmap traced "
           "| speed-up over the loop: eager / traced |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
