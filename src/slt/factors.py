@@ -12,8 +12,9 @@ sample, and the gradient control variate's ∇L_B(w*) on any batch becomes a gat
 matrix product per layer (:meth:`LinearFactors.gradient_sums`) instead of a forward and a
 backward pass: about a third of the pass's arithmetic (the weight gradients; no forward, no
 input gradients), the same numbers up to rounding. The table holds, per sample, every
-layer's input and output width (times its positions): n · Σ (in + out) numbers, against the
-n · d of a per-sample gradient table, so it fits where that one does not.
+layer's input (with a 1 for the bias) and output (times its positions): n · Σ (in + 1 + out)
+numbers, against the n · d of a per-sample gradient table, so it fits where that one does
+not.
 
 It applies only where every sampled parameter is the ``weight`` or ``bias`` of an
 ``nn.Linear`` (exactly that class) called once per forward pass, and the result is checked
@@ -33,7 +34,7 @@ import torch
 if TYPE_CHECKING:
     from slt.posterior import Posterior
 
-BUDGET = 2**23  # numbers the table may hold: 32 MB of float32 (why: the README, "Samplers")
+BUDGET = 2**23  # numbers the table may hold: 32 MB of float32 (why: README, "Factors of Linear")
 _CHUNK = 256  # samples per pass while recording
 _CHECK = 64  # samples in the batch the recorded factors are checked on
 

@@ -251,23 +251,22 @@ class Posterior:
         if self.control_variate == "none" or tensors is None or self.full_data is not None:
             return
         want_grad = self.control_variate == "gradient" and self.gradient_table_fits
+        factors = None
         if self.control_variate == "gradient" and not want_grad:
             try:
-                self._factors = record_factors(self, tensors)
+                factors = record_factors(self, tensors)
             except Exception:  # a model or loss the recording pass cannot run: the passes at w*
-                self._factors = None
-            if self._factors is None:
+                return
+            if factors is None:
                 return
         try:
             losses, grads = self._per_sample_at_center(tensors, want_grad)
         except Exception:  # the model or loss cannot be vmapped: keep the passes at w*
-            self._factors = None
             return
         probe = [t[:64] for t in tensors]
         with torch.set_grad_enabled(want_grad):
             loss = self.loss(self.reference, probe)
             if not torch.allclose(losses[:64].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
-                self._factors = None
                 return  # not a mean of per-sample terms
             if want_grad:
                 flat = torch.cat(
@@ -275,7 +274,7 @@ class Posterior:
                 )
                 if not torch.allclose(grads[:64].mean(0), flat, rtol=1e-3, atol=1e-5):
                     return
-        self._cache_loss = losses
+        self._cache_loss, self._factors = losses, factors
         if want_grad:
             self._cache_grad = grads
             self._init_grad_flat = torch.cat([g.reshape(-1) for g in self.init_grad])
