@@ -6,9 +6,10 @@ For ReLU MLPs of 10k to 1.05M parameters (n = 4,096, batch 128), slt's defaults 
 (``chain_method="loop"``: gradient control variate, acceptance probe every 20 steps), once
 with ∇L_B(w*) from the per-sample factors (:mod:`slt.factors`) and once with the pass at w*
 they replace, alternating, several repeats. Reports the median seconds per estimate, the µs
-per chain-step of each (fixed cost removed: the median 1-draw call), the factor table's size
-and λ̂ under both (equal up to rounding). The 1M model's table (63 MB) is over the default
-``slt.factors.BUDGET``; it is run with the budget raised, to show what raising it buys.
+per chain-step of each (fixed cost removed: the median 1-draw call), the size of the factor
+table the runs recorded and λ̂ under both (equal up to rounding). The 1M model's table (63 MB)
+is over the default ``slt.factors.BUDGET``; it is run with the budget raised, to show what
+raising it buys.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import time
 from contextlib import contextmanager
 from functools import partial
 
-import torch
-
-import _common  # noqa: F401  (benchmarks/ is on sys.path when run as a script)
+import _common  # benchmarks/ is on sys.path when run as a script
 import cases as bench_cases
 import slt
 import slt.factors
@@ -30,13 +29,23 @@ import slt.posterior
 WIDTHS = [(20, 100, 80, 1), (100, 300, 300, 1), (256, 1024, 768, 1)]
 
 
+TABLES: list[int] = []  # bytes of every factor table recorded, in order
+
+
 @contextmanager
 def factors(on: bool, budget: int):
-    """Within it, the loop reads ∇L_B(w*) from the factors (``on``) or runs the pass at w*."""
+    """Within it, the loop reads ∇L_B(w*) from the factors (``on``; each table's size goes
+    to :data:`TABLES`) or runs the pass at w*."""
     saved = slt.posterior.record_factors, slt.factors.BUDGET
     slt.factors.BUDGET = budget
-    if not on:
-        slt.posterior.record_factors = lambda *args: None
+
+    def record(*args):
+        table = saved[0](*args)
+        if table is not None:
+            TABLES.append(table.table.nbytes)
+        return table
+
+    slt.posterior.record_factors = record if on else lambda *args: None
     try:
         yield
     finally:
@@ -51,12 +60,6 @@ def estimate(case, kw, budget, on, draws) -> tuple[float, float]:
         return time.perf_counter() - start, res.llc
 
 
-def table_mb(case) -> float:
-    widths = [w for w in case.model.modules() if isinstance(w, torch.nn.Linear)]
-    per_sample = sum(m.in_features + 1 + m.out_features for m in widths)
-    return case.n * per_sample * 4 / 2**20
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -65,7 +68,7 @@ def main(argv=None):
     header = _common.one_thread_header()  # one thread from here on
     repeats = 1 if args.smoke else 3 if args.quick else 5
     print(header)
-    print("| model | d | table MB | chains × steps | s / estimate: pass at w* / factors "
+    print("| model | d | table MiB | chains × steps | s / estimate: pass at w* / factors "
           "| µs / chain-step: pass / factors | speed-up | λ̂: pass / factors |")  # fmt: skip
     print("|---|---:|---:|---|---|---|---:|---|")
     for widths in WIDTHS:
@@ -81,6 +84,7 @@ def main(argv=None):
         short = {True: [], False: []}
         llc = {}
 
+        TABLES.clear()
         run = partial(estimate, case, kw, budget)
         run(True, 2), run(False, 2)  # warm-up
         for _ in range(repeats):
@@ -91,7 +95,8 @@ def main(argv=None):
         full = {on: statistics.median(v) for on, v in times.items()}
         step = {on: (full[on] - statistics.median(short[on])) / (chains * (steps - 1)) * 1e6
                 for on in full}  # fmt: skip
-        print(f"| {case.name} | {case.num_params} | {table_mb(case):.0f} | {chains} × {steps} "
+        table = f"{TABLES[-1] / 2**20:.0f}" if TABLES else "none recorded"
+        print(f"| {case.name} | {case.num_params} | {table} | {chains} × {steps} "
               f"| {full[False]:.2f} / {full[True]:.2f} | {step[False]:.0f} / {step[True]:.0f} "
               f"| {full[False] / full[True]:.2f}x | {llc[False]:.4g} / {llc[True]:.4g} |",
               flush=True)  # fmt: skip
