@@ -234,7 +234,6 @@ def test_the_activation_cap_counts_no_rows_for_w_star_where_the_factors_stand_in
     loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
     kw = dict(step_size=1e-4, num_chains=4, num_draws=20, num_burnin=0, progress=False)
     monkeypatch.setattr(slt.vmapped, "VMAP_FACTORS_MIN_PARAMS", 5_000)
-    monkeypatch.setattr(slt.sampling, "VMAP_FACTORS_MIN_PARAMS", 5_000)
     p = _posterior(model, dataset)
     first = next(iter(p.batches.epoch(torch.Generator().manual_seed(0))))
     per_chain = slt.vmapped.activations(p, first)

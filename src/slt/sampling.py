@@ -18,11 +18,11 @@ from slt.posterior import Posterior
 from slt.result import LLCResult
 from slt.samplers import FULL_BATCH, SAMPLERS
 from slt.vmapped import (
-    VMAP_FACTORS_MIN_PARAMS,
     VMAP_MAX_ACTIVATIONS,
     VMAP_MAX_PARAMS,
     VMAP_SAMPLERS,
     activations,
+    center_factors,
     vmap_min_chains,
 )
 
@@ -92,9 +92,8 @@ def _small_activations(posterior: Posterior, num_chains: int, seed: int) -> bool
     """Whether the batched pass of ``num_chains`` chains keeps at most
     :data:`slt.vmapped.VMAP_MAX_ACTIVATIONS` numbers of activations (measured on the first
     batch the chains would see)."""
-    stacked_center = posterior.control_variate == "gradient" and not (
-        posterior.num_params >= VMAP_FACTORS_MIN_PARAMS and posterior.factors is not None
-    )  # w* as C more rows of the pass, unless the factors stand in (slt.vmapped.eager_step)
+    # w* as C more rows of the pass, unless the factors stand in for them
+    stacked_center = posterior.control_variate == "gradient" and center_factors(posterior) is None
     rows = num_chains * (2 if stacked_center else 1)
     try:
         batch = next(iter(posterior.batches.epoch(torch.Generator().manual_seed(seed))))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from slt import traced as tracing
 from slt.chains import _CHECK_EVERY, Trace, chain_generators, flush_denormals
+from slt.factors import LinearFactors
 from slt.losses import LossModule
 from slt.posterior import Posterior, batch_mean
 from slt.samplers.base import ChainGenerators, Kernel
@@ -67,6 +68,16 @@ VMAP_MAX_ACTIVATIONS = 2**21
 # (twice) at 31k, 1.11-1.13x at 45k, 1.12x at 83k; the table costs memory (12-18 MB at
 # n = 4,096), so below ~30k, where the step gains little, the rows stay
 VMAP_FACTORS_MIN_PARAMS = 30_000
+
+
+def center_factors(posterior: Posterior) -> LinearFactors | None:
+    """The factors of nn.Linear layers (:mod:`slt.factors`) from which the batched step
+    takes the gradient control variate's ∇L_B(w*) instead of C more rows in its pass: from
+    :data:`VMAP_FACTORS_MIN_PARAMS` sampled parameters, where the model has them; else None
+    (recording them on first use)."""
+    if posterior.control_variate != "gradient" or posterior.num_params < VMAP_FACTORS_MIN_PARAMS:
+        return None
+    return posterior.factors
 
 
 def stacked(tensors: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
@@ -160,13 +171,7 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
 
     center = [v.detach() for v in posterior.center.values()]
     mode = posterior.control_variate
-    # The gradient control variate's ∇L_B(w*) from the factors of nn.Linear layers
-    # (slt.factors) instead of C more rows in the pass, from VMAP_FACTORS_MIN_PARAMS up
-    factors = (
-        posterior.factors
-        if mode == "gradient" and posterior.num_params >= VMAP_FACTORS_MIN_PARAMS
-        else None
-    )
+    factors = center_factors(posterior)
     if factors is not None:
         params = stacked(dict(zip(names, center)), num_chains)
     elif mode == "gradient":
