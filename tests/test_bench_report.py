@@ -1,0 +1,49 @@
+"""benchmarks/_report.py: the targets table shows what was measured, and nothing that was not."""
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _report():
+    sys.path.insert(0, str(BENCH))  # the benchmark imports its helper modules by name
+    try:
+        import _report
+    finally:
+        sys.path.remove(str(BENCH))
+    return _report
+
+
+def _method(ratio, memory=None, **extra):
+    return {"devinterp_llc_over_this": ratio, "fixed_ms": 8.0, "memory": memory, **extra}
+
+
+def _result(memory):
+    methods = {
+        "slt": _method(4.96, memory and memory[0]),
+        "slt-plain": _method(8.04, memory and memory[1]),
+        "slt-none": _method(3.0, x_sgd_step=0.95),
+        "devinterp-llc": _method(1.0, memory and memory[2]),
+    }
+    return {"case": "relu_mlp(20-100-80-1)", "run_label": "4×(100+500)", "num_params": 10261,
+            "run": {"num_chains": 4}, "methods": methods}  # fmt: skip
+
+
+def test_targets_row_shows_first_and_repeated_call_memory():
+    report = _report()
+    memory = [{"increase_mb": 8.2, "repeat_increase_mb": 0.3},
+              {"increase_mb": 4.2, "repeat_increase_mb": 0.0},
+              {"increase_mb": 2.6, "repeat_increase_mb": 0.1}]  # fmt: skip
+    row = report.summary([_result(memory)]).splitlines()[2]
+    # three significant figures: 4.96 against a target of 5 must not print as 5
+    assert "| 4.96× / 8.04× (≥ 5×) | 0.95 | 2.0 | 8 (0) / 4 (0) / 3 (0) |" in row
+
+
+def test_targets_row_without_a_memory_pass_or_a_repeat():
+    report = _report()
+    row = report.summary([_result(None)]).splitlines()[2]
+    assert row.endswith("| — / — / — |")
+    older = [{"increase_mb": 9.0}] * 3  # a result written before the repeated call
+    row = report.summary([_result(older)]).splitlines()[2]
+    assert row.endswith("| 9 / 9 / 9 |")
