@@ -199,7 +199,7 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer draws and repeats (~13 min)")
+    mode.add_argument("--quick", action="store_true", help="fewer draws and repeats (~15 min)")
     mode.add_argument("--smoke", action="store_true", help="2 × (2+10), 1 repeat: does it run?")
     parser.add_argument("--cases", nargs="+", choices=list(PLAN), default=list(PLAN))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
