@@ -46,6 +46,8 @@ def test_compiled_equals_eager_and_a_checkpoint_compiles_nothing():
     before = compiled.compilations
     fast = _estimate(case, later, slt.gaussian_nll(1.0), step_size=1e-4, compile=True)
     assert compiled.compilations == before
+    assert (fast.chain_method, fast.compiled) == ("vmap", True)
+    assert "chains vmap, compiled" in str(fast)
     _assert_same(_estimate(case, later, step_size=1e-4), fast)
 
 

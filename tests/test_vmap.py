@@ -58,6 +58,9 @@ def test_auto_takes_vmap_from_enough_chains():
                           chain_method="vmap", **kw)  # fmt: skip
     np.testing.assert_array_equal(auto.trace, vm.trace)
     assert np.isfinite(auto.mala_acceptance)
+    # the result says how the chains ran
+    assert (auto.chain_method, auto.compiled) == ("vmap", False)
+    assert "chains vmap   " in str(auto)
 
 
 def test_vmap_is_reproducible_and_chain_order_independent():
@@ -101,6 +104,7 @@ def test_auto_falls_back_to_the_loop_for_models_vmap_cannot_run():
     res = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), num_chains=4, num_draws=20,
                            acceptance_every=0, progress=False)  # fmt: skip
     assert np.isfinite(res.llc)
+    assert res.chain_method == "loop" and "chains loop   " in str(res)
 
 
 class _Recurrent(torch.nn.Module):
@@ -141,6 +145,7 @@ def test_auto_keeps_the_loop_for_large_models(monkeypatch):
     auto = slt.estimate_llc(case.model, case.loader(), case.loss_fn, **kw)
     loop = slt.estimate_llc(case.model, case.loader(), case.loss_fn, chain_method="loop", **kw)
     np.testing.assert_array_equal(auto.trace, loop.trace)
+    assert auto.chain_method == loop.chain_method == "loop"
 
 
 @pytest.mark.parametrize("control_variate", ["gradient", "none"])

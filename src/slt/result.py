@@ -46,6 +46,10 @@ class LLCResult:
     mcse: float = math.nan  # Monte Carlo standard error of llc, sd/√ESS (minibatch noise included)
     calibration: dict | None = None  # what step_size="auto" tried and chose (CalibrationResult)
     per_sample_path: str | None = None  # HDF5 file of per-sample losses (record="per_sample")
+    # How the chains ran: "loop" (one after another) or "vmap" (all in one batched step;
+    # what chain_method="auto" chose, or a fallback to the loop), and whether compiled.
+    chain_method: str = "loop"
+    compiled: bool = False
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -91,7 +95,8 @@ class LLCResult:
             f"localization {self.localization:g}, nβ {nb}, n {self.n}",
             f"  L_n(w*) {self.init_loss:.6g}   d {self.num_params} "
             f"(BIC's d/2 = {self.num_params / 2:g})   "
-            f"control variate {self.control_variate}   {self.seconds:.1f} s",
+            f"control variate {self.control_variate}   chains {self.chain_method}"
+            f"{', compiled' if self.compiled else ''}   {self.seconds:.1f} s",
             f"  per chain: {per_chain}",
             f"  R̂ {self.rhat:.3f}   ESS bulk {self.ess_bulk:.0f} tail {self.ess_tail:.0f}   "
             f"MCSE {self.mcse:.2g}   MALA acceptance {self._acceptance_note()}",

@@ -161,6 +161,7 @@ def sample_llc(
             if chain_method == "vmap":
                 raise
             trace = None  # the model cannot be vmapped: run the loop
+    ran = "loop" if trace is None else "vmap"
     if trace is None:
         try:
             trace = run_chains(
@@ -232,6 +233,8 @@ def sample_llc(
         control_variate=control_variate,
         seed=seed,
         seconds=time.perf_counter() - start,
+        chain_method=ran,
+        compiled=compile and ran == "vmap",
         acceptance=acceptance,
         mala_acceptance=mala_acceptance,
         acceptance_every=acceptance_every,
