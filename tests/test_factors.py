@@ -224,6 +224,11 @@ def test_the_batched_step_reads_the_factors_from_its_threshold(monkeypatch):
     np.testing.assert_allclose(with_factors.trace, rows.trace, rtol=1e-4)
     np.testing.assert_allclose(with_factors.trace_at_center, rows.trace_at_center, rtol=1e-5)
     np.testing.assert_allclose(with_factors.llc_trace, rows.llc_trace, rtol=1e-3, atol=1e-3)
+    # the acceptance probe runs on either layout of the step's pass (C rows, or the chains
+    # in both halves of 2C): the same MALA acceptance per chain and probed step
+    assert np.isfinite(rows.acceptance).sum() == 3 * 5  # steps 20, 40, ... of 100 draws
+    np.testing.assert_allclose(with_factors.acceptance, rows.acceptance, rtol=1e-3,
+                               equal_nan=True)  # fmt: skip
 
 
 def test_the_activation_cap_counts_no_rows_for_w_star_where_the_factors_stand_in(monkeypatch):
