@@ -82,6 +82,38 @@ def vmap_pass(traced: bool) -> Iterator[None]:
         slt.traced.enabled, slt.traced.MIN_STEPS = saved
 
 
+def machine_speed(steps: int = 200, fills: int = 5) -> dict[str, float]:
+    """How fast the machine runs right now, from two fixed workloads that run no slt code:
+    ``step_us``, the median of ``steps`` plain SGD steps of a fixed 32-64-1 MLP on a batch
+    of 128 (the cost of a step), and ``fresh_memory_ms``, the median of ``fills`` 64 MB
+    tensors filled on new pages (first-touch page faults: in one slow spell of this shared
+    VM one-step calls ran up to 8× slower while steps ran 1.75× slower). ~0.3 s. Taken
+    before and after each case, so that a case measured in a slow spell can be told from a
+    slow method."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        layers = torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+        model = torch.nn.Sequential(*layers)
+    x, y = torch.randn(128, 32, generator=generator), torch.randn(128, 1, generator=generator)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step_s = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        step_s.append(time.perf_counter() - start)
+    fill_s = []
+    for _ in range(fills):
+        start = time.perf_counter()
+        filled = torch.ones(1 << 24)
+        fill_s.append(time.perf_counter() - start)
+        del filled
+    return {"step_us": statistics.median(step_s) * 1e6,
+            "fresh_memory_ms": statistics.median(fill_s) * 1e3}  # fmt: skip
+
+
 def one_thread_header() -> str:
     """Sets torch to one thread and returns the line a benchmark's table starts with: the
     time (UTC), torch's version, the CPU and the thread count."""

@@ -104,6 +104,9 @@ def summary(results: list[dict]) -> str:
             "SGLD)."
         )
     lines.append(LAMBDA_HAT + ".")
+    speed = machine(results)
+    if speed:
+        lines.append(speed)
     for res in results:
         if res.get("key") == "lambda_hat":
             here = ", ".join(
@@ -111,6 +114,37 @@ def summary(results: list[dict]) -> str:
             )
             lines.append(f"Here, on {res['case']} {res['run_label']}: {here}.")
     return "\n".join(lines)
+
+
+# a case with a machine figure over this many times the run's lowest ran in a slow spell
+SLOW_SPELL = 1.25
+
+
+def machine(results: list[dict]) -> str:
+    """One line: the fixed workloads of ``_common.machine_speed`` at each case's start and
+    end, and the cases where either figure was over :data:`SLOW_SPELL` × the run's lowest."""
+    measured = [res for res in results if res.get("machine")]
+    if not measured:
+        return ""
+    keys = ("step_us", "fresh_memory_ms")
+    low = {k: min(p[k] for res in measured for p in res["machine"].values()) for k in keys}
+    cells, slow = [], []
+    for res in measured:
+        name = res.get("key", res["case"])
+        ends = [res["machine"][at] for at in ("before", "after") if at in res["machine"]]
+        cells.append(name + " " + " → ".join(
+            f"{p['step_us']:.0f} / {p['fresh_memory_ms']:.0f}" for p in ends))  # fmt: skip
+        if any(p[k] > SLOW_SPELL * low[k] for p in ends for k in keys):
+            slow.append(name)
+    line = (
+        "Machine speed (µs of a fixed SGD step / ms to fill 64 MB of new memory; "
+        "`_common.machine_speed`) at each case's start → end: " + "; ".join(cells) + "."
+    )
+    if slow:
+        line += (f" Over {SLOW_SPELL}× the run's lowest in: {', '.join(slow)}: measured in a "
+                 "slow spell of the machine, where ratios between methods hold (they "
+                 "alternate) but seconds, µs and fixed costs do not.")  # fmt: skip
+    return line
 
 
 def cpu_model() -> str:

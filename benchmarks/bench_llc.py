@@ -50,7 +50,7 @@ import _devinterp  # noqa: E402
 import _memory  # noqa: E402
 import cases  # noqa: E402
 import slt  # noqa: E402
-from _common import Run, minibatches  # noqa: E402
+from _common import Run, machine_speed, minibatches  # noqa: E402
 from _report import cpu_model, markdown, summary  # noqa: E402
 
 THREADS = 1
@@ -150,6 +150,7 @@ def timed(fn, *args) -> tuple[float, object]:
 def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dict:
     nbeta = nbeta_of(case)
     _devinterp.check_per_sample_loss(case)
+    machine = {"before": machine_speed()}
     one_step = run.short(1)
     warm_up_s = {}
     for name in names if warm_up else ():  # imports, allocator, first-call costs, compiling
@@ -166,6 +167,7 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
             if per_chain is not None:
                 chains[name].extend(np.asarray(per_chain).tolist())
             short[name].append(timed(METHODS[name].run, case, one_step, rep, nbeta)[0])
+    machine["after"] = machine_speed()
     out = {}
     for name in names:
         t_full, t_short = statistics.median(full[name]), statistics.median(short[name])
@@ -193,7 +195,7 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
             m["x_sgd_step"] = m["us_per_step"] / out["sgd"]["us_per_step"]
     return {"case": case.name, "num_params": case.num_params, "n": case.n, "nbeta": nbeta,
             "lam": case.lam, "run": run.__dict__, "run_label": run.label(),
-            "methods": out}  # fmt: skip
+            "machine": machine, "methods": out}  # fmt: skip
 
 
 def parse(argv):

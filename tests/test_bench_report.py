@@ -47,3 +47,39 @@ def test_targets_row_without_a_memory_pass_or_a_repeat():
     older = [{"increase_mb": 9.0}] * 3  # a result written before the repeated call
     row = report.summary([_result(older)]).splitlines()[2]
     assert row.endswith("| 9 / 9 / 9 |")
+
+
+def _speed(step_us, fresh_ms):
+    return {"step_us": step_us, "fresh_memory_ms": fresh_ms}
+
+
+def test_machine_line_names_the_cases_measured_in_a_slow_spell():
+    report = _report()
+    steady, spell = _result(None), _result(None)
+    steady["key"], spell["key"] = "regular", "mlp10k"
+    steady["machine"] = {"before": _speed(180, 30), "after": _speed(190, 31)}
+    spell["machine"] = {"before": _speed(200, 30), "after": _speed(330, 32)}  # 330 > 1.25 × 180
+    line = report.summary([steady, spell]).splitlines()[-1]
+    assert "regular 180 / 30 → 190 / 31; mlp10k 200 / 30 → 330 / 32." in line
+    assert "Over 1.25× the run's lowest in: mlp10k:" in line
+    spell["machine"]["after"] = _speed(220, 120)  # page faults alone slow
+    assert "lowest in: mlp10k:" in report.summary([steady, spell]).splitlines()[-1]
+    spell["machine"]["after"] = _speed(220, 35)
+    line = report.summary([steady, spell]).splitlines()[-1]
+    assert line.startswith("Machine speed") and "Over" not in line
+
+
+def test_no_machine_line_for_results_without_the_figures():
+    report = _report()
+    assert "Machine speed" not in report.summary([_result(None)])
+
+
+def test_machine_speed_times_both_workloads():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import machine_speed
+    finally:
+        sys.path.remove(str(BENCH))
+    speed = machine_speed(steps=5, fills=2)
+    assert set(speed) == {"step_us", "fresh_memory_ms"}
+    assert 0 < speed["step_us"] < 1e5 and 0 < speed["fresh_memory_ms"] < 1e4

@@ -38,6 +38,8 @@ def test_smoke_run_reports_every_method_on_the_small_cases(tmp_path):
         assert methods["devinterp-llc"]["devinterp_llc_over_this"] == 1.0
         assert methods["sgd"]["x_sgd_step"] == 1.0
         assert f"With compile=True on {res['case']}" in report["table"]
+        assert set(res["machine"]) == {"before", "after"}  # the machine's speed, both ends
+    assert "Machine speed (" in report["table"]
 
 
 def test_memory_child_measures_a_fresh_process():
