@@ -86,12 +86,39 @@ class BatchStream:
         self.device = device
         self.shuffle = _shuffles(loader) if isinstance(loader, DataLoader) else None
         self.tensors: tuple[torch.Tensor, ...] | None = None
+        # (n/m, m) sample indices: with micro-batches (:meth:`group`), an epoch's order is
+        # whole groups in a shuffled order
+        self.groups: torch.Tensor | None = None
         if (
             self.shuffle is not None
             and type(loader.dataset) is TensorDataset  # a subclass may override __getitem__
             and getattr(loader.collate_fn, "__name__", "") == "default_collate"
         ):
             self.tensors = tuple(t.to(device) for t in loader.dataset.tensors)
+
+    def group(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw every batch from now on as ``batch_size / size`` whole micro-batches of
+        ``size`` samples: a random partition of the samples drawn once from ``generator``
+        (consecutive ones if the loader does not shuffle), its groups shuffled each epoch.
+        Fast path only; ``size`` must divide the number of samples and the batch size.
+        Returns the (n/size, size) partition."""
+        if self.tensors is None:
+            raise ValueError("micro-batches need a DataLoader over a TensorDataset")
+        n, bs = self.tensors[0].shape[0], self.loader.batch_size
+        if n % size or bs % size:
+            raise ValueError(f"microbatch must divide the number of samples ({n}) and the "
+                             f"batch size ({bs}); got {size}")  # fmt: skip
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        self.groups = order.reshape(-1, size).to(self.device)
+        return self.groups
+
+    def _order(self, generator: torch.Generator) -> torch.Tensor:
+        """An epoch's order of the samples, drawn from ``generator``: a permutation, or
+        with micro-batches the groups' samples in a permuted order of the groups."""
+        if self.groups is None:
+            return torch.randperm(self.tensors[0].shape[0], generator=generator)
+        groups = torch.randperm(self.groups.shape[0], generator=generator)
+        return self.groups[groups.to(self.device)].reshape(-1)
 
     def _batch_starts(self) -> range:
         """The first row of each batch of an epoch on the fast path (a short last batch
@@ -105,9 +132,8 @@ class BatchStream:
             for batch in self.epoch(generator):
                 yield batch, None
             return
-        n = self.tensors[0].shape[0]
         bs = self.loader.batch_size
-        order = torch.randperm(n, generator=generator) if self.shuffle else None
+        order = self._order(generator) if self.shuffle else None
         for start in self._batch_starts():
             if order is None:
                 rows = slice(start, start + bs)
@@ -129,7 +155,7 @@ class BatchStream:
             raise ValueError("loader: yielded no batches (is the dataset empty?)")
         while True:
             if self.shuffle:
-                order = torch.stack([torch.randperm(n, generator=g) for g in generators])
+                order = torch.stack([self._order(g) for g in generators])
             else:
                 order = torch.arange(n).expand(len(generators), n)
             order = order.to(self.device)

@@ -50,6 +50,7 @@ def estimate_llc(
     params=None,
     chain_method: str = "auto",
     compile: bool = False,
+    microbatch: int | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -99,6 +100,19 @@ def estimate_llc(
         "loss": only subtract L_B(w*) (one extra forward pass per step); this cuts the
         spread of the per-draw λ̂, and the standard error where minibatch noise dominates
         it. "none": plain SGLD, λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)).
+    microbatch : int, optional
+        Draw each minibatch as ``batch_size / microbatch`` whole micro-batches of a random
+        partition of the data into groups of ``microbatch`` samples (drawn once from
+        ``seed``; the groups are shuffled each epoch), so that the control variate reads
+        L_B(w*) and ∇L_B(w*) from a table with one row per micro-batch, built in one pass
+        at the start, instead of a pass at w* on every batch: the same estimator on
+        differently drawn batches, for about the cost of plain SGLD where the model's
+        per-sample gradients do not fit a table (measured on a 17k-parameter transformer:
+        27 s against 47 s per estimate). It must divide n and the batch size, the table
+        ((n / microbatch) × parameters numbers) must fit 2**24 numbers, and the loss must be
+        a mean of per-sample terms; a ``DataLoader`` over a ``TensorDataset`` only. With
+        ``compile=True`` the compiled step still evaluates w* in its pass. Default None:
+        batches as the loader shuffles them.
     seed : int
         Chains are seeded from ``(seed, chain)``: the same seed gives the same numbers.
     progress : bool
@@ -195,6 +209,8 @@ def estimate_llc(
         raise ValueError(
             f'compile=True needs chain_method="vmap", got chain_method={chain_method!r}'
         )
+    if microbatch is not None:
+        microbatch = _checks.integer("microbatch", microbatch, minimum=1)
     if record not in ("loss", "per_sample"):
         raise ValueError(f'record must be "loss" or "per_sample", got {record!r}')
     record_every = _checks.integer("record_every", record_every, minimum=1)
@@ -218,6 +234,7 @@ def estimate_llc(
     posterior = build_posterior(
         model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
         control_variate=control_variate, sampler=sampler, params=params,
+        microbatch=microbatch, seed=seed,
     )  # fmt: skip
     for message in posterior.warnings:  # e.g. a train-mode model: point at the caller
         warnings.warn(message, UserWarning, stacklevel=2)

@@ -117,6 +117,16 @@ class Posterior:
         Sample only these trainable parameters and hold the rest at w*: the
         weight-refined LLC of that part of the network (Wang et al. 2024, arXiv 2410.02984).
         Default: all trainable parameters.
+    microbatch : int, optional
+        Draw every minibatch as whole micro-batches of this many samples, from a random
+        partition of the data drawn once from ``seed`` (shuffled in groups each epoch), so
+        that the control variates read L_B(w*) and ∇L_B(w*) from a table with a row per
+        micro-batch (built here, one pass) instead of a pass at w* on every batch. It must
+        divide n and the batch size, the table must fit ``_CACHE_MAX_FLOATS`` numbers, and
+        the loss must be a mean of per-sample terms; ``DataLoader`` over a
+        ``TensorDataset`` only, not with ``full_batch``.
+    seed : int
+        Seed of the partition into micro-batches.
     full_batch : bool
         Give every step the whole dataset as one batch (:meth:`stream`), as MALA needs:
         the full tensors of a ``DataLoader`` over a ``TensorDataset``, or the one batch of a
@@ -137,6 +147,8 @@ class Posterior:
         full_batch: bool = False,
         prior_mean: float | None = None,
         params: ParamSelection = None,
+        microbatch: int | None = None,
+        seed: int = 0,
     ):
         if control_variate not in CONTROL_VARIATES:
             raise ValueError(
@@ -196,6 +208,9 @@ class Posterior:
             self.anchor = {k: torch.full_like(v, mean) for k, v in self.center.items()}
         self.prior_mean = prior_mean
         self._cache_built = False  # built on first use: the vmapped step does not need it
+        self.microbatch = None
+        if microbatch is not None:
+            self._group(_checks.integer("microbatch", microbatch, minimum=1), seed)
 
     def stream(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
         """The (batch, sample indices) of one chain: minibatches drawn with ``generator``
@@ -205,16 +220,70 @@ class Posterior:
             return itertools.repeat((self.full_data, None))
         return self.batches.forever(generator, indexed=True)
 
+    def _group(self, size: int, seed: int) -> None:
+        """Micro-batches of ``size`` samples (the ``microbatch`` argument): the partition,
+        then the tables at w*, built now so that what they need is checked here."""
+        if self.control_variate == "none" or self.full_data is not None:
+            why = ("with control_variate='none'" if self.full_data is None
+                   else "with the whole dataset as every batch")  # fmt: skip
+            raise ValueError(f"microbatch={size}: there is no table at w* to read {why}")
+        groups = self.batches.group(size, torch.Generator().manual_seed(seed))
+        count, d = groups.shape[0], self.num_params
+        if self.control_variate == "gradient" and count * d > _CACHE_MAX_FLOATS:
+            raise ValueError(
+                f"microbatch={size}: a table of {count:,} micro-batches × {d:,} parameters "
+                f"({count * d:,} numbers) is over the budget of {_CACHE_MAX_FLOATS:,} "
+                "(slt.posterior._CACHE_MAX_FLOATS); use larger micro-batches"
+            )
+        self.microbatch = size
+        self._group_of = torch.empty(self.n, dtype=torch.long, device=groups.device)
+        ids = torch.arange(count, device=groups.device)
+        self._group_of[groups.reshape(-1)] = ids.repeat_interleave(size)
+        self._build_cache()
+        if self._cache_loss is None:
+            raise ValueError(
+                f"microbatch={size}: the loss is not a mean of per-sample terms, or the model "
+                "cannot be evaluated on a micro-batch under torch.func.vmap (the table at w* "
+                "could not be built); leave microbatch=None"
+            )
+
+    def table_rows(self, index):
+        """The rows of the tables at w* (:attr:`cache_loss`, :attr:`cache_grad`) for a
+        batch's sample ``index``: the index itself, or with micro-batches the batch's
+        micro-batches (every ``microbatch``-th sample is the next one's first)."""
+        if self.microbatch is None:
+            return index
+        size = self.microbatch
+        if isinstance(index, slice):
+            return slice(index.start // size, -(-index.stop // size))
+        return self._group_of[index[..., ::size]]
+
+    def table_correction(self, index) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """From the tables at w*, for a batch's sample ``index`` ((b,) or (chain, b)):
+        ∇L_B(w*) − ∇L_n(w*) shaped like the sampled parameters (with the index's leading
+        dimensions) and L_B(w*)."""
+        rows = self.table_rows(index)
+        flat = batch_mean(self.cache_grad, rows) - self._init_grad_flat
+        return self.unflatten(flat), batch_mean(self.cache_loss, rows)
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """(..., d) numbers in the sampled parameters' order as views shaped (..., *shape)."""
+        lead = flat.shape[:-1]
+        pieces = flat.split(self._sizes, -1)
+        return [c.reshape(*lead, *p.shape) for c, p in zip(pieces, self.center.values())]
+
     @property
     def cache_loss(self) -> torch.Tensor | None:
-        """(n,) per-sample losses at w*, or None (see :meth:`_build_cache`)."""
+        """(n,) per-sample losses at w* ((n/m,) micro-batch losses with micro-batches of m),
+        or None (see :meth:`_build_cache`)."""
         if not self._cache_built:
             self._build_cache()
         return self._cache_loss
 
     @property
     def cache_grad(self) -> torch.Tensor | None:
-        """(n, d) per-sample gradients at w*, or None (see :meth:`_build_cache`)."""
+        """(n, d) per-sample gradients at w* ((n/m, d) with micro-batches), or None (see
+        :meth:`_build_cache`)."""
         if not self._cache_built:
             self._build_cache()
         return self._cache_grad
@@ -232,6 +301,8 @@ class Posterior:
         """Whether per-sample gradients at w* would be tabled (:meth:`_build_cache`): at
         most ``_CACHE_MAX_PARAMS`` parameters and ``_CACHE_MAX_FLOATS`` numbers."""
         d = self.num_params
+        if self.microbatch is not None:  # checked against the budget by _group
+            return True
         return self.n * d <= _CACHE_MAX_FLOATS and d <= _CACHE_MAX_PARAMS
 
     def _build_cache(self) -> None:
@@ -259,20 +330,22 @@ class Posterior:
                 return
             if factors is None:
                 return
+        groups = self.batches.groups
         try:
-            losses, grads = self._per_sample_at_center(tensors, want_grad)
+            losses, grads = self._per_sample_at_center(tensors, want_grad, groups)
         except Exception:  # the model or loss cannot be vmapped: keep the passes at w*
             return
-        probe = [t[:64] for t in tensors]
+        rows = 64 if groups is None else min(4, groups.shape[0])  # samples, or micro-batches
+        probe = [t[:rows] if groups is None else t[groups[:rows].reshape(-1)] for t in tensors]
         with torch.set_grad_enabled(want_grad):
             loss = self.loss(self.reference, probe)
-            if not torch.allclose(losses[:64].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
+            if not torch.allclose(losses[:rows].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
                 return  # not a mean of per-sample terms
             if want_grad:
                 flat = torch.cat(
                     [g.reshape(-1) for g in self._grads(loss, list(self.center.values()))]
                 )
-                if not torch.allclose(grads[:64].mean(0), flat, rtol=1e-3, atol=1e-5):
+                if not torch.allclose(grads[:rows].mean(0), flat, rtol=1e-3, atol=1e-5):
                     return
         self._cache_loss, self._factors = losses, factors
         if want_grad:
@@ -280,20 +353,27 @@ class Posterior:
             self._init_grad_flat = torch.cat([g.reshape(-1) for g in self.init_grad])
             self._sizes = [p.numel() for p in self.center.values()]
 
-    def _per_sample_at_center(self, tensors, want_grad: bool, chunk: int = 256):
+    def _per_sample_at_center(self, tensors, want_grad: bool, groups=None, chunk: int = 256):
+        """Losses (and flat gradients) at w* of every sample, or with ``groups`` (an (n/m,
+        m) partition) of every micro-batch: (rows,) and (rows, d), ``chunk`` samples a
+        vmapped call."""
         from torch.func import functional_call, grad_and_value, vmap
 
         module = LossModule(self.reference, self.loss_fn, attention=self.attention)
         names = self.names
         center = {n: v.detach() for n, v in self.center.items()}
 
-        def one(params, sample):
+        def one(params, sample):  # a sample, or with groups a micro-batch
             swapped = {f"model.{n}": params[n] for n in names}
-            return functional_call(module, swapped, (unsqueeze(sample),))
+            return functional_call(module, swapped, (sample if grouped else unsqueeze(sample),))
 
+        grouped = groups is not None
+        if grouped:  # (n/m, m, ...): a micro-batch per row
+            tensors = [t[groups] for t in tensors]
+            chunk = max(1, chunk // groups.shape[1])
         fn = vmap(grad_and_value(one) if want_grad else one, in_dims=(None, 0))
         losses, grads = [], []
-        for start in range(0, self.n, chunk):
+        for start in range(0, tensors[0].shape[0], chunk):
             out = fn(center, [t[start : start + chunk] for t in tensors])
             if want_grad:
                 g, value = out
@@ -390,7 +470,8 @@ class Posterior:
         if self.control_variate == "none":
             return None, self.grad_fn
         if index is not None and self.cache_loss is not None:
-            loss = batch_mean(self.cache_loss, index)
+            rows = self.table_rows(index)
+            loss = batch_mean(self.cache_loss, rows)
             if self.control_variate == "loss":
                 return loss, self.grad_fn
             if self.cache_grad is None:  # the factors of nn.Linear layers
@@ -398,10 +479,7 @@ class Posterior:
                 torch._foreach_div_(correction, float(batch_size(batch)))
                 torch._foreach_sub_(correction, self.init_grad)
                 return loss, partial(self.grad_fn, correction=correction)
-            flat = batch_mean(self.cache_grad, index) - self._init_grad_flat
-            correction = [
-                c.view_as(p) for c, p in zip(flat.split(self._sizes), self.center.values())
-            ]
+            correction = self.unflatten(batch_mean(self.cache_grad, rows) - self._init_grad_flat)
             return loss, partial(self.grad_fn, correction=correction)
         if self.control_variate == "loss":
             with torch.no_grad():

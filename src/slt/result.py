@@ -50,6 +50,9 @@ class LLCResult:
     # what chain_method="auto" chose, or a fallback to the loop), and whether compiled.
     chain_method: str = "loop"
     compiled: bool = False
+    # Minibatches drawn as whole micro-batches of this many samples (estimate_llc's
+    # microbatch), the control variates read from a table over them; None: per sample.
+    microbatch: int | None = None
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -95,7 +98,9 @@ class LLCResult:
             f"localization {self.localization:g}, nβ {nb}, n {self.n}",
             f"  L_n(w*) {self.init_loss:.6g}   d {self.num_params} "
             f"(BIC's d/2 = {self.num_params / 2:g})   "
-            f"control variate {self.control_variate}   chains {self.chain_method}"
+            f"control variate {self.control_variate}"
+            f"{'' if self.microbatch is None else f' (micro-batches of {self.microbatch})'}"
+            f"   chains {self.chain_method}"
             f"{', compiled' if self.compiled else ''}   {self.seconds:.1f} s",
             f"  per chain: {per_chain}",
             f"  R̂ {self.rhat:.3f}   ESS bulk {self.ess_bulk:.0f} tail {self.ess_tail:.0f}   "

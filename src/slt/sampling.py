@@ -22,7 +22,7 @@ from slt.vmapped import (
     VMAP_MAX_PARAMS,
     VMAP_SAMPLERS,
     activations,
-    center_factors,
+    stacks_center,
     vmap_min_chains,
 )
 
@@ -65,6 +65,8 @@ def build_posterior(
     sampler,
     prior_mean=None,
     params=None,
+    microbatch=None,
+    seed=0,
 ) -> Posterior:
     """The :class:`Posterior` an estimate with ``sampler`` needs (full batch for MALA)."""
     try:
@@ -79,6 +81,8 @@ def build_posterior(
             full_batch=sampler in FULL_BATCH,
             prior_mean=prior_mean,
             params=params,
+            microbatch=microbatch,
+            seed=seed,
         )
     except NotOneBatch as err:
         raise ValueError(
@@ -92,9 +96,7 @@ def _small_activations(posterior: Posterior, num_chains: int, seed: int) -> bool
     """Whether the batched pass of ``num_chains`` chains keeps at most
     :data:`slt.vmapped.VMAP_MAX_ACTIVATIONS` numbers of activations (measured on the first
     batch the chains would see)."""
-    # w* as C more rows of the pass, unless the factors stand in for them
-    stacked_center = posterior.control_variate == "gradient" and center_factors(posterior) is None
-    rows = num_chains * (2 if stacked_center else 1)
+    rows = num_chains * (2 if stacks_center(posterior) else 1)  # w* as C more rows?
     try:
         batch = next(iter(posterior.batches.epoch(torch.Generator().manual_seed(seed))))
         return rows * activations(posterior, batch) <= VMAP_MAX_ACTIVATIONS
@@ -235,6 +237,7 @@ def sample_llc(
         seconds=time.perf_counter() - start,
         chain_method=ran,
         compiled=compile and ran == "vmap",
+        microbatch=posterior.microbatch,
         acceptance=acceptance,
         mala_acceptance=mala_acceptance,
         acceptance_every=acceptance_every,

@@ -80,6 +80,24 @@ def center_factors(posterior: Posterior) -> LinearFactors | None:
     return posterior.factors
 
 
+def center_table(posterior: Posterior) -> torch.Tensor | None:
+    """The (n/m, d) table of ∇L_B(w*) over micro-batches (``microbatch``) from which the
+    batched step takes the gradient control variate, or None."""
+    if posterior.control_variate != "gradient" or posterior.microbatch is None:
+        return None
+    return posterior.cache_grad
+
+
+def stacks_center(posterior: Posterior) -> bool:
+    """Whether the batched step's pass holds w* as C more rows: the gradient control
+    variate, with neither a micro-batch table nor the factors to read ∇L_B(w*) from."""
+    return (
+        posterior.control_variate == "gradient"
+        and center_table(posterior) is None
+        and center_factors(posterior) is None
+    )
+
+
 def stacked(tensors: dict[str, torch.Tensor], num_chains: int) -> dict[str, torch.Tensor]:
     """Copies of ``tensors`` with a leading chain dimension of size ``num_chains``."""
     return {
@@ -173,8 +191,9 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
 
     center = [v.detach() for v in posterior.center.values()]
     mode = posterior.control_variate
-    factors = center_factors(posterior)
-    stacked_center = mode == "gradient" and factors is None  # w* as C more rows of the pass
+    table = center_table(posterior)
+    factors = None if table is not None else center_factors(posterior)
+    stacked_center = stacks_center(posterior)  # w* as C more rows of the pass
     if stacked_center:
         # w and w* of every chain in one (2C, ...) tensor per parameter: rows :C are the
         # kernel's parameters (updated in place), rows C: stay w*, so the pass that
@@ -215,6 +234,17 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
         out.append(batch_mean(posterior.cache_loss, index))
         return grads, values
 
+    def with_table(params, batch, index, record, out):
+        """The gradient control variate with ∇L_B(w*) and L_B(w*) read from the
+        micro-batch table: the chains' pass, then ∇L_B(w) − ∇L_B(w*) + ∇L_n(w*)."""
+        grads, values = grad_chains(list(params.values()), batch)
+        if record is not None:
+            record[:] = [g.clone() for g in grads]
+        correction, center_loss = posterior.table_correction(index)
+        torch._foreach_sub_(grads, correction)
+        out.append(center_loss)
+        return grads, values
+
     def grad_fn(params, batch, record=None):
         grads, value = grad_chains(list(params.values()), batch)
         if record is not None:  # the plain ∇L_B(w_t), for the acceptance probe
@@ -231,14 +261,14 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
     def step(state, batch, noise, index=None, record=None):
         center_loss = None
         if cached and index is not None:
-            center_loss = batch_mean(posterior.cache_loss, index)
+            center_loss = batch_mean(posterior.cache_loss, posterior.table_rows(index))
         elif mode == "gradient":
             out: list[torch.Tensor] = []
-            center_grad = (
-                partial(with_center, record=record, out=out)
-                if stacked_center
-                else partial(with_factors, index=index, record=record, out=out)
-            )
+            if stacked_center:
+                center_grad = partial(with_center, record=record, out=out)
+            else:
+                read = with_table if table is not None else with_factors
+                center_grad = partial(read, index=index, record=record, out=out)
             state, info = kernel.step(state, center_grad, batch, noise)
             return state, info.loss, out[0]
         elif mode == "loss":
