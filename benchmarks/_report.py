@@ -103,6 +103,15 @@ def summary(results: list[dict]) -> str:
             f"devinterp llc() ÷ slt per estimate {ratio[0]}× (defaults) / {ratio[1]}× (plain "
             "SGLD)."
         )
+    for res in results:
+        ratio = _field(res["methods"], "slt-microbatch", "devinterp_llc_over_this")
+        if ratio is not None:
+            defaults = _field(res["methods"], "slt", "devinterp_llc_over_this")
+            lines.append(
+                f"With microbatch=16 on {res['case']} (the defaults, the control variates read "
+                f"from a table over micro-batches): devinterp llc() ÷ slt per estimate "
+                f"{ratio:{RATIO}}× (defaults {_num(defaults, RATIO)}×)."
+            )
     lines.append(LAMBDA_HAT + ".")
     speed = machine(results)
     if speed:

@@ -110,6 +110,10 @@ METHODS = {
         "slt (control_variate=none, acceptance_every=0), compile=True (vmap)",
         partial(run_slt, control_variate="none", chain_method="vmap", compile=True, **NO_PROBE),
     ),
+    "slt-microbatch": Method(  # the defaults, ∇L_B(w*) from a table over micro-batches
+        "slt defaults, microbatch=16",
+        partial(run_slt, microbatch=16),
+    ),
     "devinterp-llc": Method("devinterp llc()", _devinterp.run_devinterp_llc),
     "devinterp-chain": Method("devinterp sample_single_chain", _devinterp.run_devinterp_chain),
     "devinterp-loop": Method("devinterp SGMCMC.sgld loop", _devinterp.run_devinterp_loop),
@@ -121,6 +125,9 @@ MEMORY_METHODS = ("slt", "slt-plain", "devinterp-llc", "sgd")  # a fresh process
 # model, which runs in the loop.
 COMPILED_METHODS = ("slt-compiled", "slt-plain-compiled")
 COMPILED_CASES = ("regular", "rrr", "mlp10k", "transformer", "lambda_hat")
+# microbatch=16: a table of 256 rows × the parameters, over the budget on the 1M model; the
+# regressions' per-step pass is too cheap for it to matter
+MICROBATCH_CASES = ("mlp10k", "transformer")
 LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", *COMPILED_METHODS, "devinterp-llc")
 
 # key -> (cases.CASES name, run per mode). Full mode runs estimate_llc's default 4 × (250 +
@@ -252,6 +259,8 @@ def main(argv=None) -> dict:
         names = list(LAMBDA_HAT_METHODS if key == "lambda_hat" else METHODS)
         if key not in COMPILED_CASES:
             names = [name for name in names if name not in COMPILED_METHODS]
+        if key not in MICROBATCH_CASES:
+            names = [name for name in names if name != "slt-microbatch"]
         res = {"key": key, **bench_case(case, run, names, warm_up=not args.smoke)}
         if not args.no_memory and key != "lambda_hat":
             measured = [m for m in names if m in MEMORY_METHODS]

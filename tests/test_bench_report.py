@@ -83,3 +83,16 @@ def test_machine_speed_times_both_workloads():
     speed = machine_speed(steps=5, fills=2)
     assert set(speed) == {"step_us", "fresh_memory_ms"}
     assert 0 < speed["step_us"] < 1e5 and 0 < speed["fresh_memory_ms"] < 1e4
+
+
+def test_the_microbatch_row_gets_its_line():
+    report = _report()
+    res = _result(None)
+    assert "microbatch" not in report.summary([res])
+    res["methods"]["slt-microbatch"] = _method(1.234)
+    line = [x for x in report.summary([res]).splitlines() if "microbatch=16" in x]
+    assert line == [
+        "With microbatch=16 on relu_mlp(20-100-80-1) (the defaults, the control variates read "
+        "from a table over micro-batches): devinterp llc() ÷ slt per estimate 1.23× "
+        "(defaults 4.96×)."
+    ]

@@ -227,3 +227,16 @@ def test_step_size_auto_runs(user, tmp_path):
     ran = invoke(*spec, "--out", tmp_path / "auto.nc", *TINY)
     assert ran.exit_code == 0, ran.output
     assert slt.load(tmp_path / "auto.nc").step_size > 0
+
+
+def test_microbatch_runs_and_is_recorded(user, tmp_path):
+    _, file = user
+    out = tmp_path / "mb.nc"
+    spec = ["--model", f"{file}:make_model", "--data", f"{file}:dataset", "--batch-size", "32"]
+    ran = invoke(*spec, "--microbatch", "8", "--out", str(out), *TINY)
+    assert ran.exit_code == 0, ran.output
+    assert "control variate gradient (micro-batches of 8)" in ran.output
+    assert slt.load(out).microbatch == 8
+    ran = invoke(*spec, "--microbatch", "5", *TINY)  # 96 samples, batches of 32
+    assert ran.exit_code == 2
+    assert "microbatch must divide the number of samples (96) and the batch size (32)" in ran.output

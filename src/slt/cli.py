@@ -91,6 +91,11 @@ _COMPILE = typer.Option(
     False, help="Run the batched step under torch.compile (with --chain-method auto, vmap is "
     "used): seconds of compiling once per model shape, then faster steps.",
 )  # fmt: skip
+_MICROBATCH = typer.Option(
+    None, min=1, help="Draw batches as whole micro-batches of this many samples and read the "
+    "control variates from a table over them (see estimate_llc's microbatch; a "
+    "TensorDataset only).",
+)  # fmt: skip
 _LLC_OUT = typer.Option(Path("llc.nc"), help="netCDF file for the result (slt.load reads it).")
 
 
@@ -119,6 +124,7 @@ def llc(
     seed: int = _LLC_SEED,
     chain_method: str = _CHAIN_METHOD,
     compile: bool = _COMPILE,
+    microbatch: int | None = _MICROBATCH,
     out: Path = _LLC_OUT,
     progress: bool = _PROGRESS,
 ) -> None:
@@ -156,6 +162,7 @@ def llc(
             seed=seed,
             chain_method=_chain_method(chain_method, compile),
             compile=compile,
+            microbatch=microbatch,
             progress=progress,
         )
     except (ValueError, TypeError, slt.DivergenceError) as err:
