@@ -155,6 +155,23 @@ def test_changed_settings_are_named_not_mixed(ckpts, tmp_path):
     assert read(results).header["settings"]["estimate_llc"]["localization"] == 5.0
 
 
+def test_a_file_from_before_an_option_was_added_resumes(ckpts, tmp_path):
+    # a file written by an slt without estimate_llc's microbatch option: its header lacks the
+    # key and its hash covered the settings without it
+    results = tmp_path / "r.jsonl"
+    first = _run(ckpts, results=results)
+    lines = results.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["settings"]["estimate_llc"]["microbatch"]
+    header["settings_hash"] = "0" * 16
+    results.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    again = _run(ckpts, results=results)
+    assert again.num_computed == 0 and again.num_reused == 5
+    np.testing.assert_array_equal(again.llc, first.llc)
+    with pytest.raises(SettingsChangedError, match=r"microbatch: \(absent\) -> 8"):
+        _run(ckpts, results=results, microbatch=8)
+
+
 def test_changed_checkpoint_is_detected(ckpts, tmp_path):
     results = tmp_path / "r.jsonl"
     _run(ckpts, results=results)

@@ -129,9 +129,14 @@ class ResultsFile:
                 f"results={str(self.path)!r}: folder {self.path.parent} does not exist"
             )
         contents = read(self.path) if not overwrite else Contents()
+        diff = []
         if contents.header is not None and contents.header["settings_hash"] != settings_hash:
+            # the hash covers every estimate_llc option, so it changes when slt gains one;
+            # a file whose only differences are options added since, at their defaults, is
+            # resumed
             diff = settings_diff(contents.header["settings"], settings, defaults=defaults)
-            what = "; ".join(diff) or "the settings hash (an identity detail)"
+        if diff:
+            what = "; ".join(diff)
             raise SettingsChangedError(
                 f"results file {self.path} holds {len(contents.rows)} checkpoint(s) computed "
                 f"with other settings ({what}). Rerun with the settings it was written with, "
