@@ -108,7 +108,7 @@ def estimate_llc(
         at the start, instead of a pass at w* on every batch: the same estimator on
         differently drawn batches, for about the cost of plain SGLD where the model's
         per-sample gradients do not fit a table (measured on a 17k-parameter transformer:
-        27 s against 47 s per estimate). It must divide n and the batch size, the table
+        29.8 s against 52.9 s per estimate). It must divide n and the batch size, the table
         ((n / microbatch) × parameters numbers) must fit 2**24 numbers, and the loss must be
         a mean of per-sample terms; a ``DataLoader`` over a ``TensorDataset`` only. With
         ``compile=True`` the compiled step still evaluates w* in its pass. Default None:
