@@ -119,7 +119,8 @@ METHODS = {
     "devinterp-loop": Method("devinterp SGMCMC.sgld loop", _devinterp.run_devinterp_loop),
     "sgd": Method("torch.optim.SGD (floor)", run_sgd_floor),
 }
-MEMORY_METHODS = ("slt", "slt-plain", "slt-microbatch", "devinterp-llc", "sgd")  # a fresh process each: ~5-10 s
+# a fresh process each: ~5-10 s
+MEMORY_METHODS = ("slt", "slt-plain", "slt-microbatch", "devinterp-llc", "sgd")
 # The compiled rows: what each estimate after the first costs in a sweep over checkpoints of
 # one architecture (compiled once, in the warm-up, whose seconds are reported). Not on the 1M
 # model, which runs in the loop.
