@@ -223,25 +223,20 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
         out.append(values[c:])
         return plain, values[:c]
 
-    def with_factors(params, batch, index, record, out):
-        """The gradient control variate with ∇L_B(w*) from the factors: the chains' pass,
-        then ∇L_B(w) − ∇L_B(w*) + ∇L_n(w*); L_B(w*) from the per-sample losses."""
+    def with_read_center(params, batch, index, record, out):
+        """The gradient control variate with ∇L_B(w*) read, not computed: the chains'
+        pass, then ∇L_B(w) − ∇L_B(w*) + ∇L_n(w*), with ∇L_B(w*) and L_B(w*) from the
+        micro-batch table or from the factors and the per-sample losses."""
         grads, values = grad_chains(list(params.values()), batch)
         if record is not None:
             record[:] = [g.clone() for g in grads]
-        torch._foreach_add_(grads, factors.gradient_sums(index), alpha=-1.0 / index.shape[-1])
-        torch._foreach_add_(grads, posterior.init_grad)
-        out.append(batch_mean(posterior.cache_loss, index))
-        return grads, values
-
-    def with_table(params, batch, index, record, out):
-        """The gradient control variate with ∇L_B(w*) and L_B(w*) read from the
-        micro-batch table: the chains' pass, then ∇L_B(w) − ∇L_B(w*) + ∇L_n(w*)."""
-        grads, values = grad_chains(list(params.values()), batch)
-        if record is not None:
-            record[:] = [g.clone() for g in grads]
-        correction, center_loss = posterior.table_correction(index)
-        torch._foreach_sub_(grads, correction)
+        if table is not None:
+            correction, center_loss = posterior.table_correction(index)
+            torch._foreach_sub_(grads, correction)
+        else:
+            torch._foreach_add_(grads, factors.gradient_sums(index), alpha=-1.0 / index.shape[-1])
+            torch._foreach_add_(grads, posterior.init_grad)
+            center_loss = batch_mean(posterior.cache_loss, index)
         out.append(center_loss)
         return grads, values
 
@@ -264,11 +259,11 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
             center_loss = batch_mean(posterior.cache_loss, posterior.table_rows(index))
         elif mode == "gradient":
             out: list[torch.Tensor] = []
-            if stacked_center:
-                center_grad = partial(with_center, record=record, out=out)
-            else:
-                read = with_table if table is not None else with_factors
-                center_grad = partial(read, index=index, record=record, out=out)
+            center_grad = (
+                partial(with_center, record=record, out=out)
+                if stacked_center
+                else partial(with_read_center, index=index, record=record, out=out)
+            )
             state, info = kernel.step(state, center_grad, batch, noise)
             return state, info.loss, out[0]
         elif mode == "loss":
