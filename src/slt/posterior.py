@@ -482,17 +482,15 @@ class Posterior:
         if self.control_variate == "none":
             return None, self.grad_fn
         if index is not None and self.cache_loss is not None:
-            rows = self.table_rows(index)
-            loss = batch_mean(self.cache_loss, rows)
             if self.control_variate == "loss":
-                return loss, self.grad_fn
-            if self.cache_grad is None:  # the factors of nn.Linear layers
-                correction = self.factors.gradient_sums(index)
-                torch._foreach_div_(correction, float(batch_size(batch)))
-                torch._foreach_sub_(correction, self.init_grad)
+                return batch_mean(self.cache_loss, self.table_rows(index)), self.grad_fn
+            if self.cache_grad is not None:  # per-sample or micro-batch gradients
+                correction, loss = self.table_correction(index)
                 return loss, partial(self.grad_fn, correction=correction)
-            correction = self.unflatten(batch_mean(self.cache_grad, rows) - self._init_grad_flat)
-            return loss, partial(self.grad_fn, correction=correction)
+            correction = self.factors.gradient_sums(index)  # the factors of nn.Linear layers
+            torch._foreach_div_(correction, float(batch_size(batch)))
+            torch._foreach_sub_(correction, self.init_grad)
+            return batch_mean(self.cache_loss, index), partial(self.grad_fn, correction=correction)
         if self.control_variate == "loss":
             with torch.no_grad():
                 return self.loss(self.reference, batch).detach(), self.grad_fn
