@@ -107,3 +107,15 @@ def test_compiled_step_probes_the_acceptance_as_the_eager_step_does():
     np.testing.assert_array_equal(np.isfinite(fast.acceptance), probed)
     np.testing.assert_allclose(fast.acceptance[probed], eager.acceptance[probed], atol=1e-4)
     assert eager.mala_acceptance < 0.999  # a step size at which the probe sees something
+
+
+@pytest.mark.parametrize("control_variate", ["gradient", "loss"])
+def test_compiled_reads_the_tables_the_eager_step_reads(control_variate, monkeypatch):
+    # micro-batches: ∇L_B(w*) and L_B(w*) from their table; the loss control variate: L_B(w*)
+    # from the per-sample losses. The graph then has no pass at w*.
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+    kw = dict(control_variate=control_variate, microbatch=16)
+    _assert_same(_estimate(case, **kw), _estimate(case, compile=True, **kw))
+    (key,) = compiled._COMPILED
+    assert key[4] == ("read" if control_variate == "gradient" else "none")

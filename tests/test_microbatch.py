@@ -184,3 +184,23 @@ def test_the_model_and_its_data_are_left_alone():
     _estimate(model, data, microbatch=8)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert torch.equal(x, data.tensors[0]) and model.training
+
+
+def test_calibration_pilots_sample_the_microbatched_chain():
+    model, data = _mlp((3, 8, 1)), _data(240, 3)
+    loader = torch.utils.data.DataLoader(data, batch_size=40, shuffle=True)
+    kw = dict(step_sizes=[1e-3], num_draws=60, num_burnin=20, seed=2, progress=False)
+    cal = slt.calibrate(model, loader, slt.gaussian_nll(1.0), microbatch=8, **kw)
+    plain = slt.calibrate(model, loader, slt.gaussian_nll(1.0), **kw)
+    pilot = slt.sampling.sample_llc(_posterior(model, data, 8, batch_size=40, seed=2),
+                                    sampler="sgld", step_size=1e-3, num_chains=1,
+                                    num_draws=60, num_burnin=20, seed=2)  # fmt: skip
+    assert cal.candidates[0].llc == pytest.approx(pilot.llc, rel=1e-6)
+    assert plain.candidates[0].llc != pytest.approx(pilot.llc, rel=1e-6)
+    assert cal.settings["microbatch"] == 8 and plain.settings["microbatch"] is None
+    with pytest.raises(ValueError, match=r"microbatch must divide the number of samples"):
+        slt.calibrate(model, loader, slt.gaussian_nll(1.0), microbatch=7, **kw)
+    auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), step_size="auto",
+                            num_draws=100, num_burnin=20, microbatch=8,
+                            progress=False)  # fmt: skip
+    assert auto.calibration["settings"]["microbatch"] == 8 and auto.microbatch == 8

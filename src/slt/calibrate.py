@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from slt import _checks
 from slt.curvature import minibatch_gradient_variance, top_hessian_eigenvalue
 from slt.losses import LossFn
 
@@ -158,6 +159,7 @@ def calibrate(
     grid_chains: int = 4,
     grid_draws: int = 1000,
     params=None,
+    microbatch: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationResult:
@@ -179,6 +181,10 @@ def calibrate(
     result is the chosen setting's calibration, its ``localization`` and ``nbeta`` the
     choice, with every setting tried in ``grid``.
 
+    ``microbatch`` draws the pilots' batches as whole micro-batches and reads their control
+    variates from a table, as :func:`slt.estimate_llc` does with it (the same partition for
+    the same ``seed``), so the pilots sample the estimate's own chain.
+
     Examples
     --------
     >>> import slt
@@ -192,6 +198,8 @@ def calibrate(
     from slt.sampling import build_posterior, sample_llc
 
     start = time.perf_counter()
+    if microbatch is not None:
+        microbatch = _checks.integer("microbatch", microbatch, minimum=1)
     gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)
     if gammas is not None or nbetas is not None:
         options = dict(step_sizes=step_sizes, n=n, sampler=sampler,
@@ -200,7 +208,8 @@ def calibrate(
                        max_stiff_bias=max_stiff_bias, min_acceptance=min_acceptance,
                        max_noise_ratio=max_noise_ratio, flat_tolerance=flat_tolerance,
                        num_candidates=num_candidates, max_pilot_steps=max_pilot_steps,
-                       params=params, seed=seed, progress=progress)  # fmt: skip
+                       params=params, microbatch=microbatch, seed=seed,
+                       progress=progress)  # fmt: skip
 
         def calibrate_at(gamma: float, nb: float | None) -> CalibrationResult:
             return calibrate(model, loader, loss_fn, localization=gamma, nbeta=nb, **options)
@@ -209,7 +218,8 @@ def calibrate(
             posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nb,
                                         localization=gamma, sampler=sampler, params=params,
                                         control_variate="none" if sampler == "mala"
-                                        else control_variate)  # fmt: skip
+                                        else control_variate, microbatch=microbatch,
+                                        seed=seed)  # fmt: skip
             try:
                 return sample_llc(posterior, sampler=sampler, step_size=eps,
                                   num_chains=grid_chains, num_draws=grid_draws,
@@ -227,7 +237,8 @@ def calibrate(
         control_variate = "none"
     posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,
                                 localization=localization, control_variate=control_variate,
-                                sampler=sampler, params=params)  # fmt: skip
+                                sampler=sampler, params=params, microbatch=microbatch,
+                                seed=seed)  # fmt: skip
     nb, gamma = posterior.nbeta, posterior.localization
     probe = next(posterior.batches.forever(torch.Generator().manual_seed(seed)))
     q_max = top_hessian_eigenvalue(posterior, probe, seed=seed)
@@ -302,6 +313,7 @@ def calibrate(
             "num_draws": num_draws,
             "num_burnin": num_burnin,
             "seed": seed,
+            "microbatch": microbatch,
             "max_stiff_bias": max_stiff_bias,
             "min_acceptance": min_acceptance,
             "max_noise_ratio": max_noise_ratio,

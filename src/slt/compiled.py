@@ -2,7 +2,9 @@
 
 One call of the compiled function does what one step of :mod:`slt.vmapped` does for all
 chains: ``vmap(grad_and_value(L_B))`` at the chain parameters, the control variate at w*
-on the same batches, and the SGLD (or pSGLD) update
+on the same batches (or, where the eager step reads it from a table — micro-batches for
+the gradient one, per-sample losses for the loss one — read outside the graph as there),
+and the SGLD (or pSGLD) update
 
     w ← w + (ε/2) (-nβ g - γ (w - w*)) + √ε ξ,   g = ∇L_B(w) - ∇L_B(w*) + ∇L_n(w*)
 
@@ -52,10 +54,10 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from slt.attention import plain_attention
 from slt.losses import LossModule
-from slt.posterior import Posterior
+from slt.posterior import Posterior, batch_mean
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
-from slt.vmapped import VMAP_SAMPLERS, ChainPass, Stepper, stacked
+from slt.vmapped import VMAP_SAMPLERS, ChainPass, Stepper, center_table, stacked
 
 _RMSPROP = inspect.signature(rmsprop_sgld).parameters  # its defaults, as SAMPLERS builds it
 _ALPHA, _EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -77,7 +79,9 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
 
     ``w``, ``square_avg``, ``noise``: lists of (chain, ...) tensors; ``center`` (w*, for
     the control variate), ``anchor`` (where γ pulls) and ``init_grad`` (∇L_n(w*)): lists
-    shaped like one chain's parameters; ``hyper``: (4,) tensor [ε/2, √ε, nβ, γ]."""
+    shaped like one chain's parameters; ``hyper``: (4,) tensor [ε/2, √ε, nβ, γ]. With
+    ``control_variate="read"`` (micro-batch tables), ``init_grad`` is instead the chains'
+    correction ∇L_B(w*) − ∇L_n(w*), (chain, ...) tensors read from the table."""
 
     def loss(params, batch):
         return functional_call(module, {f"model.{n}": p for n, p in zip(names, params)},
@@ -85,7 +89,9 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
 
     grads, value = vmap(grad_and_value(loss), in_dims=(0, 0))(w, batch)
     center_loss = None
-    if control_variate == "gradient":
+    if control_variate == "read":  # ∇L_B(w*) − ∇L_n(w*) read from a table, outside the graph
+        grads = [g - c for g, c in zip(grads, init_grad)]
+    elif control_variate == "gradient":
         grads0, center_loss = vmap(grad_and_value(loss), in_dims=(None, 0))(center, batch)
         grads = [g - (g0 - gn) for g, g0, gn in zip(grads, grads0, init_grad)]
     elif control_variate == "loss":
@@ -103,7 +109,7 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
     return new_w, new_avg, value, center_loss
 
 
-def _key(posterior: Posterior, sampler: str, num_chains: int) -> tuple:
+def _key(posterior: Posterior, sampler: str, num_chains: int, control_variate: str) -> tuple:
     """What fixes the graph, but for the batch shapes (added per step)."""
     tensors = [*posterior.module.named_parameters(), *posterior.module.named_buffers()]
     return (
@@ -111,7 +117,7 @@ def _key(posterior: Posterior, sampler: str, num_chains: int) -> tuple:
         tuple((n, t.shape, t.dtype, t.device, n in posterior.names) for n, t in tensors),
         type(posterior.loss_fn),
         sampler,
-        posterior.control_variate,
+        control_variate,
         num_chains,
     )
 
@@ -159,11 +165,22 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
     )
     w = list(stacked(dict(zip(names, center)), num_chains).values())
     square_avg = [torch.zeros_like(p) for p in w] if sampler == "rmsprop_sgld" else []
-    options = dict(names=names, sampler=sampler, control_variate=posterior.control_variate)
-    graph = _key(posterior, sampler, num_chains)
+    # Where the eager step reads the control variate from a table (the gradient one from
+    # micro-batches', the loss one from the per-sample losses), so does this step, outside
+    # the graph, which then has no pass at w*.
+    read = center_table(posterior) is not None
+    read_loss = posterior.control_variate == "loss" and posterior.cache_loss is not None
+    control_variate = "read" if read else "none" if read_loss else posterior.control_variate
+    options = dict(names=names, sampler=sampler, control_variate=control_variate)
+    graph = _key(posterior, sampler, num_chains, control_variate)
 
-    def step(state, batch, noise: ChainGenerators):
+    def step(state, batch, noise: ChainGenerators, index=None):
         w, square_avg = state
+        correction, center_loss = init_grad, None
+        if read:
+            correction, center_loss = posterior.table_correction(index)
+        elif read_loss:
+            center_loss = batch_mean(posterior.cache_loss, posterior.table_rows(index))
         key = (*graph, _shapes(batch))
         new = key not in _COMPILED
         if new:
@@ -175,8 +192,9 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
         z = noise.noise_like(w)
         try:
             with torch.no_grad(), plain_attention(enabled=posterior.attention):
-                w, square_avg, loss, center_loss = _COMPILED[key](
-                    module, w, square_avg, batch, z, center, anchor, init_grad, hyper, **options
+                w, square_avg, loss, in_graph = _COMPILED[key](
+                    module, w, square_avg, batch, z, center, anchor, correction, hyper,
+                    **options,
                 )  # fmt: skip
         except Exception as err:
             if not new:
@@ -186,7 +204,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
                 f"compile=True: torch.compile could not compile the step of this model and "
                 f"loss ({type(err).__name__}: {str(err)[:300]}); pass compile=False"
             ) from err
-        return (w, square_avg), loss, center_loss
+        return (w, square_avg), loss, center_loss if read or read_loss else in_graph
 
     # the acceptance probe's passes, outside the graph: replayed from a traced graph (traced
     # on the first probe; 10k MLP, 4 chains: 1.0 ms a pass against 3.1 eager)

@@ -110,9 +110,9 @@ def estimate_llc(
         per-sample gradients do not fit a table (measured on a 17k-parameter transformer:
         29.8 s against 52.9 s per estimate). It must divide n and the batch size, the table
         ((n / microbatch) × parameters numbers) must fit 2**24 numbers, and the loss must be
-        a mean of per-sample terms; a ``DataLoader`` over a ``TensorDataset`` only. With
-        ``compile=True`` the compiled step still evaluates w* in its pass. Default None:
-        batches as the loader shuffles them.
+        a mean of per-sample terms; a ``DataLoader`` over a ``TensorDataset`` only. The
+        compiled step (``compile=True``) and ``step_size="auto"``'s pilot chains read the
+        same table. Default None: batches as the loader shuffles them.
     seed : int
         Chains are seeded from ``(seed, chain)``: the same seed gives the same numbers.
     progress : bool
@@ -227,7 +227,7 @@ def estimate_llc(
         cal = calibrate(
             model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
             sampler=sampler, control_variate=control_variate, max_pilot_steps=budget,
-            params=params, seed=seed, progress=progress,
+            params=params, microbatch=microbatch, seed=seed, progress=progress,
         )  # fmt: skip
         step_size, calibration = cal.step_size, cal.to_dict()
     start = time.perf_counter()

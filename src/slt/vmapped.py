@@ -116,8 +116,9 @@ def _stack_batches(batches: list[Any]) -> Any:
     raise TypeError(f"chain_method='vmap' needs batches of tensors, got {type(first).__name__}")
 
 
-# (state, step) with step(state, batch, noise) -> (state, L_B(w) (chain,), L_B(w*) (chain,) or None)
-Stepper = tuple[Any, Callable[[Any, Any, ChainGenerators], tuple[Any, torch.Tensor, Any]]]
+# (state, step) with step(state, batch, noise, index) -> (state, L_B(w) (chain,), L_B(w*)
+# (chain,) or None); index: the (chain, b) sample indices of the batch, or None
+Stepper = tuple[Any, Callable[[Any, Any, ChainGenerators, Any], tuple[Any, torch.Tensor, Any]]]
 
 
 class ChainPass:
@@ -395,7 +396,7 @@ def run_chains_vmap(
                 state, loss, center_loss = step(state, batch, noise, index,
                                                 record if probing else None)  # fmt: skip
             else:
-                state, loss, center_loss = step(state, batch, noise)
+                state, loss, center_loss = step(state, batch, noise, index)
             if probing:
                 params = _chain_params(state)
                 grad_new, loss_new = step.probe(params, batch)
