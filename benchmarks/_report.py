@@ -107,10 +107,15 @@ def summary(results: list[dict]) -> str:
         ratio = _field(res["methods"], "slt-microbatch", "devinterp_llc_over_this")
         if ratio is not None:
             defaults = _field(res["methods"], "slt", "devinterp_llc_over_this")
+            compiled = [_field(res["methods"], name, "devinterp_llc_over_this")
+                        for name in ("slt-microbatch-compiled", "slt-compiled")]  # fmt: skip
+            also = ("" if compiled[0] is None else
+                    f"; compiled {compiled[0]:{RATIO}}× (compiled defaults "
+                    f"{_num(compiled[1], RATIO)}×)")  # fmt: skip
             lines.append(
                 f"With microbatch=16 on {res['case']} (the defaults, the control variates read "
                 f"from a table over micro-batches): devinterp llc() ÷ slt per estimate "
-                f"{ratio:{RATIO}}× (defaults {_num(defaults, RATIO)}×)."
+                f"{ratio:{RATIO}}× (defaults {_num(defaults, RATIO)}×){also}."
             )
     lines.append(LAMBDA_HAT + ".")
     speed = machine(results)

@@ -114,6 +114,10 @@ METHODS = {
         "slt defaults, microbatch=16",
         partial(run_slt, microbatch=16),
     ),
+    "slt-microbatch-compiled": Method(
+        "slt defaults, microbatch=16, compile=True (vmap)",
+        partial(run_slt, microbatch=16, chain_method="vmap", compile=True),
+    ),
     "devinterp-llc": Method("devinterp llc()", _devinterp.run_devinterp_llc),
     "devinterp-chain": Method("devinterp sample_single_chain", _devinterp.run_devinterp_chain),
     "devinterp-loop": Method("devinterp SGMCMC.sgld loop", _devinterp.run_devinterp_loop),
@@ -124,12 +128,14 @@ MEMORY_METHODS = ("slt", "slt-plain", "slt-microbatch", "devinterp-llc", "sgd")
 # The compiled rows: what each estimate after the first costs in a sweep over checkpoints of
 # one architecture (compiled once, in the warm-up, whose seconds are reported). Not on the 1M
 # model, which runs in the loop.
-COMPILED_METHODS = ("slt-compiled", "slt-plain-compiled")
+COMPILED_METHODS = ("slt-compiled", "slt-plain-compiled", "slt-microbatch-compiled")
 COMPILED_CASES = ("regular", "rrr", "mlp10k", "transformer", "lambda_hat")
 # microbatch=16: a table of 256 rows × the parameters, over the budget on the 1M model; the
 # regressions' per-step pass is too cheap for it to matter
 MICROBATCH_CASES = ("mlp10k", "transformer")
-LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", *COMPILED_METHODS, "devinterp-llc")
+MICROBATCH_METHODS = ("slt-microbatch", "slt-microbatch-compiled")
+LAMBDA_HAT_METHODS = ("slt", "slt-none", "slt-plain", "slt-compiled", "slt-plain-compiled",
+                      "devinterp-llc")  # fmt: skip
 
 # key -> (cases.CASES name, run per mode). Full mode runs estimate_llc's default 4 × (250 +
 # 1000) on the small cases; "lambda_hat" repeats linear regression at the size of the issue's
@@ -261,7 +267,7 @@ def main(argv=None) -> dict:
         if key not in COMPILED_CASES:
             names = [name for name in names if name not in COMPILED_METHODS]
         if key not in MICROBATCH_CASES:
-            names = [name for name in names if name != "slt-microbatch"]
+            names = [name for name in names if name not in MICROBATCH_METHODS]
         res = {"key": key, **bench_case(case, run, names, warm_up=not args.smoke)}
         if not args.no_memory and key != "lambda_hat":
             measured = [m for m in names if m in MEMORY_METHODS]

@@ -96,3 +96,7 @@ def test_the_microbatch_row_gets_its_line():
         "from a table over micro-batches): devinterp llc() ÷ slt per estimate 1.23× "
         "(defaults 4.96×)."
     ]
+    res["methods"]["slt-microbatch-compiled"] = _method(2.5)
+    res["methods"]["slt-compiled"] = _method(0.5)
+    line = [x for x in report.summary([res]).splitlines() if "microbatch=16" in x]
+    assert line[0].endswith("(defaults 4.96×); compiled 2.5× (compiled defaults 0.5×).")
