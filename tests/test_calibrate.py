@@ -72,6 +72,27 @@ def test_auto_step_size_lands_within_ten_percent_and_costs_little():
     assert "chosen by calibration" in str(res)
 
 
+def test_auto_calibrates_on_the_posterior_it_samples(monkeypatch):
+    # one pass over the data at w* (and one set of tables) serves the pilots and the estimate,
+    # with the numbers calibrate() gives on a posterior of its own
+    built = []
+    init = Posterior.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Posterior, "__init__", counted)
+    case = zoo.regular(4, n=512)
+    res = slt.estimate_llc(case.model, case.loader(64), case.loss_fn, step_size="auto",
+                           num_draws=200, num_burnin=50, progress=False)  # fmt: skip
+    assert len(built) == 1
+    alone = slt.calibrate(case.model, case.loader(64), case.loss_fn,
+                          max_pilot_steps=4 * (200 + 50) // 5, progress=False)  # fmt: skip
+    assert res.step_size == alone.step_size
+    assert res.calibration["candidates"] == [c.__dict__ for c in alone.candidates]
+
+
 def test_too_large_step_size_is_caught():
     # Stable (εP_max < 4) but far too large: λ̂ is inflated. It must not pass silently.
     model, data, q = _regression(n=4096)

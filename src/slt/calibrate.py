@@ -239,6 +239,42 @@ def calibrate(
                                 localization=localization, control_variate=control_variate,
                                 sampler=sampler, params=params, microbatch=microbatch,
                                 seed=seed)  # fmt: skip
+    return calibrate_posterior(
+        posterior, sampler=sampler, step_sizes=step_sizes, num_chains=num_chains,
+        num_draws=num_draws, num_burnin=num_burnin, max_stiff_bias=max_stiff_bias,
+        min_acceptance=min_acceptance, max_noise_ratio=max_noise_ratio,
+        flat_tolerance=flat_tolerance, num_candidates=num_candidates,
+        max_pilot_steps=max_pilot_steps, seed=seed, start=start,
+    )  # fmt: skip
+
+
+def calibrate_posterior(
+    posterior,
+    *,
+    sampler: str,
+    step_sizes: Sequence[float] | None = None,
+    num_chains: int = 1,
+    num_draws: int = 250,
+    num_burnin: int | None = None,
+    max_stiff_bias: float = 0.01,
+    min_acceptance: float = 0.98,
+    max_noise_ratio: float = 0.1,
+    flat_tolerance: float = 0.05,
+    num_candidates: int = 4,
+    max_pilot_steps: int | None = None,
+    seed: int = 0,
+    start: float | None = None,
+) -> CalibrationResult:
+    """:func:`calibrate` at one (γ, nβ) on a built :class:`slt.posterior.Posterior` (its
+    nβ, γ, control variate and micro-batches), which ``estimate_llc(step_size="auto")``
+    then samples itself: the pass over the data at w* and its tables are made once. The
+    pilots leave the posterior's chain parameters at their last draw; samplers start from
+    ``reset()``."""
+    from slt.chains import DivergenceError
+    from slt.sampling import sample_llc
+
+    start = time.perf_counter() if start is None else start
+    control_variate = posterior.control_variate
     nb, gamma = posterior.nbeta, posterior.localization
     probe = next(posterior.batches.forever(torch.Generator().manual_seed(seed)))
     q_max = top_hessian_eigenvalue(posterior, probe, seed=seed)
@@ -313,7 +349,7 @@ def calibrate(
             "num_draws": num_draws,
             "num_burnin": num_burnin,
             "seed": seed,
-            "microbatch": microbatch,
+            "microbatch": posterior.microbatch,
             "max_stiff_bias": max_stiff_bias,
             "min_acceptance": min_acceptance,
             "max_noise_ratio": max_noise_ratio,

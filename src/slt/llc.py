@@ -76,8 +76,9 @@ def estimate_llc(
         ε of the SGLD step Δw = (ε/2)(-nβ∇L_B - γ(w - w*)) + N(0, ε). "auto" first runs
         :func:`slt.calibrate` with short pilot chains (one per candidate, within a budget
         of a fifth of this estimate's steps, with this call's nβ, γ, sampler and control
-        variate) and uses the step size it picks; the result's ``calibration`` records
-        every candidate and why.
+        variate, on the posterior this call then samples, so the pass over the data at w*
+        is made once) and uses the step size it picks; the result's ``calibration``
+        records every candidate and why.
     num_chains, num_draws, num_burnin : int
         Each chain takes ``num_burnin + num_draws`` steps; burn-in draws are discarded.
     sampler : {"sgld", "rmsprop_sgld", "sgnht", "mala"}
@@ -219,17 +220,6 @@ def estimate_llc(
     full_batch = sampler in FULL_BATCH
     if full_batch and control_variate in CONTROL_VARIATES:
         control_variate = "none"  # the full batch makes both control variates moot
-    calibration = None
-    if auto:
-        from slt.calibrate import calibrate
-
-        budget = num_chains * (num_burnin + num_draws) // 5
-        cal = calibrate(
-            model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
-            sampler=sampler, control_variate=control_variate, max_pilot_steps=budget,
-            params=params, microbatch=microbatch, seed=seed, progress=progress,
-        )  # fmt: skip
-        step_size, calibration = cal.step_size, cal.to_dict()
     start = time.perf_counter()
     posterior = build_posterior(
         model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
@@ -238,6 +228,14 @@ def estimate_llc(
     )  # fmt: skip
     for message in posterior.warnings:  # e.g. a train-mode model: point at the caller
         warnings.warn(message, UserWarning, stacklevel=2)
+    calibration = None
+    if auto:  # the pilots sample this posterior: its pass at w* and tables are made once
+        from slt.calibrate import calibrate_posterior
+
+        budget = num_chains * (num_burnin + num_draws) // 5
+        cal = calibrate_posterior(posterior, sampler=sampler, max_pilot_steps=budget, seed=seed)
+        step_size, calibration = cal.step_size, cal.to_dict()
+        start += cal.seconds  # the result's seconds are the estimate's, as before
     return sample_llc(
         posterior, sampler=sampler, step_size=step_size, num_chains=num_chains,
         num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
