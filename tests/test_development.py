@@ -188,3 +188,7 @@ def test_cli_trajectory(tmp_path, monkeypatch):
     refused = CliRunner().invoke(app, [*args, "--results", "other.jsonl", "--chain-method",
                                        "loop", "--compile"])  # fmt: skip
     assert refused.exit_code == 2 and "compile=True needs chain_method" in refused.output
+    # --microbatch reaches estimate_llc and the results file's settings
+    grouped = CliRunner().invoke(app, [*args, "--results", "mb.jsonl", "--microbatch", "8"])
+    assert grouped.exit_code == 0, grouped.output
+    assert read(tmp_path / "mb.jsonl").header["settings"]["estimate_llc"]["microbatch"] == 8

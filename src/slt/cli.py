@@ -213,6 +213,7 @@ def trajectory(
     seed: int = _LLC_SEED,
     chain_method: str = _CHAIN_METHOD,
     compile: bool = _COMPILE,
+    microbatch: int | None = _MICROBATCH,
     results: Path = _RESULTS,
     executor: str = _EXECUTOR,
     max_workers: int | None = _WORKERS,
@@ -240,6 +241,7 @@ def trajectory(
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
             sampler=sampler, control_variate=control_variate, seed=seed,
             chain_method=_chain_method(chain_method, compile), compile=compile,
+            microbatch=microbatch,
         )  # fmt: skip
     except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError) as err:
         text = str(err).replace("overwrite=True", "--overwrite")
