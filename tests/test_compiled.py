@@ -119,3 +119,9 @@ def test_compiled_reads_the_tables_the_eager_step_reads(control_variate, monkeyp
     _assert_same(_estimate(case, **kw), _estimate(case, compile=True, **kw))
     (key,) = compiled._COMPILED
     assert key[4] == ("read" if control_variate == "gradient" else "none")
+    # the next checkpoint: its own table at its own w*, the same graph
+    later = _checkpoint(case.model, 0.05)
+    before = compiled.compilations
+    fast = _estimate(case, later, compile=True, **kw)
+    assert compiled.compilations == before
+    _assert_same(_estimate(case, later, **kw), fast)
