@@ -204,3 +204,37 @@ def test_calibration_pilots_sample_the_microbatched_chain():
                             num_draws=100, num_burnin=20, microbatch=8,
                             progress=False)  # fmt: skip
     assert auto.calibration["settings"]["microbatch"] == 8 and auto.microbatch == 8
+
+
+@pytest.mark.parametrize("cv", ["gradient", "loss"])
+def test_the_full_data_terms_come_from_the_table(cv):
+    # L_n(w*) and ∇L_n(w*) are the means of the table's rows (the micro-batches partition
+    # the data): equal to the pass over the data up to rounding, and no pass is made
+    model, data = _mlp((3, 8, 1)), _data(240, 3)
+    grouped = _posterior(model, data, microbatch=8, batch_size=40, cv=cv)
+    passed = _posterior(model, data, microbatch=None, batch_size=40, cv=cv)
+    sizes = []
+    loss_fn = slt.gaussian_nll(1.0)
+
+    def counted(model, batch):
+        sizes.append(len(batch[0]))
+        return loss_fn(model, batch)
+
+    loader = torch.utils.data.DataLoader(data, batch_size=40, shuffle=True)
+    build_posterior(model, loader, counted, n=None, nbeta=None, localization=1.0,
+                    control_variate=cv, sampler="sgld", microbatch=8, seed=0)  # fmt: skip
+    assert sizes.count(40) == 1  # the first batch, checked; no pass over the six
+    assert grouped.init_loss == pytest.approx(passed.init_loss, rel=1e-6)
+    if cv == "gradient":
+        for a, b in zip(grouped.init_grad, passed.init_grad):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    else:
+        assert grouped.init_grad is None and passed.init_grad is None
+
+
+def test_a_non_finite_loss_at_center_is_refused_with_micro_batches():
+    model, data = _mlp((3, 8, 1)), _data(240, 3)
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")
+    with pytest.raises(ValueError, match="the loss at w\\* \\(the model as given\\) is nan"):
+        _posterior(model, data, microbatch=8, batch_size=40)

@@ -79,6 +79,15 @@ def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection
     return chosen
 
 
+def _finite_loss(value: float) -> float:
+    """L_n(w*), unless it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise ValueError(
+            f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
+        )
+    return value
+
+
 def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
     """Raise unless ``loss`` is a floating 0-d (or one-element) tensor."""
     if not isinstance(loss, torch.Tensor):
@@ -196,7 +205,11 @@ class Posterior:
         self.loss_fn = loss_fn
         self.batches = BatchStream(loader, self.device)
         self.full_data = self.batches.full_batch() if full_batch else None
-        self.init_loss, counted, self.init_grad = self._full_loss_at_center()
+        # With micro-batches, L_n(w*) and ∇L_n(w*) are the means of their tables' rows (the
+        # groups partition the data): the pass over the data is left to the tables (_group)
+        from_table = (microbatch is not None and control_variate != "none"
+                      and self.full_data is None and self.batches.tensors is not None)  # fmt: skip
+        self.init_loss, counted, self.init_grad = self._full_loss_at_center(first_only=from_table)
         self.n = _checks.integer("n", n if n is not None else dataset_size(loader) or counted,
                                  minimum=2)  # fmt: skip
         self.nbeta = (
@@ -240,7 +253,7 @@ class Posterior:
                 "(slt.posterior._CACHE_MAX_FLOATS); use larger micro-batches"
             )
         self.microbatch = size
-        self._group_of = torch.empty(self.n, dtype=torch.long, device=groups.device)
+        self._group_of = torch.empty(groups.numel(), dtype=torch.long, device=groups.device)
         ids = torch.arange(count, device=groups.device)
         self._group_of[groups.reshape(-1)] = ids.repeat_interleave(size)
         self._build_cache()
@@ -339,6 +352,8 @@ class Posterior:
             losses, grads = self._per_sample_at_center(tensors, want_grad, groups)
         except Exception:  # the model or loss cannot be vmapped: keep the passes at w*
             return
+        if self.init_loss is None:  # the table stands for the pass over the data
+            _finite_loss(float(losses.double().mean()))
         rows = 64 if groups is None else min(4, groups.shape[0])  # samples, or micro-batches
         probe = [t[:rows] if groups is None else t[groups[:rows].reshape(-1)] for t in tensors]
         with torch.set_grad_enabled(want_grad):
@@ -354,8 +369,13 @@ class Posterior:
         self._cache_loss, self._factors = losses, factors
         if want_grad:
             self._cache_grad = grads
-            self._init_grad_flat = torch.cat([g.reshape(-1) for g in self.init_grad])
             self._sizes = [p.numel() for p in self.center.values()]
+        if self.init_loss is None:  # micro-batches of equal size that partition the data
+            self.init_loss = float(losses.double().mean())
+            if want_grad:
+                self.init_grad = [g.clone() for g in self.unflatten(grads.mean(0))]
+        if want_grad:
+            self._init_grad_flat = torch.cat([g.reshape(-1) for g in self.init_grad])
 
     def _per_sample_at_center(self, tensors, want_grad: bool, groups=None, chunk: int = 256):
         """Losses (and flat gradients) at w* of every sample, or with ``groups`` (an (n/m,
@@ -399,9 +419,16 @@ class Posterior:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
-    def _full_loss_at_center(self):
+    def _full_loss_at_center(self, first_only: bool = False):
         """L_n(w*) as the sample-weighted mean of batch losses over one pass (or on the full
-        batch), the count, and (for the gradient control variate) ∇L_n(w*)."""
+        batch), the count, and (for the gradient control variate) ∇L_n(w*). ``first_only``:
+        check the loss on the first batch and return (None, the dataset's size, None); the
+        micro-batch tables then give L_n(w*) and ∇L_n(w*) (:meth:`_build_cache`)."""
+        if first_only:
+            batch = next(iter(self.batches.epoch(torch.Generator().manual_seed(0))))
+            with torch.no_grad():
+                check_scalar_loss(self.loss(self.reference, batch), where="on batch 0")
+            return None, self.batches.tensors[0].shape[0], None
         total, count = 0.0, 0
         with_grad = self.control_variate == "gradient"
         center = list(self.center.values())
@@ -418,11 +445,7 @@ class Posterior:
                 count += size
         if count == 0:
             raise ValueError("loader: yielded no batches (is the dataset empty?)")
-        value = total / count
-        if not math.isfinite(value):
-            raise ValueError(
-                f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
-            )
+        value = _finite_loss(total / count)
         if with_grad:
             torch._foreach_div_(grad, count)
         return value, count, grad
