@@ -238,3 +238,9 @@ def test_a_non_finite_loss_at_center_is_refused_with_micro_batches():
         model[0].bias[0] = float("nan")
     with pytest.raises(ValueError, match="the loss at w\\* \\(the model as given\\) is nan"):
         _posterior(model, data, microbatch=8, batch_size=40)
+
+
+def test_an_n_other_than_the_datas_size_is_taken():
+    # n sets nβ and L_n's meaning; the table is over the samples the loader holds
+    res = _estimate(_mlp((3, 8, 1)), _data(240, 3), microbatch=8, n=120)
+    assert res.microbatch == 8 and np.isfinite(res.llc)
