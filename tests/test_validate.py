@@ -41,6 +41,21 @@ def test_cli_exit_status(monkeypatch, tmp_path):
     assert bad.exit_code == 1 and "NO" in bad.output
 
 
+def test_microbatch_reaches_every_case(monkeypatch, tmp_path):
+    runner = CliRunner()
+    monkeypatch.setattr(validate_mod, "default_cases", lambda: [_tiny()])
+    ok = runner.invoke(app, ["validate", "--out", str(tmp_path), "--no-progress",
+                             "--microbatch", "16"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert "microbatch=16: batches of whole micro-batches" in ok.output
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["meta"]["microbatch"] == 16
+    assert table["rows"][0]["settings"]["microbatch"] == 16
+    bad = runner.invoke(app, ["validate", "--no-progress", "--microbatch", "3"])
+    assert bad.exit_code == 2
+    assert "microbatch must divide the number of samples (1024)" in bad.output
+
+
 def test_targets_for_singular_cases():
     pot = zoo.potential((1, 1), n=256)
     value, kind = validate_mod.target_for(pot, 100.0, 2.0)

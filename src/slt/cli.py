@@ -37,17 +37,30 @@ _VALIDATE_STEP = typer.Option(
 )
 
 
+_VALIDATE_MICROBATCH = typer.Option(
+    None,
+    min=1,
+    help="Draw every case's batches as whole micro-batches of this many samples, "
+    "the control variates from their table (as `slt llc --microbatch`).",
+)
+
+
 @app.command()
 def validate(
     out: Path = _OUT, seed: int = _SEED, step_size: str | None = _VALIDATE_STEP,
-    progress: bool = _PROGRESS,
+    microbatch: int | None = _VALIDATE_MICROBATCH, progress: bool = _PROGRESS,
 ) -> None:  # fmt: skip
     """Estimate λ on models whose answer is known and print the table; exit 1 on a miss."""
     from slt.validate import validate as run
 
     if step_size not in (None, "auto"):
         raise typer.BadParameter(f'--step-size must be "auto" or absent, got {step_size!r}')
-    rows = run(out=out, seed=seed, step_size=step_size, progress=progress)
+    try:
+        rows = run(out=out, seed=seed, step_size=step_size, microbatch=microbatch,
+                   progress=progress)  # fmt: skip
+    except ValueError as err:  # e.g. a microbatch that does not divide a case's n
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(2) from err
     raise typer.Exit(0 if all(r.passed for r in rows) else 1)
 
 

@@ -85,12 +85,19 @@ def target_for(case: zoo.Case, nbeta: float, localization: float) -> tuple[float
     return float(case.lam) - (case.m - 1) / math.log(nbeta), "asymptotic"
 
 
-def run_case(case: zoo.Case, *, seed: int = 0, step_size: float | str | None = None) -> Row:
+def run_case(
+    case: zoo.Case,
+    *,
+    seed: int = 0,
+    step_size: float | str | None = None,
+    microbatch: int | None = None,
+) -> Row:
     """Estimate λ on one case with its recommended settings (``step_size`` overrides ε;
-    "auto" calibrates it)."""
+    "auto" calibrates it; ``microbatch`` is passed to :func:`slt.estimate_llc`)."""
     s = case.settings
     kwargs = s.estimate_kwargs() | ({} if step_size is None else {"step_size": step_size})
-    res = estimate_llc(case.model, case.loader(), case.loss_fn, seed=seed, progress=False, **kwargs)
+    res = estimate_llc(case.model, case.loader(), case.loss_fn, seed=seed, progress=False,
+                       microbatch=microbatch, **kwargs)  # fmt: skip
     target, kind = target_for(case, res.nbeta, res.localization)
     return Row(
         name=case.name,
@@ -104,7 +111,7 @@ def run_case(case: zoo.Case, *, seed: int = 0, step_size: float | str | None = N
         llc_std=res.llc_std,
         nbeta=res.nbeta,
         seconds=res.seconds,
-        settings=asdict(s) | {"step_size": res.step_size},
+        settings=asdict(s) | {"step_size": res.step_size, "microbatch": res.microbatch},
     )
 
 
@@ -175,20 +182,26 @@ def validate(
     out: str | Path | None = None,
     seed: int = 0,
     step_size: float | str | None = None,
+    microbatch: int | None = None,
     progress: bool = True,
 ) -> list[Row]:
     """Run the known-answer cases, print the table, and write ``table.json`` and
     ``validate.png`` to ``out`` (if given). ``step_size="auto"`` replaces every case's
-    recommended ε by calibration. Returns the rows; all passed iff every ``row.passed``."""
+    recommended ε by calibration; ``microbatch=m`` draws every case's batches as whole
+    micro-batches of m samples with the control variates from their table (m must divide
+    every case's n and batch size). Returns the rows; all passed iff every ``row.passed``."""
     cases = default_cases() if cases is None else cases
     rows: list[Row] = []
     start = time.perf_counter()
     bar = tqdm(cases, desc="validate", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.name)
-        rows.append(run_case(case, seed=seed, step_size=step_size))
+        rows.append(run_case(case, seed=seed, step_size=step_size, microbatch=microbatch))
     bar.close()
     total = time.perf_counter() - start
+    if microbatch is not None:
+        print(f"microbatch={microbatch}: batches of whole micro-batches, control variates "
+              "from their table")  # fmt: skip
     print(format_table(rows))
     print(f"{sum(r.passed for r in rows)}/{len(rows)} passed in {total:.0f} s")
     if out is not None:
@@ -201,6 +214,7 @@ def validate(
             "machine": platform.machine(),
             "threads": torch.get_num_threads(),
             "seed": seed,
+            "microbatch": microbatch,
             "seconds": total,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
