@@ -32,6 +32,7 @@ the same nβ, γ, sampler and control variate as the estimate they serve.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -252,23 +253,24 @@ def calibrate_posterior(
     posterior,
     *,
     sampler: str,
-    step_sizes: Sequence[float] | None = None,
-    num_chains: int = 1,
-    num_draws: int = 250,
-    num_burnin: int | None = None,
-    max_stiff_bias: float = 0.01,
-    min_acceptance: float = 0.98,
-    max_noise_ratio: float = 0.1,
-    flat_tolerance: float = 0.05,
-    num_candidates: int = 4,
-    max_pilot_steps: int | None = None,
-    seed: int = 0,
+    step_sizes: Sequence[float] | None,
+    num_chains: int,
+    num_draws: int,
+    num_burnin: int | None,
+    max_stiff_bias: float,
+    min_acceptance: float,
+    max_noise_ratio: float,
+    flat_tolerance: float,
+    num_candidates: int,
+    max_pilot_steps: int | None,
+    seed: int,
     start: float | None = None,
 ) -> CalibrationResult:
     """:func:`calibrate` at one (γ, nβ) on a built :class:`slt.posterior.Posterior` (its
     nβ, γ, control variate and micro-batches), which ``estimate_llc(step_size="auto")``
     then samples itself: the pass over the data at w* and its tables are made once. The
-    pilots leave the posterior's chain parameters at their last draw; samplers start from
+    options are :func:`calibrate`'s (its defaults: :func:`pilot_defaults`). The pilots
+    leave the posterior's chain parameters at their last draw; samplers start from
     ``reset()``."""
     from slt.chains import DivergenceError
     from slt.sampling import sample_llc
@@ -360,6 +362,16 @@ def calibrate_posterior(
         seconds=time.perf_counter() - start,
         confirmed=confirmed,
     )
+
+
+def pilot_defaults() -> dict:
+    """:func:`calibrate`'s defaults of the options :func:`calibrate_posterior` takes."""
+    wanted = inspect.signature(calibrate_posterior).parameters
+    return {
+        name: p.default
+        for name, p in inspect.signature(calibrate).parameters.items()
+        if name in wanted and p.default is not inspect.Parameter.empty
+    }
 
 
 def _search(

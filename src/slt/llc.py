@@ -230,10 +230,11 @@ def estimate_llc(
         warnings.warn(message, UserWarning, stacklevel=2)
     calibration = None
     if auto:  # the pilots sample this posterior: its pass at w* and tables are made once
-        from slt.calibrate import calibrate_posterior
+        from slt.calibrate import calibrate_posterior, pilot_defaults
 
         budget = num_chains * (num_burnin + num_draws) // 5
-        cal = calibrate_posterior(posterior, sampler=sampler, max_pilot_steps=budget, seed=seed)
+        options = pilot_defaults() | dict(sampler=sampler, max_pilot_steps=budget, seed=seed)
+        cal = calibrate_posterior(posterior, **options)
         step_size, calibration = cal.step_size, cal.to_dict()
         start += cal.seconds  # the result's seconds are the estimate's, as before
     return sample_llc(
