@@ -54,7 +54,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from slt.attention import plain_attention
 from slt.losses import LossModule
-from slt.posterior import Posterior, batch_mean
+from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
 from slt.vmapped import VMAP_SAMPLERS, ChainPass, Stepper, center_table, stacked
@@ -180,7 +180,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
         if read:
             correction, center_loss = posterior.table_correction(index)
         elif read_loss:
-            center_loss = batch_mean(posterior.cache_loss, posterior.table_rows(index))
+            center_loss = posterior.table_loss(index)
         key = (*graph, _shapes(batch))
         new = key not in _COMPILED
         if new:

@@ -275,6 +275,11 @@ class Posterior:
             return slice(index.start // size, -(-index.stop // size))
         return self._group_of[index[..., ::size]]
 
+    def table_loss(self, index) -> torch.Tensor:
+        """L_B(w*) from the table of losses at w* (:attr:`cache_loss`) for a batch's sample
+        ``index`` ((b,) or (chain, b): a mean per chain)."""
+        return batch_mean(self.cache_loss, self.table_rows(index))
+
     def table_correction(self, index) -> tuple[list[torch.Tensor], torch.Tensor]:
         """From the tables at w*, for a batch's sample ``index`` ((b,) or (chain, b)):
         ∇L_B(w*) − ∇L_n(w*) shaped like the sampled parameters (with the index's leading
@@ -506,14 +511,14 @@ class Posterior:
             return None, self.grad_fn
         if index is not None and self.cache_loss is not None:
             if self.control_variate == "loss":
-                return batch_mean(self.cache_loss, self.table_rows(index)), self.grad_fn
+                return self.table_loss(index), self.grad_fn
             if self.cache_grad is not None:  # per-sample or micro-batch gradients
                 correction, loss = self.table_correction(index)
                 return loss, partial(self.grad_fn, correction=correction)
             correction = self.factors.gradient_sums(index)  # the factors of nn.Linear layers
             torch._foreach_div_(correction, float(batch_size(batch)))
             torch._foreach_sub_(correction, self.init_grad)
-            return batch_mean(self.cache_loss, index), partial(self.grad_fn, correction=correction)
+            return self.table_loss(index), partial(self.grad_fn, correction=correction)
         if self.control_variate == "loss":
             with torch.no_grad():
                 return self.loss(self.reference, batch).detach(), self.grad_fn

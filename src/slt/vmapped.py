@@ -37,7 +37,7 @@ from slt import traced as tracing
 from slt.chains import _CHECK_EVERY, Trace, chain_generators, flush_denormals
 from slt.factors import LinearFactors
 from slt.losses import LossModule
-from slt.posterior import Posterior, batch_mean
+from slt.posterior import Posterior
 from slt.samplers.base import ChainGenerators, Kernel
 from slt.samplers.mala import acceptance_probability, move_log_ratio
 from slt.traced import TracedPass, fingerprint, has_hooks
@@ -237,7 +237,7 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
         else:
             torch._foreach_add_(grads, factors.gradient_sums(index), alpha=-1.0 / index.shape[-1])
             torch._foreach_add_(grads, posterior.init_grad)
-            center_loss = batch_mean(posterior.cache_loss, index)
+            center_loss = posterior.table_loss(index)
         out.append(center_loss)
         return grads, values
 
@@ -257,7 +257,7 @@ def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,
     def step(state, batch, noise, index=None, record=None):
         center_loss = None
         if cached and index is not None:
-            center_loss = batch_mean(posterior.cache_loss, posterior.table_rows(index))
+            center_loss = posterior.table_loss(index)
         elif mode == "gradient":
             out: list[torch.Tensor] = []
             center_grad = (
