@@ -57,7 +57,14 @@ from slt.losses import LossModule
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
-from slt.vmapped import VMAP_SAMPLERS, ChainPass, Stepper, center_table, stacked
+from slt.vmapped import (
+    VMAP_SAMPLERS,
+    ChainPass,
+    Stepper,
+    center_loss_table,
+    center_table,
+    stacked,
+)
 
 _RMSPROP = inspect.signature(rmsprop_sgld).parameters  # its defaults, as SAMPLERS builds it
 _ALPHA, _EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -169,7 +176,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
     # micro-batches', the loss one from the per-sample losses), so does this step, outside
     # the graph, which then has no pass at w*.
     read = center_table(posterior) is not None
-    read_loss = posterior.control_variate == "loss" and posterior.cache_loss is not None
+    read_loss = center_loss_table(posterior)
     control_variate = "read" if read else "none" if read_loss else posterior.control_variate
     options = dict(names=names, sampler=sampler, control_variate=control_variate)
     graph = _key(posterior, sampler, num_chains, control_variate)
