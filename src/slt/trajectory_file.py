@@ -156,7 +156,10 @@ class ResultsFile:
         if contents.partial_tail:
             with open(self.path, "r+b") as f:
                 f.truncate(f.seek(0, os.SEEK_END) - contents.partial_tail)
-        stale = [r for r in contents.rows if r.get("settings_hash") != settings_hash]
+        # rows of this run's settings, or of the header's where those differ only by options
+        # added since (above)
+        ours = {settings_hash, contents.header["settings_hash"]}
+        stale = [r for r in contents.rows if r.get("settings_hash") not in ours]
         if stale:
             raise ValueError(
                 f"results file {self.path}: {len(stale)} row(s) carry a settings hash other "
