@@ -135,6 +135,8 @@ def test_module_specs_checkpoint_and_settings(user, tmp_path):
         ("--loss", "hinge", 'expected "gaussian", "cross_entropy"'),
         ("--step-size", "fast", 'expected a number or "auto"'),
         ("--step-size", "-1", "step_size must be a finite number > 0"),
+        ("--microbatch", "big", 'expected an integer >= 1, "auto" or "none", got \'big\''),
+        ("--microbatch", "0", 'expected an integer >= 1, "auto" or "none", got \'0\''),
         ("--sampler", "hmc", "sampler must be one of"),
         ("--checkpoint", "nowhere.pt", "does not exist"),
     ],
@@ -240,3 +242,7 @@ def test_microbatch_runs_and_is_recorded(user, tmp_path):
     ran = invoke(*spec, "--microbatch", "5", *TINY)  # 96 samples, batches of 32
     assert ran.exit_code == 2
     assert "microbatch must divide the number of samples (96) and the batch size (32)" in ran.output
+    for word in ("none", "auto"):  # the small model has its per-sample table: no micro-batches
+        ran = invoke(*spec, "--microbatch", word, "--out", str(out), *TINY)
+        assert ran.exit_code == 0, ran.output
+        assert slt.load(out).microbatch is None and "micro-batches" not in ran.output

@@ -244,3 +244,79 @@ def test_an_n_other_than_the_datas_size_is_taken():
     # n sets nβ and L_n's meaning; the table is over the samples the loader holds
     res = _estimate(_mlp((3, 8, 1)), _data(240, 3), microbatch=8, n=120)
     assert res.microbatch == 8 and np.isfinite(res.llc)
+
+
+def _normed(seed=0):
+    # d = 4,609 > 4,096 and a LayerNorm: neither a per-sample table nor the factors of
+    # nn.Linear layers stand in for the pass at w*, so microbatch="auto" takes micro-batches
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 64),
+        torch.nn.LayerNorm(64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 1),
+    )
+
+
+def test_auto_takes_micro_batches_where_a_pass_at_center_would_run(monkeypatch):
+    data = _data(240, 3)
+    assert _posterior(_normed(), data, "auto", batch_size=48).microbatch == 2  # the smallest
+    monkeypatch.setattr(posterior_module, "_AUTO_MAX_FLOATS", 240 // 8 * 4609)
+    p = _posterior(_normed(), data, "auto", batch_size=48)
+    assert p.microbatch == 8 and p.cache_grad.shape == (30, 4609)  # the smallest that fits
+    # at least four micro-batches a batch: 48 / 16 = 3 is too few, and nothing else fits
+    monkeypatch.setattr(posterior_module, "_AUTO_MAX_FLOATS", 240 // 16 * 4609)
+    assert _posterior(_normed(), data, "auto", batch_size=48).microbatch is None
+    assert _posterior(_normed(), data, "auto", batch_size=64).microbatch == 16
+
+
+@pytest.mark.parametrize(
+    "model, kw",
+    [
+        (lambda: _mlp((3, 8, 1)), {}),  # per-sample gradients fit a table
+        (lambda: _mlp((10, 80, 60, 1)), {}),  # d = 5,801 of nn.Linear layers: the factors
+        (_normed, dict(cv="loss")),  # the loss control variate has its per-sample table
+        (_normed, dict(cv="none")),
+        (_normed, dict(shuffle=False)),  # batches in the loader's order, as asked
+        (_normed, dict(batch_size=37)),  # no common divisor of 240 and 37
+    ],
+)
+def test_auto_leaves_batches_per_sample_elsewhere(model, kw):
+    model = model()
+    width = model[0].in_features
+    p = _posterior(model, _data(240, width), "auto", **kw)
+    assert p.microbatch is None and p.batches.groups is None
+
+
+def test_auto_is_the_default_and_equals_the_size_it_picks():
+    model, data = _normed(), _data(240, 3)
+    res = _estimate(model, data)
+    assert res.microbatch == 2 and "micro-batches of 2" in str(res)
+    np.testing.assert_array_equal(_estimate(model, data, microbatch=2).trace, res.trace)
+    plain = _estimate(model, data, microbatch=None)
+    assert plain.microbatch is None and not np.array_equal(plain.trace, res.trace)
+
+
+def test_auto_falls_back_to_the_passes_at_center():
+    # a loss that is not a mean of per-sample terms has no table: per-sample batches and a
+    # pass at w* on each, the numbers of microbatch=None, where an explicit size is refused
+    def summed(model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).sum() / 40
+
+    loader = torch.utils.data.DataLoader(_data(240, 3), batch_size=40, shuffle=True)
+    kw = dict(step_size=1e-5, num_chains=2, num_draws=30, num_burnin=0, progress=False)
+    auto = slt.estimate_llc(_normed(), loader, summed, **kw)
+    off = slt.estimate_llc(_normed(), loader, summed, microbatch=None, **kw)
+    assert auto.microbatch is None
+    np.testing.assert_array_equal(auto.trace, off.trace)
+    with pytest.raises(ValueError, match="not a mean of per-sample terms"):
+        slt.estimate_llc(_normed(), loader, summed, microbatch=2, **kw)
+
+
+@pytest.mark.parametrize("value", ["big", 0, 2.5, True])
+def test_a_microbatch_that_is_not_a_size_is_refused(value):
+    with pytest.raises(ValueError, match=r'microbatch must be "auto", None or an integer >= 1'):
+        _estimate(_mlp((3, 8, 1)), _data(240, 3), microbatch=value)

@@ -167,17 +167,20 @@ def test_a_file_from_before_an_option_was_added_resumes(ckpts, tmp_path):
     for entry in [header, *rows]:  # the hash it had: over the settings without the option
         entry["settings_hash"] = "0" * 16
     results.write_text("\n".join(json.dumps(entry) for entry in [header, *rows]) + "\n")
-    again = _run(ckpts, results=results)
+    again = _run(ckpts, results=results, microbatch=None)  # what the file's run did
     assert again.num_computed == 0 and again.num_reused == 5
     np.testing.assert_array_equal(again.llc, first.llc)
     # rows appended now carry this run's hash; the file still resumes
     extra = ckpts / "step_00099.pt"
     torch.save(h.linear().state_dict(), extra)
-    more = _run(ckpts, results=results)
+    more = _run(ckpts, results=results, microbatch=None)
     assert more.num_computed == 1 and more.num_reused == 5
-    assert _run(ckpts, results=results).num_computed == 0
+    assert _run(ckpts, results=results, microbatch=None).num_computed == 0
     with pytest.raises(SettingsChangedError, match=r"microbatch: \(absent\) -> 8"):
         _run(ckpts, results=results, microbatch=8)
+    # the default came later: "auto" is not what the file's run had
+    with pytest.raises(SettingsChangedError, match=r'microbatch: \(absent\) -> "auto"'):
+        _run(ckpts, results=results)
 
 
 def test_changed_checkpoint_is_detected(ckpts, tmp_path):

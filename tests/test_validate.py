@@ -54,6 +54,10 @@ def test_microbatch_reaches_every_case(monkeypatch, tmp_path):
     bad = runner.invoke(app, ["validate", "--no-progress", "--microbatch", "3"])
     assert bad.exit_code == 2
     assert "microbatch must divide the number of samples (1024)" in bad.output
+    off = runner.invoke(app, ["validate", "--out", str(tmp_path), "--no-progress",
+                              "--microbatch", "none"])  # fmt: skip
+    assert off.exit_code == 0, off.output
+    assert json.loads((tmp_path / "table.json").read_text())["meta"]["microbatch"] is None
 
 
 def test_targets_for_singular_cases():

@@ -24,3 +24,12 @@ def integer(name: str, value, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def microbatch(value):
+    """The ``microbatch`` argument: ``"auto"``, None, or an int >= 1."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f'microbatch must be "auto", None or an integer >= 1, got {value!r}')
+    return int(value)

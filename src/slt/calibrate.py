@@ -160,7 +160,7 @@ def calibrate(
     grid_chains: int = 4,
     grid_draws: int = 1000,
     params=None,
-    microbatch: int | None = None,
+    microbatch: int | str | None = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationResult:
@@ -184,7 +184,8 @@ def calibrate(
 
     ``microbatch`` draws the pilots' batches as whole micro-batches and reads their control
     variates from a table, as :func:`slt.estimate_llc` does with it (the same partition for
-    the same ``seed``), so the pilots sample the estimate's own chain.
+    the same ``seed``; "auto", the default, where it would), so the pilots sample the
+    estimate's own chain.
 
     Examples
     --------
@@ -199,8 +200,7 @@ def calibrate(
     from slt.sampling import build_posterior, sample_llc
 
     start = time.perf_counter()
-    if microbatch is not None:
-        microbatch = _checks.integer("microbatch", microbatch, minimum=1)
+    microbatch = _checks.microbatch(microbatch)
     gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)
     if gammas is not None or nbetas is not None:
         options = dict(step_sizes=step_sizes, n=n, sampler=sampler,

@@ -14,6 +14,7 @@ from slt.cli_inputs import (
     _loss,
     _LossSpec,
     _ModelSpec,
+    _parse_microbatch,
     _parse_step_size,
 )
 
@@ -38,17 +39,17 @@ _VALIDATE_STEP = typer.Option(
 
 
 _VALIDATE_MICROBATCH = typer.Option(
-    None,
-    min=1,
+    "auto",
     help="Draw every case's batches as whole micro-batches of this many samples, "
-    "the control variates from their table (as `slt llc --microbatch`).",
+    'the control variates from their table (as `slt llc --microbatch`); "auto" as '
+    'estimate_llc decides per case, "none" never.',
 )
 
 
 @app.command()
 def validate(
     out: Path = _OUT, seed: int = _SEED, step_size: str | None = _VALIDATE_STEP,
-    microbatch: int | None = _VALIDATE_MICROBATCH, progress: bool = _PROGRESS,
+    microbatch: str = _VALIDATE_MICROBATCH, progress: bool = _PROGRESS,
 ) -> None:  # fmt: skip
     """Estimate λ on models whose answer is known and print the table; exit 1 on a miss."""
     from slt.validate import validate as run
@@ -56,7 +57,8 @@ def validate(
     if step_size not in (None, "auto"):
         raise typer.BadParameter(f'--step-size must be "auto" or absent, got {step_size!r}')
     try:
-        rows = run(out=out, seed=seed, step_size=step_size, microbatch=microbatch,
+        rows = run(out=out, seed=seed, step_size=step_size,
+                   microbatch=_parse_microbatch(microbatch),
                    progress=progress)  # fmt: skip
     except ValueError as err:  # e.g. a microbatch that does not divide a case's n
         typer.echo(f"Error: {err}", err=True)
@@ -105,9 +107,10 @@ _COMPILE = typer.Option(
     "used): seconds of compiling once per model shape, then faster steps.",
 )  # fmt: skip
 _MICROBATCH = typer.Option(
-    None, min=1, help="Draw batches as whole micro-batches of this many samples and read the "
+    "auto", help="Draw batches as whole micro-batches of this many samples and read the "
     "control variates from a table over them (see estimate_llc's microbatch; a "
-    "TensorDataset only).",
+    'TensorDataset only); "auto" (default) where the gradient control variate would '
+    'otherwise run a pass at w* on every batch, "none" never.',
 )  # fmt: skip
 _LLC_OUT = typer.Option(Path("llc.nc"), help="netCDF file for the result (slt.load reads it).")
 
@@ -137,7 +140,7 @@ def llc(
     seed: int = _LLC_SEED,
     chain_method: str = _CHAIN_METHOD,
     compile: bool = _COMPILE,
-    microbatch: int | None = _MICROBATCH,
+    microbatch: str = _MICROBATCH,
     out: Path = _LLC_OUT,
     progress: bool = _PROGRESS,
 ) -> None:
@@ -175,7 +178,7 @@ def llc(
             seed=seed,
             chain_method=_chain_method(chain_method, compile),
             compile=compile,
-            microbatch=microbatch,
+            microbatch=_parse_microbatch(microbatch),
             progress=progress,
         )
     except (ValueError, TypeError, slt.DivergenceError) as err:
@@ -226,7 +229,7 @@ def trajectory(
     seed: int = _LLC_SEED,
     chain_method: str = _CHAIN_METHOD,
     compile: bool = _COMPILE,
-    microbatch: int | None = _MICROBATCH,
+    microbatch: str = _MICROBATCH,
     results: Path = _RESULTS,
     executor: str = _EXECUTOR,
     max_workers: int | None = _WORKERS,
@@ -254,7 +257,7 @@ def trajectory(
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
             sampler=sampler, control_variate=control_variate, seed=seed,
             chain_method=_chain_method(chain_method, compile), compile=compile,
-            microbatch=microbatch,
+            microbatch=_parse_microbatch(microbatch),
         )  # fmt: skip
     except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError) as err:
         text = str(err).replace("overwrite=True", "--overwrite")

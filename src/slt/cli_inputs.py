@@ -54,6 +54,21 @@ def _parse_step_size(text: str) -> float | str:
         ) from None
 
 
+def _parse_microbatch(text: str) -> int | str | None:
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        value = int(word)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise typer.BadParameter(
+            f'expected an integer >= 1, "auto" or "none", got {text!r}', param_hint="--microbatch"
+        )
+    return value
+
+
 def _resolve(spec: str, option: str):
     """The object named by "pkg.module:attr" or "path/to/file.py:attr" (attr may be dotted)."""
     import importlib

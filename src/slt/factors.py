@@ -88,7 +88,7 @@ class LinearFactors:
         return out  # type: ignore[return-value]
 
 
-def _owners(posterior: Posterior) -> dict[str, dict[str, int]] | None:
+def linear_owners(posterior: Posterior) -> dict[str, dict[str, int]] | None:
     """{layer name: {"weight"/"bias": index among the sampled parameters}}, or None where a
     sampled parameter is not the weight or bias of an ``nn.Linear``."""
     modules = dict(posterior.reference.named_modules())
@@ -104,7 +104,7 @@ def _owners(posterior: Posterior) -> dict[str, dict[str, int]] | None:
 def record_factors(posterior: Posterior, tensors: Sequence[torch.Tensor]) -> LinearFactors | None:
     """The factors of every sample in ``tensors`` (the dataset, in index order) at w*, or
     None where they do not apply, would exceed :data:`BUDGET` numbers, or fail the check."""
-    owners = _owners(posterior)
+    owners = linear_owners(posterior)
     if owners is None:
         return None
     n = tensors[0].shape[0]

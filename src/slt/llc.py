@@ -50,7 +50,7 @@ def estimate_llc(
     params=None,
     chain_method: str = "auto",
     compile: bool = False,
-    microbatch: int | None = None,
+    microbatch: int | str | None = "auto",
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w*.
 
@@ -101,7 +101,7 @@ def estimate_llc(
         "loss": only subtract L_B(w*) (one extra forward pass per step); this cuts the
         spread of the per-draw λ̂, and the standard error where minibatch noise dominates
         it. "none": plain SGLD, λ̂ = nβ (mean_t L_{B_t}(w_t) - L_n(w*)).
-    microbatch : int, optional
+    microbatch : int, "auto" or None
         Draw each minibatch as ``batch_size / microbatch`` whole micro-batches of a random
         partition of the data into groups of ``microbatch`` samples (drawn once from
         ``seed``; the groups are shuffled each epoch), so that the control variate reads
@@ -113,7 +113,13 @@ def estimate_llc(
         ((n / microbatch) × parameters numbers) must fit 2**24 numbers, and the loss must be
         a mean of per-sample terms; a ``DataLoader`` over a ``TensorDataset`` only. The
         compiled step (``compile=True``) and ``step_size="auto"``'s pilot chains read the
-        same table. Default None: batches as the loader shuffles them.
+        same table. "auto" (default): micro-batches only where the gradient control variate
+        would otherwise run a pass at w* on every batch (a shuffled ``TensorDataset``, more
+        than 4,096 parameters and not all of them in ``nn.Linear`` layers: attention, layer
+        norms, convolutions), of the smallest size whose table fits 2**22 numbers with at
+        least four micro-batches a batch; elsewhere, or where the table cannot be built,
+        per-sample batches as None. The result's ``microbatch`` says which ran. None:
+        batches as the loader shuffles them.
     seed : int
         Chains are seeded from ``(seed, chain)``: the same seed gives the same numbers.
     progress : bool
@@ -210,8 +216,7 @@ def estimate_llc(
         raise ValueError(
             f'compile=True needs chain_method="vmap", got chain_method={chain_method!r}'
         )
-    if microbatch is not None:
-        microbatch = _checks.integer("microbatch", microbatch, minimum=1)
+    microbatch = _checks.microbatch(microbatch)
     if record not in ("loss", "per_sample"):
         raise ValueError(f'record must be "loss" or "per_sample", got {record!r}')
     record_every = _checks.integer("record_every", record_every, minimum=1)

@@ -24,7 +24,7 @@ import torch
 from slt import _checks, attention
 from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size, dataset_size
-from slt.factors import LinearFactors, record_factors
+from slt.factors import LinearFactors, linear_owners, record_factors
 from slt.losses import LossFn, LossModule, unsqueeze
 
 ControlVariate = Literal["loss", "gradient", "none"]
@@ -34,6 +34,10 @@ _CACHE_MAX_PARAMS = 4096  # beyond this, gathering a batch's rows costs about a 
 # autograd temporaries set the first call's peak, +31 / +40 / +59 MB at 64 / 128 / 256
 # samples (the table itself 18 MB), for 1.23 / 0.95 / 0.86 s of building
 _GROUP_CHUNK = 128
+# microbatch="auto": the table's budget (16 MB of float32: why in the README, "Micro-batches")
+# and the fewest micro-batches a batch may be drawn as
+_AUTO_MAX_FLOATS = 2**22
+_AUTO_MIN_GROUPS = 4
 CONTROL_VARIATES = ("loss", "gradient", "none")
 
 _STOCHASTIC_IN_TRAIN = (
@@ -137,7 +141,9 @@ class Posterior:
         micro-batch (built here, one pass) instead of a pass at w* on every batch. It must
         divide n and the batch size, the table must fit ``_CACHE_MAX_FLOATS`` numbers, and
         the loss must be a mean of per-sample terms; ``DataLoader`` over a
-        ``TensorDataset`` only, not with ``full_batch``.
+        ``TensorDataset`` only, not with ``full_batch``. "auto": a size where the gradient
+        control variate would otherwise run a pass at w* on every batch, else None
+        (:meth:`_auto_microbatch`); :attr:`microbatch` is the size taken.
     seed : int
         Seed of the partition into micro-batches.
     full_batch : bool
@@ -160,7 +166,7 @@ class Posterior:
         full_batch: bool = False,
         prior_mean: float | None = None,
         params: ParamSelection = None,
-        microbatch: int | None = None,
+        microbatch: int | str | None = None,
         seed: int = 0,
     ):
         if control_variate not in CONTROL_VARIATES:
@@ -205,6 +211,10 @@ class Posterior:
         self.loss_fn = loss_fn
         self.batches = BatchStream(loader, self.device)
         self.full_data = self.batches.full_batch() if full_batch else None
+        microbatch = _checks.microbatch(microbatch)
+        auto = microbatch == "auto"
+        if auto:
+            microbatch = self._auto_microbatch()
         # With micro-batches, L_n(w*) and ∇L_n(w*) are the means of their tables' rows (the
         # groups partition the data): the pass over the data is left to the tables (_group)
         from_table = (microbatch is not None and control_variate != "none"
@@ -227,7 +237,12 @@ class Posterior:
         self._cache_built = False  # built on first use: the vmapped step does not need it
         self.microbatch = None
         if microbatch is not None:
-            self._group(_checks.integer("microbatch", microbatch, minimum=1), seed)
+            try:
+                self._group(microbatch, seed)
+            except ValueError:
+                if not auto:
+                    raise
+                self._ungroup()  # e.g. a model torch.func cannot vmap: the passes at w*
 
     def stream(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
         """The (batch, sample indices) of one chain: minibatches drawn with ``generator``
@@ -236,6 +251,38 @@ class Posterior:
         if self.full_data is not None:
             return itertools.repeat((self.full_data, None))
         return self.batches.forever(generator, indexed=True)
+
+    def _auto_microbatch(self) -> int | None:
+        """``microbatch="auto"``: the micro-batch size where the gradient control variate
+        would otherwise run a forward and backward pass at w* on every batch, else None.
+
+        That is where the data's tensors are known and shuffled per sample, and neither a
+        per-sample gradient table (:attr:`gradient_table_fits`) nor the factors of
+        ``nn.Linear`` layers (:mod:`slt.factors`) can stand in for the pass: a model with
+        attention, normalisation or convolutions and more than ``_CACHE_MAX_PARAMS``
+        parameters. The size is the smallest common divisor m >= 2 of the data's size and
+        the batch size whose table ((data / m) × d numbers) fits ``_AUTO_MAX_FLOATS``,
+        with at least ``_AUTO_MIN_GROUPS`` micro-batches in a batch; None if there is
+        none."""
+        tensors, bs = self.batches.tensors, getattr(self.batches.loader, "batch_size", None)
+        if (self.control_variate != "gradient" or self.full_data is not None or tensors is None
+                or not self.batches.shuffle or not bs):  # fmt: skip
+            return None
+        rows, d = tensors[0].shape[0], self.num_params
+        per_sample = rows * d <= _CACHE_MAX_FLOATS and d <= _CACHE_MAX_PARAMS
+        if per_sample or linear_owners(self) is not None:
+            return None  # the per-sample table, or perhaps the factors
+        for m in range(2, bs // _AUTO_MIN_GROUPS + 1):
+            if rows % m == 0 and bs % m == 0 and rows // m * d <= _AUTO_MAX_FLOATS:
+                return m
+        return None
+
+    def _ungroup(self) -> None:
+        """Undo :meth:`_group` after it failed for ``microbatch="auto"``: batches per
+        sample, and the pass over the data at w* the tables were to stand for."""
+        self.batches.groups, self.microbatch, self._cache_built = None, None, False
+        if self.init_loss is None:
+            self.init_loss, _, self.init_grad = self._full_loss_at_center()
 
     def _group(self, size: int, seed: int) -> None:
         """Micro-batches of ``size`` samples (the ``microbatch`` argument): the partition,

@@ -216,8 +216,10 @@ def llc_trajectory(
     file = None
     if results is not None:
         file = ResultsFile(results)
+        # a file from before an option was added ran what the option's absence meant
+        absent = _jsonable(defaults | _BEFORE_ADDED)
         for row in file.open(identity, settings_hash, overwrite=overwrite,
-                             defaults={"estimate_llc": _jsonable(defaults)}):  # fmt: skip
+                             defaults={"estimate_llc": absent}):  # fmt: skip
             done[row["label"]] = row
     rows: dict[str, dict] = {}
     todo = []
@@ -312,6 +314,11 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"checkpoint {label!r} does not fit the model: {err}") from None
+
+
+# estimate_llc's options whose default is not what a file written before they existed ran:
+# microbatch came with the default None (per-sample batches), now "auto"
+_BEFORE_ADDED = {"microbatch": None}
 
 
 def estimate_llc_defaults() -> dict:

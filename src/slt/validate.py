@@ -90,7 +90,7 @@ def run_case(
     *,
     seed: int = 0,
     step_size: float | str | None = None,
-    microbatch: int | None = None,
+    microbatch: int | str | None = "auto",
 ) -> Row:
     """Estimate λ on one case with its recommended settings (``step_size`` overrides ε;
     "auto" calibrates it; ``microbatch`` is passed to :func:`slt.estimate_llc`)."""
@@ -182,14 +182,15 @@ def validate(
     out: str | Path | None = None,
     seed: int = 0,
     step_size: float | str | None = None,
-    microbatch: int | None = None,
+    microbatch: int | str | None = "auto",
     progress: bool = True,
 ) -> list[Row]:
     """Run the known-answer cases, print the table, and write ``table.json`` and
     ``validate.png`` to ``out`` (if given). ``step_size="auto"`` replaces every case's
     recommended ε by calibration; ``microbatch=m`` draws every case's batches as whole
     micro-batches of m samples with the control variates from their table (m must divide
-    every case's n and batch size). Returns the rows; all passed iff every ``row.passed``."""
+    every case's n and batch size; "auto", the default, as :func:`slt.estimate_llc` decides
+    per case, None never). Returns the rows; all passed iff every ``row.passed``."""
     cases = default_cases() if cases is None else cases
     rows: list[Row] = []
     start = time.perf_counter()
@@ -199,7 +200,7 @@ def validate(
         rows.append(run_case(case, seed=seed, step_size=step_size, microbatch=microbatch))
     bar.close()
     total = time.perf_counter() - start
-    if microbatch is not None:
+    if microbatch not in (None, "auto"):
         print(f"microbatch={microbatch}: batches of whole micro-batches, control variates "
               "from their table")  # fmt: skip
     print(format_table(rows))
