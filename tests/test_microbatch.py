@@ -320,3 +320,18 @@ def test_auto_falls_back_to_the_passes_at_center():
 def test_a_microbatch_that_is_not_a_size_is_refused(value):
     with pytest.raises(ValueError, match=r'microbatch must be "auto", None or an integer >= 1'):
         _estimate(_mlp((3, 8, 1)), _data(240, 3), microbatch=value)
+
+
+@pytest.mark.parametrize("cv", ["gradient", "loss"])
+def test_large_micro_batches_are_tabled_by_a_pass_each(monkeypatch, cv):
+    # from _GROUP_PASS_MIN samples a micro-batch's row comes from a plain pass over it, not
+    # from a vmapped one: the same table up to rounding
+    data = _data(240, 3)
+    monkeypatch.setattr(posterior_module, "_GROUP_PASS_MIN", 8)
+    passes = _posterior(_normed(), data, microbatch=8, batch_size=48, cv=cv)
+    monkeypatch.setattr(posterior_module, "_GROUP_PASS_MIN", 9)
+    vmapped = _posterior(_normed(), data, microbatch=8, batch_size=48, cv=cv)
+    torch.testing.assert_close(passes.cache_loss, vmapped.cache_loss, rtol=1e-5, atol=1e-6)
+    if cv == "gradient":
+        torch.testing.assert_close(passes.cache_grad, vmapped.cache_grad, rtol=1e-4, atol=1e-6)
+    assert passes.init_loss == pytest.approx(vmapped.init_loss, rel=1e-6)
