@@ -88,6 +88,12 @@ def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection
     return chosen
 
 
+def _per_sample_table_fits(n: int, d: int) -> bool:
+    """Whether per-sample gradients at w* of ``n`` samples and ``d`` parameters are tabled:
+    at most ``_CACHE_MAX_PARAMS`` parameters and ``_CACHE_MAX_FLOATS`` numbers."""
+    return n * d <= _CACHE_MAX_FLOATS and d <= _CACHE_MAX_PARAMS
+
+
 def _finite_loss(value: float) -> float:
     """L_n(w*), unless it is NaN or infinite."""
     if not math.isfinite(value):
@@ -240,7 +246,7 @@ class Posterior:
             self.anchor = {k: torch.full_like(v, mean) for k, v in self.center.items()}
         self.prior_mean = prior_mean
         self._cache_built = False  # built on first use: the vmapped step does not need it
-        self.microbatch = None
+        self.microbatch = self._group_of = None  # (n,) sample -> its micro-batch (_group)
         if microbatch is not None:
             try:
                 self._group(microbatch, seed)
@@ -273,9 +279,8 @@ class Posterior:
         if (self.control_variate != "gradient" or self.full_data is not None or tensors is None
                 or not self.batches.shuffle or not bs):  # fmt: skip
             return None
-        rows, d = tensors[0].shape[0], self.num_params
-        per_sample = rows * d <= _CACHE_MAX_FLOATS and d <= _CACHE_MAX_PARAMS
-        if per_sample or linear_owners(self) is not None:
+        rows, d = tensors[0].shape[0], self.num_params  # (self.n is not known yet)
+        if _per_sample_table_fits(rows, d) or linear_owners(self) is not None:
             return None  # the per-sample table, or perhaps the factors
         for m in range(2, bs // _AUTO_MIN_GROUPS + 1):
             if rows % m == 0 and bs % m == 0 and rows // m * d <= _AUTO_MAX_FLOATS:
@@ -285,7 +290,8 @@ class Posterior:
     def _ungroup(self) -> None:
         """Undo :meth:`_group` after it failed for ``microbatch="auto"``: batches per
         sample, and the pass over the data at w* the tables were to stand for."""
-        self.batches.groups, self.microbatch, self._cache_built = None, None, False
+        self.batches.groups, self.microbatch, self._group_of = None, None, None
+        self._cache_built = False
         if self.init_loss is None:
             self.init_loss, _, self.init_grad = self._full_loss_at_center()
 
@@ -374,10 +380,9 @@ class Posterior:
     def gradient_table_fits(self) -> bool:
         """Whether per-sample gradients at w* would be tabled (:meth:`_build_cache`): at
         most ``_CACHE_MAX_PARAMS`` parameters and ``_CACHE_MAX_FLOATS`` numbers."""
-        d = self.num_params
         if self.microbatch is not None:  # checked against the budget by _group
             return True
-        return self.n * d <= _CACHE_MAX_FLOATS and d <= _CACHE_MAX_PARAMS
+        return _per_sample_table_fits(self.n, self.num_params)
 
     def _build_cache(self) -> None:
         """Per-sample losses (and gradients) at w* of every sample, so that the control
