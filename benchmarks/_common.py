@@ -114,6 +114,22 @@ def machine_speed(steps: int = 200, fills: int = 5) -> dict[str, float]:
             "fresh_memory_ms": statistics.median(fill_s) * 1e3}  # fmt: skip
 
 
+def noise_draw_us(num_params: int, repeats: int = 50) -> float:
+    """Median µs to draw ``num_params`` standard normals from a ``torch.Generator`` into a
+    buffer reused from draw to draw: what every SGLD step must draw (slt's and devinterp's
+    alike) and a plain SGD step does not. On CPU the generator (mt19937) runs on one thread,
+    so on a large model it is a fixed share of the step that no implementation avoids."""
+    generator = torch.Generator().manual_seed(0)
+    buffer = torch.empty(num_params)
+    torch.randn(buffer.shape, generator=generator, out=buffer)  # first touch of the buffer
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.randn(buffer.shape, generator=generator, out=buffer)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
 def one_thread_header() -> str:
     """Sets torch to one thread and returns the line a benchmark's table starts with: the
     time (UTC), torch's version, the CPU and the thread count."""

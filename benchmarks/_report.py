@@ -68,9 +68,10 @@ def summary(results: list[dict]) -> str:
     """Per case: the figures the issue sets targets for."""
     rows = [
         "| case | devinterp llc() ÷ slt per estimate: defaults / plain SGLD (target) "
-        "| slt(none, loop) step ÷ SGD step (≤ 1.1) | slt fixed ms per chain (≤ 50) "
+        "| slt(none, loop) step ÷ SGD step (≤ 1.1) | ÷ (SGD step + noise draw) "
+        "| slt fixed ms per chain (≤ 50) "
         "| peak +MB slt defaults / plain / devinterp llc(): first call (again) |",
-        "|---|---|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for res in results:
         ms = res["methods"]
@@ -80,6 +81,7 @@ def summary(results: list[dict]) -> str:
             for name in ("slt", "slt-plain")
         ]
         step = _num(_field(ms, "slt-none", "x_sgd_step"), ".2f")
+        floor = _num(_field(ms, "slt-none", "x_sgld_floor"), ".2f")
         fixed = _field(ms, "slt", "fixed_ms")
         fixed = _num(None if fixed is None else fixed / res["run"]["num_chains"], ".1f")
         mem = " / ".join(
@@ -87,9 +89,10 @@ def summary(results: list[dict]) -> str:
         )
         rows.append(
             f"| {res['case']} {res['run_label']} | {ratio[0]}× / {ratio[1]}× ({target}×) "
-            f"| {step} | {fixed} | {mem} |"
+            f"| {step} | {floor} | {fixed} | {mem} |"
         )
     lines = ["\n".join(rows), ""]
+    lines += [line for line in map(sgld_floor, results) if line]
     for res in results:
         ms = res["methods"]
         if "slt-compiled" not in ms:
@@ -130,6 +133,31 @@ def summary(results: list[dict]) -> str:
             )
             lines.append(f"Here, on {res['case']} {res['run_label']}: {here}.")
     return "\n".join(lines)
+
+
+def sgld_floor(res: dict) -> str:
+    """One line: the least a chain-step of SGLD costs here — an SGD step plus the draw of d
+    normals, which every SGLD step makes and an SGD step does not — and how much faster
+    than devinterp ``llc()`` an estimate at that cost per step, with no fixed cost, would
+    be: the most any SGLD stepping one chain at a time can gain on the case ("" where the
+    run lacks the SGD row, devinterp or the draw's timing)."""
+    ms, noise = res["methods"], res.get("noise_us")
+    sgd = _field(ms, "sgd", "us_per_step")
+    devinterp = _field(ms, "devinterp-llc", "median_call_s")
+    if None in (noise, sgd, devinterp):
+        return ""
+    run = res["run"]
+    steps = run["num_chains"] * (run["num_burnin"] + run["num_draws"])
+    floor_s = steps * (sgd + noise) * 1e-6
+    ours = " / ".join(_num(_field(ms, name, "devinterp_llc_over_this"), RATIO)
+                      for name in ("slt", "slt-plain"))  # fmt: skip
+    return (
+        f"SGLD floor on {res['case']}: an SGD step {sgd:.0f} µs + a draw of "
+        f"{res['num_params']:,} normals {noise:.0f} µs per chain-step; {steps:,} of them take "
+        f"{floor_s:.3g} s, devinterp llc() {devinterp:.3g} s: {devinterp / floor_s:{RATIO}}×, "
+        f"the most an SGLD stepping one chain at a time could gain on it (slt defaults / plain "
+        f"SGLD {ours}×; batching chains can go below the floor)."
+    )
 
 
 # a case with a machine figure over this many times the run's lowest ran in a slow spell

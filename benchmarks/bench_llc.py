@@ -50,7 +50,7 @@ import _devinterp  # noqa: E402
 import _memory  # noqa: E402
 import cases  # noqa: E402
 import slt  # noqa: E402
-from _common import Run, machine_speed, minibatches  # noqa: E402
+from _common import Run, machine_speed, minibatches, noise_draw_us  # noqa: E402
 from _report import cpu_model, markdown, summary  # noqa: E402
 
 THREADS = 1
@@ -165,6 +165,7 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
     nbeta = nbeta_of(case)
     _devinterp.check_per_sample_loss(case)
     machine = {"before": machine_speed()}
+    noise_us = noise_draw_us(case.num_params)
     one_step = run.short(1)
     warm_up_s = {}
     for name in names if warm_up else ():  # imports, allocator, first-call costs, compiling
@@ -207,9 +208,10 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
             m["devinterp_llc_over_this"] = devinterp / m["median_call_s"]
         if "sgd" in out:
             m["x_sgd_step"] = m["us_per_step"] / out["sgd"]["us_per_step"]
+            m["x_sgld_floor"] = m["us_per_step"] / (out["sgd"]["us_per_step"] + noise_us)
     return {"case": case.name, "num_params": case.num_params, "n": case.n, "nbeta": nbeta,
             "lam": case.lam, "run": run.__dict__, "run_label": run.label(),
-            "machine": machine, "methods": out}  # fmt: skip
+            "machine": machine, "noise_us": noise_us, "methods": out}  # fmt: skip
 
 
 def parse(argv):

@@ -37,7 +37,7 @@ def test_targets_row_shows_first_and_repeated_call_memory():
               {"increase_mb": 2.6, "repeat_increase_mb": 0.1}]  # fmt: skip
     row = report.summary([_result(memory)]).splitlines()[2]
     # three significant figures: 4.96 against a target of 5 must not print as 5
-    assert "| 4.96× / 8.04× (≥ 5×) | 0.95 | 2.0 | 8 (0) / 4 (0) / 3 (0) |" in row
+    assert "| 4.96× / 8.04× (≥ 5×) | 0.95 | — | 2.0 | 8 (0) / 4 (0) / 3 (0) |" in row
 
 
 def test_targets_row_without_a_memory_pass_or_a_repeat():
@@ -103,3 +103,33 @@ def test_the_micro_batch_rows_get_their_lines():
         "devinterp llc() ÷ slt per estimate 4.96× against 0.5× with microbatch=None (a pass "
         "at w* per step)."
     ]
+
+
+def test_sgld_floor_column_and_line():
+    report = _report()
+    res = _result(None)
+    assert "SGLD floor" not in report.summary([res])  # no SGD row, no draw timed
+    res["run"] = {"num_chains": 2, "num_burnin": 20, "num_draws": 100}
+    res["noise_us"] = 2400.0
+    res["methods"]["sgd"] = {**_method(None), "us_per_step": 5600.0}
+    res["methods"]["devinterp-llc"]["median_call_s"] = 4.8
+    res["methods"]["slt-none"]["x_sgld_floor"] = 1.04
+    lines = report.summary([res]).splitlines()
+    assert "| 4.96× / 8.04× (≥ 5×) | 0.95 | 1.04 | 4.0 |" in lines[2]
+    # 240 chain-steps × (5600 + 2400) µs = 1.92 s; 4.8 / 1.92 = 2.5
+    floor = [x for x in lines if x.startswith("SGLD floor")]
+    assert floor == [
+        "SGLD floor on relu_mlp(20-100-80-1): an SGD step 5600 µs + a draw of 10,261 normals "
+        "2400 µs per chain-step; 240 of them take 1.92 s, devinterp llc() 4.8 s: 2.5×, the "
+        "most an SGLD stepping one chain at a time could gain on it (slt defaults / plain "
+        "SGLD 4.96 / 8.04×; batching chains can go below the floor)."
+    ]
+
+
+def test_noise_draw_is_timed():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import noise_draw_us
+    finally:
+        sys.path.remove(str(BENCH))
+    assert 0 < noise_draw_us(1000, repeats=3) < 1e5
