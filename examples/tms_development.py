@@ -22,7 +22,7 @@ half-learned columns), a second plateau, and a drop to a 5-gon. This script
    places them on a phase diagram of F_n against n (:func:`slt.phase_diagram`);
 5. writes ``tms_development.png`` and ``table.txt`` to ``--out``.
 
-    python examples/tms_development.py                # about 1 minute on 2 cores
+    python examples/tms_development.py                # about 25 s on 2 cores
     python examples/tms_development.py --executor process
 
 Every number comes from seeds set here, so a rerun reproduces the picture and the table.

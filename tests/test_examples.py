@@ -1,5 +1,5 @@
 """examples/: the scripts the README tells users to run still run, end to end, on a
-shortened training run (the full one is the README's ~1 minute)."""
+shortened training run (the full one takes ~25 s)."""
 
 import subprocess
 import sys
