@@ -445,6 +445,9 @@ class Posterior:
         vmapped call, written into the tables as they come (no second copy of the table);
         micro-batches of ``_GROUP_PASS_MIN`` samples or more by a pass each
         (:meth:`_group_passes`)."""
+        grouped = groups is not None
+        if grouped and groups.shape[1] >= _GROUP_PASS_MIN:
+            return self._group_passes(tensors, want_grad, groups)
         from torch.func import functional_call, grad_and_value, vmap
 
         module = LossModule(self.reference, self.loss_fn, attention=self.attention)
@@ -455,9 +458,6 @@ class Posterior:
             swapped = {f"model.{n}": params[n] for n in names}
             return functional_call(module, swapped, (sample if grouped else unsqueeze(sample),))
 
-        grouped = groups is not None
-        if grouped and groups.shape[1] >= _GROUP_PASS_MIN:
-            return self._group_passes(tensors, want_grad, groups)
         if grouped:  # (n/m, m, ...): a micro-batch per row
             tensors = [t[groups] for t in tensors]
             chunk = max(1, min(chunk, _GROUP_CHUNK) // groups.shape[1])
