@@ -133,3 +133,11 @@ def test_llc_vs_nbeta_rescales_the_step_and_tracks_the_gaussian_target():
         expected = 0.5 * float(np.sum(nb * q / (p * (1 - eps * p / 4))))
         assert abs(llc - expected) < 4 * se + 0.02 * expected
     assert "nβ" in str(sweep) and len(sweep.relative_change) == 1
+
+
+@pytest.mark.parametrize("nbetas", [100.0, [], [10.0, -1.0], "many", [[10.0, 20.0]]])
+def test_llc_vs_nbeta_names_a_bad_grid(nbetas):
+    case = slt.zoo.regular(1, n=32)
+    with pytest.raises(ValueError, match="nbetas must be a sequence of finite numbers > 0"):
+        slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, nbetas=nbetas,
+                         step_size=1e-3, progress=False)  # fmt: skip

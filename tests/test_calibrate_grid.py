@@ -68,9 +68,39 @@ def test_nbeta_grid_takes_the_smallest_nbeta_where_llc_has_levelled_off(regressi
         ({"nbeta": [10.0, 0.0]}, ValueError, "nbeta as a grid"),
         ({"nbeta": [10.0, 10.0]}, ValueError, "repeated"),
         ({"localization": "large"}, TypeError, "localization must be a number"),
+        ({"localization": [1.0, True]}, TypeError, "localization as a grid must hold numbers"),
+        ({"num_candidates": 0}, ValueError, "num_candidates must be an integer >= 1, got 0"),
+        ({"max_stiff_bias": 0.0}, ValueError, "max_stiff_bias must be .* > 0 and < 1, got 0.0"),
+        ({"max_stiff_bias": -0.01}, ValueError, "max_stiff_bias must be .* > 0"),
+        ({"min_acceptance": 2.0}, ValueError, "min_acceptance must be .* <= 1, got 2.0"),
+        ({"flat_tolerance": -1.0}, ValueError, "flat_tolerance must be .* > 0, got -1.0"),
+        ({"num_draws": 0}, ValueError, "num_draws must be an integer >= 4, got 0"),
+        ({"max_pilot_steps": 0}, ValueError, "max_pilot_steps must be an integer >= 1"),
+        ({"grid_draws": 1}, ValueError, "grid_draws must be an integer >= 4"),
     ],
 )
 def test_bad_grids_are_refused_by_name(regression, kwargs, error, match):
     model, loader, _ = regression
     with pytest.raises(error, match=match):
         slt.calibrate(model, loader, slt.gaussian_nll(1.0), progress=False, **kwargs)
+
+
+def test_numpy_scalars_and_arrays_are_a_value_and_a_grid(regression):
+    # a numpy scalar or 0-d array is one value, as in estimate_llc; a 1-d array is a grid
+    from slt.calibrate_grid import as_grid
+
+    for value in (np.float32(1.0), np.int64(1), np.array(100.0), 3, 2.5):
+        assert as_grid("nbeta", value) is None
+    assert as_grid("localization", np.geomspace(1, 100, 3)) == [1.0, 10.0, 100.0]
+    model, loader, _ = regression
+    one = dict(step_sizes=[1e-4], num_draws=20, num_burnin=5, progress=False)
+    plain = slt.calibrate(model, loader, slt.gaussian_nll(1.0), localization=1.0, nbeta=50.0,
+                          **one)  # fmt: skip
+    numpy = slt.calibrate(model, loader, slt.gaussian_nll(1.0), localization=np.array(1.0),
+                          nbeta=np.float32(50.0), **one)  # fmt: skip
+    assert (numpy.localization, numpy.nbeta, numpy.step_size) == (
+        plain.localization,
+        plain.nbeta,
+        plain.step_size,
+    )
+    assert numpy.candidates[0].llc == plain.candidates[0].llc

@@ -100,3 +100,6 @@ def test_bad_input_is_named():
         estimate_lambda_m(NBETA, X, np.zeros(len(X)))
     with pytest.raises(ValueError, match="order"):
         estimate_lambda_m(NBETA, X, order=3)
+    for order in (2.0, True):  # not an int 1 or 2: named, not a slicing error or order 1
+        with pytest.raises(ValueError, match=f"order must be 1 or 2, got {order!r}"):
+            estimate_lambda_m(NBETA, X, order=order)

@@ -226,6 +226,13 @@ def test_bad_arguments_are_named():
         quadrature_free_energy(sq, n=10, dim=4)
     with pytest.raises(ValueError, match="bounds"):
         quadrature_free_energy(sq, n=10, dim=1, bounds=[[1.0, -1.0]])
+    # (2, d) for d = 3 is not the box (d, 2): refused, not reshaped into another box
+    with pytest.raises(ValueError, match=r"bounds must be finite \(3, 2\) rows"):
+        quadrature_free_energy(sq, n=10, dim=3, bounds=[[-1.0, -2.0, -3.0], [1.0, 2.0, 3.0]])
+    # NaN is not zero mass: the integral is undefined there, and the error says where
+    half_nan = lambda w: torch.where(w[:, 0] > 0, torch.nan, w[:, 0] ** 2 / 2)  # noqa: E731
+    with pytest.raises(ValueError, match="nll returned NaN at .* points"):
+        quadrature_free_energy(half_nan, n=100, dim=1)
     with pytest.raises(ValueError, match="prior_std"):
         quadrature_free_energy(sq, n=10, dim=1, prior_std=0.0)
     with pytest.raises(ValueError, match="shape"):

@@ -127,6 +127,17 @@ def test_weights_integrate_the_ladder_and_the_error_estimate_sees_a_coarse_ladde
         assert abs(value - exact) <= estimate  # the estimate bounds the actual error here
         errors.append(abs(value - exact))
     assert errors[0] > 3 * errors[1] > 9 * errors[2] > 27 * errors[3]  # second order
+
+    # an even number of rungs above β₁ leaves one interval unpaired; the estimate still
+    # sees each interval (here, 4 rungs: the last interval unpaired missed 80% of the error)
+    def smooth(b):
+        return 1 + 5 * np.exp(-3 * b)
+
+    exact = 1 + 5 * (1 - math.exp(-3)) / 3
+    for num in (3, 4, 5, 6):
+        betas = np.concatenate([[0.0], np.geomspace(0.01, 1, num)])
+        actual = abs(ladder_weights(betas) @ smooth(betas) - exact)
+        assert _integration_error(betas, smooth(betas)) > (0.5 if num == 3 else 1) * actual
     # the rule is exact for a + b/β above β₁, and for a constant everywhere
     betas = np.concatenate([[0.0], np.geomspace(0.01, 1, 5)])
     w = ladder_weights(betas)
@@ -140,5 +151,14 @@ def test_free_energy_rejects_a_flat_prior_and_bad_ladders():
         free_energy(case.model, case.loader(), case.loss_fn, prior_std=None, progress=False)
     with pytest.raises(ValueError, match="betas"):
         free_energy(case.model, case.loader(), case.loss_fn, betas=[0.1, 0.5], progress=False)
+    # two rungs leave the every-other-rung error estimate nothing to compare
+    with pytest.raises(ValueError, match="at least 3"):
+        free_energy(case.model, case.loader(), case.loss_fn, betas=[0.1, 1.0], progress=False)
+    with pytest.raises(ValueError, match="num_rungs"):
+        free_energy(case.model, case.loader(), case.loss_fn, num_rungs=2, progress=False)
+    for beta_min in (1.0, 2.0):  # a ladder that does not climb to 1 from below
+        with pytest.raises(ValueError, match=f"beta_min must be < 1.*{beta_min}"):
+            free_energy(case.model, case.loader(), case.loss_fn, beta_min=beta_min,
+                        progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="sampler"):
         free_energy(case.model, case.loader(), case.loss_fn, sampler="sgnht", progress=False)

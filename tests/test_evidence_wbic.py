@@ -65,3 +65,11 @@ def test_wbic_checks_its_arguments():
         wbic(case.model, case.loader(), case.loss_fn, beta=0.3, beta2=0.3, progress=False)
     with pytest.raises(ValueError, match="num_chains"):
         wbic(case.model, case.loader(), case.loss_fn, num_chains=1, progress=False)
+
+
+def test_wbic_at_beta_one_takes_a_second_temperature_below_it():
+    # min(2β, 1) would equal β = 1: the default β₂ is then β/2, not an error about beta2
+    case = zoo.regular(1, n=32)
+    res = wbic(case.model, case.loader(), case.loss_fn, beta=1.0, num_chains=2, num_draws=8,
+               num_burnin=4, num_anneal=0, progress=False)  # fmt: skip
+    assert (res.beta, res.beta2) == (1.0, 0.5)

@@ -6,14 +6,29 @@ import math
 import numbers
 
 
-def real(name: str, value, *, minimum: float | None = None, strict: bool = False) -> float:
-    """``value`` as a finite float (numpy scalars included), optionally bounded below."""
+def real(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+    strict_max: bool = False,
+) -> float:
+    """``value`` as a finite float (numpy scalars and 0-d arrays or tensors included),
+    optionally bounded."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-    if not math.isfinite(value) or (
-        minimum is not None and (value <= minimum if strict else value < minimum)
+    if maximum is not None:
+        bound += f"{' and' if bound else ''} {'<' if strict_max else '<='} {maximum:g}"
+    if (
+        not math.isfinite(value)
+        or (minimum is not None and (value <= minimum if strict else value < minimum))
+        or (maximum is not None and (value >= maximum if strict_max else value > maximum))
     ):
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return value

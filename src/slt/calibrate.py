@@ -201,7 +201,27 @@ def calibrate(
 
     start = time.perf_counter()
     microbatch = _checks.microbatch(microbatch)
+    num_chains = _checks.integer("num_chains", num_chains, minimum=1)
+    num_draws = _checks.integer("num_draws", num_draws, minimum=4)
+    if num_burnin is not None:
+        num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
+    # εP/4 = max_stiff_bias sets the first step; the inflation 1/(1 - εP/4) needs it < 1
+    max_stiff_bias = _checks.real("max_stiff_bias", max_stiff_bias, minimum=0, strict=True,
+                                  maximum=1, strict_max=True)  # fmt: skip
+    min_acceptance = _checks.real("min_acceptance", min_acceptance, minimum=0, maximum=1)
+    max_noise_ratio = _checks.real("max_noise_ratio", max_noise_ratio, minimum=0, strict=True)
+    flat_tolerance = _checks.real("flat_tolerance", flat_tolerance, minimum=0, strict=True)
+    num_candidates = _checks.integer("num_candidates", num_candidates, minimum=1)
+    if max_pilot_steps is not None:
+        max_pilot_steps = _checks.integer("max_pilot_steps", max_pilot_steps, minimum=1)
+    grid_chains = _checks.integer("grid_chains", grid_chains, minimum=1)
+    grid_draws = _checks.integer("grid_draws", grid_draws, minimum=4)
+    seed = _checks.integer("seed", seed, minimum=0)
     gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)
+    if gammas is None and localization is not None:  # one value: numpy scalars as floats
+        localization = _checks.real("localization", localization, minimum=0)
+    if nbetas is None and nbeta is not None:
+        nbeta = _checks.real("nbeta", nbeta, minimum=0, strict=True)
     if gammas is not None or nbetas is not None:
         options = dict(step_sizes=step_sizes, n=n, sampler=sampler,
                        control_variate=control_variate, num_chains=num_chains,

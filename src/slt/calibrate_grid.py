@@ -26,6 +26,7 @@ With both given, γ is chosen at each nβ, then nβ among those.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -49,11 +50,20 @@ class SettingTrial:
 
 
 def as_grid(name: str, value) -> list | None:
-    """``value`` as a sorted list of floats if it is a sequence, else None (one value)."""
-    if value is None or isinstance(value, (int, float)):
+    """``value`` as a sorted list of floats if it is a sequence or a 1-d array, else None
+    (one value: a number, numpy scalars and 0-d arrays included)."""
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
         return None
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a number or a sequence of numbers, got {value!r}")
+        raise TypeError(
+            f"{name} must be a number or a sequence (or 1-d array) of numbers, got {value!r}"
+        )
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value):
+        raise TypeError(f"{name} as a grid must hold numbers, got {value!r}")
     grid = [float(v) for v in value]
     zero_ok = name == "localization"
     if not grid or any(not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok) for v in grid):

@@ -103,9 +103,13 @@ def llc_vs_nbeta(
     [20.0, 80.0]
     """
     n = kwargs.get("n") or _dataset_size(loader)
-    grid = np.sort(np.asarray(nbetas if nbetas is not None else default_nbetas(n), dtype=float))
-    if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
-        raise ValueError(f"nbetas must be finite numbers > 0, got {nbetas!r}")
+    try:
+        grid = np.asarray(nbetas if nbetas is not None else default_nbetas(n), dtype=float)
+    except (TypeError, ValueError):
+        grid = np.array([math.nan])
+    if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        raise ValueError(f"nbetas must be a sequence of finite numbers > 0, got {nbetas!r}")
+    grid = np.sort(grid)
     reference = n / math.log(n)
     results = []
     for nb in grid:

@@ -104,7 +104,6 @@ class Cubature:
         mid, half = (hi + lo) / 2, (hi - lo) / 2
         points = mid[:, None, :] + half[:, None, :] * self.grid[None]  # (C, 15^d, d)
         e, u = self._energy(points.reshape(-1, d))
-        e = np.where(np.isnan(e), np.inf, e)  # NaN energy = no mass (reported via e_min)
         finite = e[np.isfinite(e)]
         if finite.size and finite.min() < self.e0 - 1.0:
             self.rescale(float(finite.min()))

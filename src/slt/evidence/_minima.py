@@ -111,7 +111,6 @@ def find_features(energy, box: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
     axes = [np.union1d(np.linspace(lo, hi, GRID[dim]), [m]) for (lo, hi), m in zip(box, mean)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, dim)
     e = energy(grid)[0]
-    e = np.where(np.isnan(e), np.inf, e)
     if not np.isfinite(e).any():
         raise ValueError("nll is not finite anywhere on the grid over the integration box")
     e0 = float(e.min())

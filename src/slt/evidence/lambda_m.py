@@ -12,6 +12,7 @@ and leaving it out biases the straight-line fit's m by -0.8 to -1.2 at every pra
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,8 +148,9 @@ def estimate_lambda_m(
         nbeta, llc, llc_std = nbeta.nbeta, nbeta.llc, nbeta.llc_std
     if llc is None:
         raise ValueError("estimate_lambda_m: pass llc (λ̂ at each nβ), or an NbetaSweep")
-    if order not in (1, 2):
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
+    order = int(order)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     nb, y = np.asarray(nbeta, dtype=float).ravel(), np.asarray(llc, dtype=float).ravel()

@@ -157,9 +157,13 @@ def quadrature_free_energy(
     std = _vector("prior_std", prior_std, dim, positive=True)
     mean = _vector("prior_mean", prior_mean, dim, positive=False)
     box = np.stack([mean - 10 * std, mean + 10 * std], 1) if bounds is None else bounds
-    box = np.asarray(box, dtype=float).reshape(dim, 2)
-    if not np.all(np.isfinite(box)) or np.any(box[:, 1] <= box[:, 0]):
-        raise ValueError(f"bounds must be finite (d, 2) rows with low < high, got {bounds!r}")
+    box = np.asarray(box, dtype=float)
+    if dim == 1 and box.shape == (2,):
+        box = box[None]
+    if box.shape != (dim, 2) or not np.all(np.isfinite(box)) or np.any(box[:, 1] <= box[:, 0]):
+        raise ValueError(
+            f"bounds must be finite ({dim}, 2) rows (low, high) with low < high, got {bounds!r}"
+        )
     nbeta, log_norm = n * beta, float(np.sum(np.log(std * math.sqrt(2 * math.pi))))
     state = {"l_min": math.inf, "l_ref": 0.0, "evals": 0}
 
@@ -171,6 +175,13 @@ def quadrature_free_energy(
         if out.shape != (len(w),):
             raise ValueError(
                 f"nll returned shape {out.shape} for {len(w)} points; want ({len(w)},)"
+            )
+        bad = np.isnan(out)
+        if bad.any():  # the integrand is undefined there: no silent zero mass
+            raise ValueError(
+                f"nll returned NaN at {int(bad.sum())} of {len(w)} points (first at w = "
+                f"{w[bad][0].tolist()}); the free energy is undefined there. Return +inf where "
+                "the density is zero, or narrow the bounds"
             )
         if np.isfinite(out).any():
             state["l_min"] = min(

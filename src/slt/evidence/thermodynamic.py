@@ -21,7 +21,8 @@ Errors reported:
   the per-chain integrals (each chain threads the whole ladder) accounts for that, and
   ``mc_error`` is the larger of the two.
 - **Integration**: |T - T₂|/3, with T₂ the same rule on every other rung of the ladder
-  (Richardson: a second-order error falls 4× when the spacing halves), plus
+  (Richardson: a second-order error falls 4× when the spacing halves; with an odd number of
+  intervals, the larger of the two ways to pair them), plus
   β₁|g(0) - g(β₁)|/2, a bound on the trapezoid over [0, β₁] for the decreasing g.
 """
 
@@ -173,12 +174,13 @@ def free_energy(
         σ and μ of the prior N(μ, σ² I) on every trainable parameter. It must be proper:
         with a flat prior F_n is not defined.
     betas : sequence of float, optional
-        The ladder above 0, ascending, ending at 1 (an odd count keeps the every-other-rung
-        error estimate on the same end points). Default: ``num_rungs`` points geometric from
-        ``beta_min`` to 1.
+        The ladder above 0: at least 3 values, ascending, ending at 1 (the integration error
+        compares the rule on every other rung). Default: ``num_rungs`` (≥ 3) points geometric
+        from ``beta_min`` to 1.
     beta_min : float, optional
-        Default 0.01/(n q σ²), q the largest Hessian eigenvalue of L_n over the chains'
-        prior starting points and w*: where nβ q σ² = 0.01 the posterior is still the prior.
+        In (0, 1). Default min(0.5, 0.03 / sd_prior(n L_n)), sd_prior the standard deviation
+        of n L_n over the prior draws: where β times it is 0.03 the posterior is still the
+        prior.
     sampler : {"auto", "mala", "sgld"}
         "auto": MALA (exact at any step size) when the whole dataset is available as one
         batch (a ``DataLoader`` over a ``TensorDataset``), else SGLD.
@@ -224,19 +226,24 @@ def free_energy(
     prior_values = np.array([gp.full_nll(s) for s in draws])
     starts = draws[:num_chains]
     if betas is None:
-        num_rungs = _checks.integer("num_rungs", num_rungs, minimum=2)
+        num_rungs = _checks.integer("num_rungs", num_rungs, minimum=3)
         if beta_min is None:  # where β·sd_prior(n L_n) = 0.03 the posterior is still the prior
             beta_min = min(0.5, 0.03 / max(float(prior_values.std(ddof=1)), 1e-12))
         beta_min = _checks.real("beta_min", beta_min, minimum=0, strict=True)
+        if beta_min >= 1:
+            raise ValueError(f"beta_min must be < 1 (the ladder climbs to β = 1), got {beta_min!r}")
         ladder = geometric(beta_min, 1.0, num_rungs)
     else:
         ladder = np.asarray(betas, dtype=float)
         if (
             ladder.ndim != 1
-            or len(ladder) < 2
+            or len(ladder) < 3
             or not (np.all(np.diff(ladder) > 0) and ladder[0] > 0 and ladder[-1] == 1.0)
         ):
-            raise ValueError(f"betas must ascend from > 0 to exactly 1, got {betas!r}")
+            raise ValueError(
+                f"betas must be at least 3 values ascending from > 0 to exactly 1 (the "
+                f"integration error compares the rule on every other rung), got {betas!r}"
+            )
     rungs, _ = gp.run(starts, ladder, num_draws=[num_draws] * len(ladder),
                       num_burnin=[num_burnin] * len(ladder), seed=seed,
                       progress=progress)  # fmt: skip
@@ -311,13 +318,18 @@ def free_energy(
 
 
 def _integration_error(betas: np.ndarray, g: np.ndarray) -> float:
-    """|T - T₂|/3 (T₂ on every other rung) plus the [0, β₁] trapezoid bound (g decreasing)."""
+    """|T - T₂|/3 (T₂ on every other rung) plus the [0, β₁] trapezoid bound (g decreasing).
+
+    With an odd number of intervals above β₁ one of them has no partner; T₂ is then taken
+    both ways (keeping β₁'s interval, then 1's) and the larger difference reported, so that
+    every interval is checked."""
     fine = ladder_weights(betas) @ g
-    body = np.arange(1, len(betas))
-    keep = body[(body - 1) % 2 == 0]  # every other rung from β₁
-    if keep[-1] != len(betas) - 1:  # an even count: keep the last rung too
-        keep = np.append(keep, len(betas) - 1)
-    idx = np.concatenate([[0], keep])
-    coarse = ladder_weights(betas[idx]) @ g[idx]
+    last = len(betas) - 1
+    body = np.arange(1, last + 1)
+    differences = []
+    for keep in (body[(body - 1) % 2 == 0], body[(last - body) % 2 == 0]):
+        keep = np.union1d(keep, [1, last])  # every other rung, both end points kept
+        idx = np.concatenate([[0], keep])
+        differences.append(abs(fine - ladder_weights(betas[idx]) @ g[idx]))
     head = betas[1] * abs(g[0] - g[1]) / 2
-    return float(abs(fine - coarse) / 3 + head)
+    return float(max(differences) / 3 + head)

@@ -128,8 +128,8 @@ def wbic(
     beta : float, optional
         Default 1/log n (n ≥ 3).
     beta2 : float, optional
-        Default min(2β, 1). λ̂'s bias from the O(1/√β) term shrinks as β₂ → β, its
-        variance grows.
+        Default min(2β, 1), and β/2 from β = 1 (β₂ must differ from β). λ̂'s bias from the
+        O(1/√β) term shrinks as β₂ → β, its variance grows.
     prior_std, prior_mean : float
         φ = N(μ, σ² I); ``prior_std=None`` is the flat prior (no prior term: the target is
         exp(-nβ L_n) alone, proper only if that is integrable).
@@ -138,7 +138,8 @@ def wbic(
         batch (a ``DataLoader`` over a ``TensorDataset``), else SGLD.
     step_scale : float, optional
         ε_β = step_scale / (nβ q + 1/σ²), q the largest Hessian eigenvalue of L_n at the
-        chains' starting points and w*; default 2 for MALA, 0.04 for SGLD.
+        chains' starting points and w*; default 2.5 for MALA (also / d^(1/3)), 0.04 for
+        SGLD.
     control_variate : as for :func:`slt.estimate_llc` (SGLD only).
     num_chains, num_draws, num_burnin : int
         Per temperature; ``num_burnin`` is also the length of each annealing rung.
@@ -169,8 +170,9 @@ def wbic(
             raise ValueError(f"the default β = 1/log n needs n >= 3, got n = {gp.n}")
         beta = 1.0 / math.log(gp.n)
     beta = _checks.real("beta", beta, minimum=0, strict=True)
-    beta2 = min(2 * beta, 1.0) if beta2 is None else _checks.real("beta2", beta2, minimum=0,
-                                                                   strict=True)  # fmt: skip
+    if beta2 is None:
+        beta2 = min(2 * beta, 1.0) if beta < 1 else beta / 2
+    beta2 = _checks.real("beta2", beta2, minimum=0, strict=True)
     if beta2 == beta:
         raise ValueError(f"beta2 must differ from beta = {beta:g}")
     starts, _ = warm_starts(gp, num_chains=num_chains, beta=min(beta, beta2),
