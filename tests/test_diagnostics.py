@@ -5,6 +5,7 @@ Tolerances are 4 standard deviations of the estimator, measured over 300 replica
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -231,3 +232,14 @@ def test_estimate_at_the_minimum_is_healthy():
     # The MCSE (within chains) and the standard error over chains estimate the same thing;
     # the latter, from 4 chains, is off by a factor √(χ²₃/3) ∈ [0.07, 2.4] (99.9%).
     assert 0.3 < d.mcse / res.llc_std < 15
+
+
+def test_chains_that_never_move_are_reported_not_warned_by_numpy():
+    # constant chains (every MALA proposal rejected, say) divide by zero inside R̂ and ESS
+    trace = np.ones((3, 20))
+    trace[1] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning leaks to the user
+        diag = diagnose(trace)
+        notes = warnings_for(diag)
+    assert diag.rhat == math.inf and any("R̂ = inf" in note for note in notes)

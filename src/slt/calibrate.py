@@ -196,7 +196,7 @@ def calibrate(
     True
     """
     from slt.calibrate_grid import as_grid, calibrate_grid
-    from slt.chains import DivergenceError
+    from slt.chains import DivergenceError, private_global_rng
     from slt.sampling import build_posterior, sample_llc
 
     start = time.perf_counter()
@@ -256,17 +256,18 @@ def calibrate(
                         seconds=time.perf_counter() - start)  # fmt: skip
     if sampler == "mala":
         control_variate = "none"
-    posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,
-                                localization=localization, control_variate=control_variate,
-                                sampler=sampler, params=params, microbatch=microbatch,
-                                seed=seed)  # fmt: skip
-    return calibrate_posterior(
-        posterior, sampler=sampler, step_sizes=step_sizes, num_chains=num_chains,
-        num_draws=num_draws, num_burnin=num_burnin, max_stiff_bias=max_stiff_bias,
-        min_acceptance=min_acceptance, max_noise_ratio=max_noise_ratio,
-        flat_tolerance=flat_tolerance, num_candidates=num_candidates,
-        max_pilot_steps=max_pilot_steps, seed=seed, start=start,
-    )  # fmt: skip
+    with private_global_rng(seed):  # what user code draws from it repeats with seed
+        posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,
+                                    localization=localization, control_variate=control_variate,
+                                    sampler=sampler, params=params, microbatch=microbatch,
+                                    seed=seed)  # fmt: skip
+        return calibrate_posterior(
+            posterior, sampler=sampler, step_sizes=step_sizes, num_chains=num_chains,
+            num_draws=num_draws, num_burnin=num_burnin, max_stiff_bias=max_stiff_bias,
+            min_acceptance=min_acceptance, max_noise_ratio=max_noise_ratio,
+            flat_tolerance=flat_tolerance, num_candidates=num_candidates,
+            max_pilot_steps=max_pilot_steps, seed=seed, start=start,
+        )  # fmt: skip
 
 
 def calibrate_posterior(

@@ -4,16 +4,30 @@ The user passes any re-iterable of batches. For a ``DataLoader`` we draw the shu
 from the chain's own generator (so chains do not depend on each other or on the global
 random state); for a ``DataLoader`` over a ``TensorDataset`` with the default collate,
 batches are sliced straight from the tensors, which is what the loader would produce but
-without per-sample collation. Any other iterable is used as it is.
+without per-sample collation (and copied, so that a model that edits its input in place
+cannot edit the data). Any other loader is iterated on a global random state of its own,
+seeded from the chain's generator, so that a sampler's order, a ``DataLoader``'s worker
+seed or an augmentation in the dataset differ between chains and epochs, repeat with the
+seed, and leave the caller's global state alone; a generator the loader holds (a sampler's
+``generator=``) is replaced by a private one for the pass, never advanced.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -46,12 +60,75 @@ def batch_size(batch: Any) -> int:
 
 
 def dataset_size(loader: Iterable) -> int | None:
-    """``len(loader.dataset)`` when the loader has a sized dataset, else ``None``."""
+    """The samples an epoch of ``loader`` draws, where it says: ``len(loader.sampler)`` for
+    a ``DataLoader`` batching its own sampler over a map-style dataset (the subset a
+    ``SubsetRandomSampler`` picks), else ``len(loader.dataset)``; ``None`` if not sized."""
     dataset = getattr(loader, "dataset", None)
+    if (
+        isinstance(loader, DataLoader)
+        and not isinstance(dataset, IterableDataset)
+        and (loader.batch_sampler is None or getattr(loader.batch_sampler, "sampler", None)
+             is loader.sampler)
+    ):  # fmt: skip
+        try:
+            return len(loader.sampler)
+        except TypeError:
+            pass
     try:
         return len(dataset) if dataset is not None else None
     except TypeError:
         return None
+
+
+def _held_generator(obj) -> bool:
+    return isinstance(getattr(obj, "generator", None), torch.Generator)
+
+
+def _private_loader(loader: DataLoader, seed: int, shuffle: bool | None, drop_last: bool):
+    """``loader`` as one that draws its randomness from ``seed`` and drops its short last
+    batch only if ``drop_last``: a standard sampler rebuilt from ``seed``; a sampler or
+    batch sampler holding a ``generator`` copied with a private one; the loader itself
+    where nothing needs changing."""
+    common = dict(
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor,
+        timeout=loader.timeout,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    if shuffle is not None:  # a standard sampler: its order from our generator
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=shuffle,
+                          generator=generator, drop_last=drop_last, **common)  # fmt: skip
+    own = None if loader.generator is None else generator  # the workers' base seed
+    if isinstance(loader.dataset, IterableDataset):
+        if own is None and loader.drop_last == drop_last:
+            return loader
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=drop_last,
+                          generator=own, **common)  # fmt: skip
+    sampler, batches = loader.sampler, loader.batch_sampler
+    changed = own is not None
+    if _held_generator(sampler):
+        sampler = copy.copy(sampler)
+        sampler.generator = torch.Generator().manual_seed(seed + 1)
+        changed = True
+    if type(batches) is BatchSampler and batches.sampler is loader.sampler:
+        if changed or batches.drop_last != drop_last:
+            batches = BatchSampler(sampler, batches.batch_size, drop_last)
+            changed = True
+    elif _held_generator(batches):
+        batches = copy.copy(batches)
+        batches.generator = torch.Generator().manual_seed(seed + 2)
+        changed = True
+    if not changed:
+        return loader
+    if batches is None:
+        return DataLoader(loader.dataset, batch_size=None, sampler=sampler, generator=own,
+                          **common)  # fmt: skip
+    return DataLoader(loader.dataset, batch_sampler=batches, generator=own, **common)
 
 
 def _shuffles(loader: DataLoader) -> bool | None:
@@ -78,7 +155,19 @@ class BatchStream:
     """Epochs of minibatches from ``loader`` on ``device``, shuffled by a given generator."""
 
     def __init__(self, loader: Iterable, device: torch.device):
-        if not isinstance(loader, DataLoader) and iter(loader) is loader:
+        if isinstance(loader, Dataset) and not isinstance(loader, IterableDataset):
+            raise TypeError(
+                f"loader: got a dataset ({type(loader).__name__}), not batches of it; wrap it "
+                "in torch.utils.data.DataLoader(dataset, batch_size=..., shuffle=True)"
+            )
+        try:
+            one_shot = not isinstance(loader, DataLoader) and iter(loader) is loader
+        except TypeError:
+            raise TypeError(
+                f"loader must be a re-iterable of batches such as a DataLoader or a list, got "
+                f"{type(loader).__name__}"
+            ) from None
+        if one_shot:
             raise TypeError(
                 "loader: got a one-shot iterator; pass a re-iterable such as a DataLoader or a list"
             )
@@ -120,26 +209,30 @@ class BatchStream:
         groups = torch.randperm(self.groups.shape[0], generator=generator)
         return self.groups[groups.to(self.device)].reshape(-1)
 
-    def _batch_starts(self) -> range:
+    def _batch_starts(self, complete: bool = False) -> range:
         """The first row of each batch of an epoch on the fast path (a short last batch
-        unless the loader drops it)."""
+        unless the loader drops it and the pass need not be ``complete``)."""
         n, bs = self.tensors[0].shape[0], self.loader.batch_size
-        return range(0, n - n % bs if self.loader.drop_last else n, bs)
+        return range(0, n - n % bs if self.loader.drop_last and not complete else n, bs)
 
-    def indexed_epoch(self, generator: torch.Generator) -> Iterator[tuple[Any, Any]]:
-        """One pass as (batch, sample indices); the indices are None off the fast path."""
+    def indexed_epoch(
+        self, generator: torch.Generator, *, complete: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """One pass as (batch, sample indices); the indices are None off the fast path.
+        ``complete``: every sample, whether or not the loader drops a short last batch."""
         if self.tensors is None:
-            for batch in self.epoch(generator):
+            for batch in self.epoch(generator, complete=complete):
                 yield batch, None
             return
         bs = self.loader.batch_size
         order = self._order(generator) if self.shuffle else None
-        for start in self._batch_starts():
-            if order is None:
+        for start in self._batch_starts(complete):
+            if order is None:  # a copy: a view would let the model edit the user's tensors
                 rows = slice(start, start + bs)
+                yield [t[rows].clone() for t in self.tensors], rows
             else:
                 rows = order[start : start + bs].to(self.device)
-            yield [t[rows] for t in self.tensors], rows
+                yield [t[rows] for t in self.tensors], rows
 
     def chain_indices(self, generators: list[torch.Generator]) -> Iterator[torch.Tensor]:
         """(chain, batch) sample indices, step after step, forever, for chains that each
@@ -162,43 +255,38 @@ class BatchStream:
             for start in starts:
                 yield order[:, start : start + bs]
 
-    def epoch(self, generator: torch.Generator) -> Iterator[Any]:
-        """One pass over the data, in an order drawn from ``generator`` when shuffling."""
-        loader = self.loader
+    def epoch(self, generator: torch.Generator, *, complete: bool = False) -> Iterator[Any]:
+        """One pass over the data, in an order drawn from ``generator`` when shuffling;
+        ``complete``: every sample, whether or not the loader drops a short last batch."""
         if self.tensors is not None:
-            for batch, _ in self.indexed_epoch(generator):
+            for batch, _ in self.indexed_epoch(generator, complete=complete):
                 yield batch
             return
-        if self.shuffle is not None:  # rebuilt so that its seed comes from our generator
-            seed = int(torch.randint(2**62, (), generator=generator))
-            loader = DataLoader(
-                loader.dataset,
-                batch_size=loader.batch_size,
-                shuffle=self.shuffle,
-                generator=torch.Generator().manual_seed(seed),
-                collate_fn=loader.collate_fn,
-                drop_last=loader.drop_last,
-                num_workers=loader.num_workers,
-                pin_memory=loader.pin_memory,
-                worker_init_fn=loader.worker_init_fn,
-                multiprocessing_context=loader.multiprocessing_context,
-                persistent_workers=loader.persistent_workers,
-                prefetch_factor=loader.prefetch_factor,
-                timeout=loader.timeout,
-            )
-            yield from (to_device(batch, self.device) for batch in loader)
-            return
-        # A loader we cannot rebuild (custom sampler, plain iterable) is used as given. A
-        # DataLoader draws its base seed, and a sampler usually its whole order, from the
-        # global generator when the iteration starts: do that on a forked global state.
-        with torch.random.fork_rng(devices=[]):
-            batches = iter(loader)
-            first = next(batches, _END)
-        if first is _END:
-            return
-        yield to_device(first, self.device)
-        for batch in batches:
+        seed = int(torch.randint(2**62, (), generator=generator))
+        loader = self.loader
+        if isinstance(loader, DataLoader):
+            drop_last = loader.drop_last and not complete
+            loader = _private_loader(loader, seed, self.shuffle, drop_last)
+        # What the loader draws from torch's global generator (a sampler's order, the
+        # workers' base seed, a random augmentation) it draws from a state of its own,
+        # seeded from ``generator`` and carried from batch to batch
+        state = torch.Generator().manual_seed(seed).get_state()
+        batches = None
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(state)
+                if batches is None:
+                    batches = iter(loader)
+                batch = next(batches, _END)
+                state = torch.get_rng_state()
+            if batch is _END:
+                return
             yield to_device(batch, self.device)
+
+    def complete_pass(self) -> Iterator[Any]:
+        """Every sample once, in the loader's order (a fixed one if it shuffles), short last
+        batch included: the passes over the data at w*."""
+        return self.epoch(torch.Generator().manual_seed(0), complete=True)
 
     def full_batch(self) -> Any:
         """The whole dataset as one batch on ``device``, for samplers that need it every step.
@@ -208,9 +296,9 @@ class BatchStream:
         exactly one batch per epoch, and that batch is returned. Raises ``NotOneBatch`` (a
         ``ValueError``) when it yields more, ``ValueError`` when it yields none.
         """
-        if self.tensors is not None:
-            return list(self.tensors)
-        batches = self.epoch(torch.Generator().manual_seed(0))
+        if self.tensors is not None:  # copies: the model must not edit the user's tensors
+            return [t.clone() for t in self.tensors]
+        batches = self.complete_pass()
         first = next(batches, _END)
         if first is _END:
             raise ValueError("loader: yielded no batches (is the dataset empty?)")

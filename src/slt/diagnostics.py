@@ -152,15 +152,23 @@ def diagnose(
         return Diagnostics(mean, nan, nan, nan, nan, nan, per_chain, nan, nan, nan, nan,
                            diverged, num_draws, nbeta)  # fmt: skip
     stats = _stats()
-    per_chain[ok] = stats.ess(good[:, None, :], method="bulk")
+    # a chain that never moves (a constant trace) divides by zero inside R̂ and ESS: the
+    # inf/NaN they return is reported by check_diagnostics, not as numpy's warning
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_chain[ok] = stats.ess(good[:, None, :], method="bulk")
+        mcse = float(stats.mcse(good, method="mean"))
+        rhat = float(stats.rhat(good, method="rank")) if good.shape[0] >= 2 else nan
+        ess = [float(stats.ess(good, method="bulk")),
+               float(stats.ess(good, method="tail", prob=TAIL_PROB)),
+               float(stats.ess(good, method="mean"))]  # fmt: skip
     slope, drift_z = _trend(good) if num_draws >= 12 else (nan, nan)
     return Diagnostics(
         llc=float(good.mean()),
-        mcse=float(stats.mcse(good, method="mean")),
-        rhat=float(stats.rhat(good, method="rank")) if good.shape[0] >= 2 else nan,
-        ess_bulk=float(stats.ess(good, method="bulk")),
-        ess_tail=float(stats.ess(good, method="tail", prob=TAIL_PROB)),
-        ess_mean=float(stats.ess(good, method="mean")),
+        mcse=mcse,
+        rhat=rhat,
+        ess_bulk=ess[0],
+        ess_tail=ess[1],
+        ess_mean=ess[2],
         ess_bulk_per_chain=per_chain,
         slope=slope,
         drift_z=drift_z,

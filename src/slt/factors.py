@@ -120,7 +120,7 @@ def record_factors(posterior: Posterior, tensors: Sequence[torch.Tensor]) -> Lin
     table, layers, first = None, [], []
     try:
         for start in range(0, n, _CHUNK):
-            chunk = [t[start : start + _CHUNK] for t in tensors]
+            chunk = [t[start : start + _CHUNK].clone() for t in tensors]  # not the user's
             size = chunk[0].shape[0]
             seen.clear()
             with torch.enable_grad():

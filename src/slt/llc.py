@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterable
 
 from slt import _checks
+from slt.chains import private_global_rng
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate
 from slt.result import LLCResult
@@ -67,7 +68,9 @@ def estimate_llc(
         The batch *mean per-sample negative log-likelihood*; see :func:`slt.supervised`
         and :func:`slt.gaussian_nll`. A loss that is c × NLL acts like temperature c·nβ.
     n : int, optional
-        Sample size behind L_n; defaults to ``len(loader.dataset)``.
+        Sample size behind L_n; defaults to the samples one pass over the loader yields,
+        which L_n(w*) is taken over (``len(loader.dataset)`` for a plain loader, the subset
+        for a ``SubsetRandomSampler``; a short last batch counts even with ``drop_last``).
     nbeta : float, optional
         nβ; defaults to n / log n (β* = 1/log n, the WBIC temperature).
     localization : float
@@ -202,6 +205,8 @@ def estimate_llc(
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     auto = isinstance(step_size, str) and step_size == "auto"
     if not auto:
+        if isinstance(step_size, str):
+            raise ValueError(f'step_size must be a number > 0 or "auto", got {step_size!r}')
         step_size = _checks.real("step_size", step_size, minimum=0, strict=True)
     num_chains = _checks.integer("num_chains", num_chains, minimum=1)
     num_draws = _checks.integer("num_draws", num_draws, minimum=1)
@@ -225,28 +230,29 @@ def estimate_llc(
     full_batch = sampler in FULL_BATCH
     if full_batch and control_variate in CONTROL_VARIATES:
         control_variate = "none"  # the full batch makes both control variates moot
-    start = time.perf_counter()
-    posterior = build_posterior(
-        model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
-        control_variate=control_variate, sampler=sampler, params=params,
-        microbatch=microbatch, seed=seed,
-    )  # fmt: skip
-    for message in posterior.warnings:  # e.g. a train-mode model: point at the caller
-        warnings.warn(message, UserWarning, stacklevel=2)
-    calibration = None
-    if auto:  # the pilots sample this posterior: its pass at w* and tables are made once
-        from slt.calibrate import calibrate_posterior, pilot_defaults
+    with private_global_rng(seed):  # what user code draws from it repeats with seed
+        start = time.perf_counter()
+        posterior = build_posterior(
+            model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,
+            control_variate=control_variate, sampler=sampler, params=params,
+            microbatch=microbatch, seed=seed,
+        )  # fmt: skip
+        for message in posterior.warnings:  # e.g. a train-mode model: point at the caller
+            warnings.warn(message, UserWarning, stacklevel=2)
+        calibration = None
+        if auto:  # the pilots sample this posterior: its pass at w* and tables are made once
+            from slt.calibrate import calibrate_posterior, pilot_defaults
 
-        budget = num_chains * (num_burnin + num_draws) // 5
-        options = pilot_defaults() | dict(sampler=sampler, max_pilot_steps=budget, seed=seed)
-        cal = calibrate_posterior(posterior, **options)
-        step_size, calibration = cal.step_size, cal.to_dict()
-        start += cal.seconds  # the result's seconds are the estimate's, as before
-    return sample_llc(
-        posterior, sampler=sampler, step_size=step_size, num_chains=num_chains,
-        num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
-        acceptance_every=acceptance_every, nbeta_default=nbeta is None,
-        calibration=calibration, start=start,
-        record_every=record_every if record == "per_sample" else 0, record_path=record_path,
-        chain_method=chain_method, compile=compile,
-    )  # fmt: skip
+            budget = num_chains * (num_burnin + num_draws) // 5
+            options = pilot_defaults() | dict(sampler=sampler, max_pilot_steps=budget, seed=seed)
+            cal = calibrate_posterior(posterior, **options)
+            step_size, calibration = cal.step_size, cal.to_dict()
+            start += cal.seconds  # the result's seconds are the estimate's, as before
+        return sample_llc(
+            posterior, sampler=sampler, step_size=step_size, num_chains=num_chains,
+            num_draws=num_draws, num_burnin=num_burnin, seed=seed, progress=progress,
+            acceptance_every=acceptance_every, nbeta_default=nbeta is None,
+            calibration=calibration, start=start,
+            record_every=record_every if record == "per_sample" else 0, record_path=record_path,
+            chain_method=chain_method, compile=compile,
+        )  # fmt: skip

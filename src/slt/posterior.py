@@ -23,7 +23,7 @@ import torch
 
 from slt import _checks, attention
 from slt.attention import has_attention, plain_attention
-from slt.data import BatchStream, batch_size, dataset_size
+from slt.data import BatchStream, batch_size
 from slt.factors import LinearFactors, linear_owners, record_factors
 from slt.losses import LossFn, LossModule, unsqueeze
 
@@ -67,6 +67,10 @@ def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection
     predicate on (name, parameter)); errors name what matched nothing."""
     if params is None:
         return list(trainable)
+    if not (callable(params) or isinstance(params, (str, Sequence))):
+        raise TypeError(
+            f"params must be a name, a glob pattern, a list of them, or a predicate; got {params!r}"
+        )
     if callable(params):
         chosen = [n for n, p in trainable.items() if params(n, p)]
     else:
@@ -125,7 +129,8 @@ class Posterior:
     loader : re-iterable of batches
     loss_fn : callable ``(model, batch) -> Tensor``, the batch mean per-sample NLL.
     n : int, optional
-        Number of samples behind L_n; defaults to ``len(loader.dataset)`` or a count.
+        Number of samples behind L_n; defaults to the samples one pass over the loader
+        yields (short last batch included): ``len(loader.dataset)`` for a plain loader.
     nbeta : float, optional
         Inverse temperature times n; defaults to n / log n (β* = 1/log n, Watanabe 2013).
     localization : float
@@ -231,8 +236,9 @@ class Posterior:
         from_table = (microbatch is not None and control_variate != "none"
                       and self.full_data is None and self.batches.tensors is not None)  # fmt: skip
         self.init_loss, counted, self.init_grad = self._full_loss_at_center(first_only=from_table)
-        self.n = _checks.integer("n", n if n is not None else dataset_size(loader) or counted,
-                                 minimum=2)  # fmt: skip
+        # n: the samples L_n(w*) was taken over, one complete pass (the subset a sampler
+        # picks, every sample when the loader drops a short last batch)
+        self.n = _checks.integer("n", n if n is not None else counted, minimum=2)
         self.nbeta = (
             _checks.real("nbeta", nbeta, minimum=0, strict=True)
             if nbeta is not None
@@ -417,7 +423,8 @@ class Posterior:
         if self.init_loss is None:  # the table stands for the pass over the data
             _finite_loss(float(losses.double().mean()))
         rows = 64 if groups is None else min(4, groups.shape[0])  # samples, or micro-batches
-        probe = [t[:rows] if groups is None else t[groups[:rows].reshape(-1)] for t in tensors]
+        probe = [t[:rows].clone() if groups is None else t[groups[:rows].reshape(-1)]
+                 for t in tensors]  # fmt: skip
         with torch.set_grad_enabled(want_grad):
             loss = self.loss(self.reference, probe)
             if not torch.allclose(losses[:rows].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
@@ -467,7 +474,8 @@ class Posterior:
         if want_grad:
             grads = torch.empty(rows, self.num_params, dtype=self.dtype, device=self.device)
         for start in range(0, rows, chunk):
-            out = fn(center, [t[start : start + chunk] for t in tensors])
+            # copies: a view would let a model that edits its input edit the user's tensors
+            out = fn(center, [t[start : start + chunk].clone() for t in tensors])
             value = out[1] if want_grad else out
             if losses is None:
                 losses = torch.empty(rows, dtype=value.dtype, device=value.device)
@@ -509,7 +517,7 @@ class Posterior:
         check the loss on the first batch and return (None, the dataset's size, None); the
         micro-batch tables then give L_n(w*) and ∇L_n(w*) (:meth:`_build_cache`)."""
         if first_only:
-            batch = next(iter(self.batches.epoch(torch.Generator().manual_seed(0))))
+            batch = next(iter(self.batches.complete_pass()))
             with torch.no_grad():
                 check_scalar_loss(self.loss(self.reference, batch), where="on batch 0")
             return None, self.batches.tensors[0].shape[0], None
@@ -517,9 +525,8 @@ class Posterior:
         with_grad = self.control_variate == "gradient"
         center = list(self.center.values())
         grad = [torch.zeros_like(p) for p in center] if with_grad else None
-        generator = torch.Generator().manual_seed(0)
         with torch.set_grad_enabled(with_grad):
-            batches = self.batches.epoch(generator) if self.full_data is None else [self.full_data]
+            batches = self.batches.complete_pass() if self.full_data is None else [self.full_data]
             for i, batch in enumerate(batches):
                 loss = check_scalar_loss(self.loss(self.reference, batch), where=f"on batch {i}")
                 size = batch_size(batch)
@@ -558,6 +565,12 @@ class Posterior:
 
     @staticmethod
     def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss_fn returned a loss that does not depend on the parameters through "
+                "autograd (detached, made from .item(), or computed under torch.no_grad()); "
+                "return the mean NLL as a tensor computed from the model's output"
+            )
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 

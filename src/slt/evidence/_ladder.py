@@ -170,7 +170,7 @@ class GlobalPosterior:
         stream = BatchStream(self.loader, self.center[self.names[0]].device)
         total, count = 0.0, 0
         with torch.no_grad():
-            for i, batch in enumerate(stream.epoch(torch.Generator().manual_seed(0))):
+            for i, batch in enumerate(stream.complete_pass()):
                 loss = check_scalar_loss(self.loss_fn(module, batch), where=f"on batch {i}")
                 size = batch_size(batch)
                 total += float(loss) * size
@@ -180,7 +180,7 @@ class GlobalPosterior:
     def _probe_batch(self, posterior: Posterior):
         if posterior.full_data is not None:
             return posterior.full_data
-        return next(posterior.batches.epoch(torch.Generator().manual_seed(0)))
+        return next(posterior.batches.complete_pass())
 
     def top_eigenvalue(self, posterior: Posterior) -> float:
         """Largest |eigenvalue| of the Hessian of L at the posterior's w*."""

@@ -69,7 +69,7 @@ class FlatLoss:
         self.dtype, self.device = self.center.dtype, self.center.device
         self.bound = LossModule(module, loss_fn)
         stream = BatchStream(loader, self.device)
-        self.batches = [_cast(b, dtype) for b in stream.epoch(torch.Generator().manual_seed(0))]
+        self.batches = [_cast(b, dtype) for b in stream.complete_pass()]
         if not self.batches:
             raise ValueError("loader: yielded no batches (is the dataset empty?)")
         counts = [batch_size(b) for b in self.batches]

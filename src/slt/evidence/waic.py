@@ -109,7 +109,7 @@ class _HeldOut:
         with torch.no_grad():
             values = torch.cat([
                 self.per_sample(self.posterior.module, batch).double().cpu()
-                for batch in self.stream.epoch(torch.Generator().manual_seed(0))
+                for batch in self.stream.complete_pass()
             ]).numpy()  # fmt: skip
         self.lse = -values if self.lse is None else np.logaddexp(self.lse, -values)
         self.count += 1
