@@ -249,6 +249,7 @@ def test_errors(results, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="result dataclass"):
         io.save({"llc": 1.0}, tmp_path / "dict.nc")
     bad = Extended(**{**vars(results["sgld"]), "note": object()})
+    monkeypatch.setitem(io._RESULT_TYPES, "Extended", Extended)
     with pytest.raises(TypeError, match="field 'note' of type object"):
         io.save(bad, tmp_path / "bad.nc")
     results["sgld"].save(tmp_path / "res.nc")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
         folder = Path(checkpoints)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoints={str(folder)!r} is not a folder")
-        sources: list = sorted(str(p) for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        found = (str(p) for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        sources: list = sorted(found, key=natural_key)
         if not sources:
             raise ValueError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
         keys = None
@@ -70,14 +72,34 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
     return sorted(jobs, key=lambda j: j.step)
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in a name by value: ``ckpt_2`` before ``ckpt_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _steps_from_names(sources: list) -> list[int]:
+    """The last number in each file name; else 0, 1, 2, ... in the order given (a folder's
+    files in natural order), with a warning that says why."""
     numbers = []
     for s in sources:
         found = re.findall(r"\d+", Path(s).stem) if isinstance(s, str) else []
         numbers.append(int(found[-1]) if found else None)
     if None not in numbers and len(set(numbers)) == len(numbers):
         return numbers
+    if all(isinstance(s, str) for s in sources):
+        names = [Path(s).name for s in sources]
+        why = [n for n, k in zip(names, numbers) if k is None or numbers.count(k) > 1]
+        warnings.warn(
+            f"checkpoint names give no distinct step number ({_few(why)}): steps are 0 to "
+            f"{len(sources) - 1} in this order: {_few(names)}; pass steps= to set them",
+            stacklevel=3,
+        )
     return list(range(len(sources)))
+
+
+def _few(names: list[str], limit: int = 4) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _labels(sources: list, steps: list[int]) -> list[str]:

@@ -14,8 +14,11 @@ from slt.cli_inputs import (
     _loss,
     _LossSpec,
     _ModelSpec,
+    _output_file,
+    _output_folder,
     _parse_microbatch,
     _parse_step_size,
+    _plot_file,
 )
 
 app = typer.Typer(
@@ -56,6 +59,7 @@ def validate(
 
     if step_size not in (None, "auto"):
         raise typer.BadParameter(f'--step-size must be "auto" or absent, got {step_size!r}')
+    _output_folder(out, "--out")
     try:
         rows = run(out=out, seed=seed, step_size=step_size,
                    microbatch=_parse_microbatch(microbatch),
@@ -156,6 +160,7 @@ def llc(
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1) from err
     step = _parse_step_size(step_size)
+    _output_file(out, "--out", make_folder=True)
     net = _build(model, "--model", _is_module, "a torch.nn.Module")
     dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
     loss_fn = _loss(loss, sigma)
@@ -201,7 +206,7 @@ _RESULTS = typer.Option(
     help="JSON-lines results file, one row per finished checkpoint; rerunning resumes it.",
 )
 _EXECUTOR = typer.Option(
-    "serial", help='"serial", "process" (a spawn process pool) or "ray" (slt[ray]).'
+    "serial", help='"serial", "process" (a spawn process pool) or "ray" (slt\\[ray]).'
 )
 _WORKERS = typer.Option(None, min=1, help="Processes for --executor process (default: CPUs).")
 _OVERWRITE = typer.Option(False, help="Discard a results file written with other settings.")
@@ -244,6 +249,8 @@ def trajectory(
     from slt.trajectory import llc_trajectory
 
     step = _parse_step_size(step_size)
+    _output_file(results, "--results")
+    plot = _plot_file(plot if plot is not None else results.with_suffix(".png"), "--plot")
     factory = _ModelSpec(model)
     factory()  # a bad --model fails here, named, before any sampling
     dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
@@ -272,7 +279,6 @@ def trajectory(
         typer.echo("\n" + str(transitions))
     except (ImportError, ValueError) as err:
         typer.echo(f"(no change points: {err})")
-    plot = plot if plot is not None else results.with_suffix(".png")
     try:
         fig = traj.plot(transitions)
     except ImportError as err:
@@ -326,6 +332,7 @@ def evidence(
     from slt.evidence import evidence_curves
 
     sizes = _int_list(ns, "--ns")
+    _output_folder(out, "--out")
     exponents = _int_list(potential, "--potential")
     net = dataset = loss_fn = None
     if model is not None or data is not None:

@@ -5,6 +5,7 @@ never an arbitrary unpickle). Errors are ``typer.BadParameter`` naming the optio
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -72,9 +73,10 @@ def _parse_microbatch(text: str) -> int | str | None:
 def _resolve(spec: str, option: str):
     """The object named by "pkg.module:attr" or "path/to/file.py:attr" (attr may be dotted)."""
     import importlib
-    import importlib.util
     import os
     import sys
+
+    from slt.executors import load_file_module
 
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
@@ -87,18 +89,9 @@ def _resolve(spec: str, option: str):
         if not file.is_file():
             raise typer.BadParameter(f"file {where} does not exist", param_hint=option)
         name = "_slt_cli_" + "".join(c if c.isalnum() else "_" for c in str(file))
-        if name not in sys.modules:  # --model and --data from one file share one module
-            if str(file.parent) not in sys.path:
-                sys.path.insert(0, str(file.parent))  # its sibling modules, as for a script
-            loader_spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[name] = module
-            try:
-                loader_spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-        module = sys.modules[name]
+        # --model and --data from one file share one module; process-pool workers load it
+        # too, so a Dataset class defined in the file unpickles there
+        module = load_file_module(name, file)
     else:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `python -m` would
@@ -169,7 +162,13 @@ def _loss(loss: str, sigma: float):
     import slt
 
     if loss == "gaussian":
-        return slt.gaussian_nll(sigma)
+        try:
+            return slt.gaussian_nll(sigma)
+        except ValueError:
+            raise typer.BadParameter(
+                f"σ of the gaussian loss must be a positive finite number, got {sigma:g}",
+                param_hint="--sigma",
+            ) from None
     if loss == "cross_entropy":
         return slt.supervised(F.cross_entropy)
     if ":" not in loss:
@@ -181,6 +180,56 @@ def _loss(loss: str, sigma: float):
     if not callable(fn):
         raise typer.BadParameter(f"{loss} is not callable", param_hint="--loss")
     return fn
+
+
+def _output_file(path: Path, option: str, *, make_folder: bool = False) -> Path:
+    """Refuse ``path`` as an output file before any sampling: a folder, a missing folder
+    (unless ``make_folder``: created later), or a place this process cannot write."""
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise typer.BadParameter(f"cannot write to {path}", param_hint=option)
+    _writable_folder(path.parent, option, exists=not make_folder)
+    return path
+
+
+def _output_folder(path: Path, option: str) -> Path:
+    """Refuse ``path`` as an output folder (created if missing) before any sampling."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file, not a folder", param_hint=option)
+    _writable_folder(path, option, exists=False)
+    return path
+
+
+def _writable_folder(folder: Path, option: str, *, exists: bool) -> None:
+    if exists and not folder.is_dir():
+        raise typer.BadParameter(f"folder {folder} does not exist", param_hint=option)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise typer.BadParameter(f"{existing} is a file, not a folder", param_hint=option)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"cannot write in folder {existing}", param_hint=option)
+
+
+def _plot_file(path: Path, option: str) -> Path:
+    """``path`` with ``.png`` added where it has no suffix (as matplotlib writes it), checked
+    as an output file; a suffix matplotlib cannot write is refused."""
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return path  # no plot is drawn
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise typer.BadParameter(
+            f"{path}: matplotlib cannot write {path.suffix} files; give one of "
+            f"{', '.join('.' + f for f in sorted(formats))}",
+            param_hint=option,
+        )
+    return _output_file(path, option)
 
 
 def _load_checkpoint(model, path: Path) -> None:

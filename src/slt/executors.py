@@ -2,12 +2,16 @@
 
 A job is ``function(shared, job)``: ``function`` a module-level function, ``shared`` what
 every job needs (sent once per worker), ``job`` a small picklable spec. Each job seeds its
-own randomness, so the executor changes where a job runs, never its numbers.
+own randomness, so the executor changes where a job runs, not its numbers, as long as
+PyTorch runs it on as many threads: a pool or Ray worker sets ``threads_per_worker``
+(default 1), ``"serial"`` keeps the caller's ``torch.get_num_threads()``, and a different
+count splits sums differently and changes λ̂ in its last digits (float32 rounding).
 
 - ``"serial"``: in this process, in order. Nothing needs to pickle.
 - ``"process"``: a :class:`concurrent.futures.ProcessPoolExecutor` with the ``"spawn"``
   start method (no forked CUDA or thread state); ``shared`` and the jobs must pickle with
-  the standard :mod:`pickle`, so functions must be importable by their module and name.
+  the standard :mod:`pickle`, so functions must be importable by their module and name
+  (or live in a file given to :func:`load_file_module`, which each worker loads first).
 - ``"ray"``: Ray tasks (``pip install 'slt[ray]'``); connects to a running cluster
   (``RAY_ADDRESS``) or starts a local one if Ray is not initialized. ``shared`` goes to
   the object store once. Ray pickles with cloudpickle, so lambdas and closures work. Each
@@ -29,6 +33,7 @@ from typing import Any
 EXECUTORS = ("serial", "process", "ray")
 
 _WORKER_SHARED: Any = None  # what a pool worker received at start-up
+_FILE_MODULES: dict[str, str] = {}  # module name -> the file it was loaded from
 
 
 def run_jobs(
@@ -51,7 +56,8 @@ def run_jobs(
         Pool size for ``"process"`` (default: the number of CPUs, at most the jobs).
     threads_per_worker : int or None
         ``torch.set_num_threads`` in each pool or Ray worker (default 1: many small jobs
-        side by side); None leaves PyTorch's default. ``"serial"`` never changes it.
+        side by side); None leaves PyTorch's default. ``"serial"`` never changes it; its
+        numbers equal a pool's bit for bit when the caller runs this many threads.
     gpus_per_job : float or "auto"
         GPUs each Ray task asks for; "auto" is 1 when the cluster has GPUs, else 0.
     """
@@ -83,10 +89,46 @@ def check_picklable(named: dict[str, Any], executor: str) -> None:
             ) from None
 
 
-def _init_worker(payload: bytes, threads: int | None) -> None:
+def load_file_module(name: str, path: str | os.PathLike):
+    """Import the Python file ``path`` as module ``name`` (its folder on ``sys.path``, as for
+    a script), once; pool workers load it too before unpickling what refers to it."""
+    import importlib.util
+    import sys
+
+    path = os.path.abspath(path)
+    if name not in sys.modules:
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # its sibling modules
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    _FILE_MODULES[name] = path
+    return sys.modules[name]
+
+
+def _init_worker(payload: bytes, threads: int | None, modules: dict[str, str]) -> None:
     global _WORKER_SHARED
     _set_threads(threads)
+    for name, path in modules.items():
+        load_file_module(name, path)
     _WORKER_SHARED = pickle.loads(payload)
+
+
+def _live_file_modules() -> dict[str, str]:
+    """The file modules this process still holds, whose files still exist."""
+    import sys
+
+    return {
+        name: path
+        for name, path in _FILE_MODULES.items()
+        if name in sys.modules and os.path.isfile(path)
+    }
 
 
 def _call_in_worker(function, job):
@@ -106,7 +148,7 @@ def _run_process(function, shared, jobs, on_result, max_workers, threads):
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(payload, threads),
+        initargs=(payload, threads, _live_file_modules()),
     ) as pool:  # fmt: skip
         futures = {pool.submit(_call_in_worker, function, job): job for job in jobs}
         try:

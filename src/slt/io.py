@@ -91,6 +91,11 @@ def save(result, path: str | os.PathLike) -> None:
     xr = _xarray()
     if not dataclasses.is_dataclass(result) or isinstance(result, type):
         raise TypeError(f"result must be a result dataclass such as LLCResult, got {result!r}")
+    if type(result).__name__ not in _RESULT_TYPES:  # load could not read the file back
+        raise TypeError(
+            f"result is a {type(result).__name__}; slt.io saves the results slt.load reads: "
+            f"{', '.join(sorted(_RESULT_TYPES))}"
+        )
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save to {path}: folder {path.parent} does not exist")
@@ -155,8 +160,13 @@ def load(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved result at {path}")
-    with xr.open_datatree(path, engine="h5netcdf") as tree:
-        tree = tree.load()
+    try:
+        with xr.open_datatree(path, engine="h5netcdf") as tree:
+            tree = tree.load()
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a result saved by slt (not a readable netCDF-4/HDF5 file: {err})"
+        ) from None
     root = tree.attrs
     if "slt_schema" not in root or "slt_fields" not in root:
         raise ValueError(f"{path} is not a result saved by slt (no slt_schema attribute)")
@@ -167,7 +177,17 @@ def load(path: str | os.PathLike):
             stacklevel=2,
         )
     cls = _result_type(str(root.get("slt_result", "")), path)
-    index = json.loads(root["slt_fields"])
+    try:
+        index = json.loads(root["slt_fields"])
+    except (TypeError, ValueError) as err:
+        index = err
+    if not isinstance(index, dict) or not all(
+        isinstance(e, dict) and "kind" in e for e in index.values()
+    ):
+        raise ValueError(
+            f"{path} is not a result saved by slt (its slt_fields attribute is not the JSON "
+            "index of fields that slt writes; was the file edited?)"
+        )
     values, missing = {}, []
     for field in dataclasses.fields(cls):
         entry = index.get(field.name)

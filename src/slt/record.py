@@ -8,12 +8,15 @@ At every ``every``-th post-burn-in step the recorder evaluates the per-sample NL
   enough for WAIC (Watanabe 2010): T_n = -(1/n) Σ_i log E_w[exp(-ℓ_i(w))] and
   V_n = Σ_i Var_w[ℓ_i(w)];
 - if given a ``path``, appends the row (n,) to an HDF5 dataset ``per_sample_loss`` of shape
-  (chain, draw, sample), chunked by draw, so the full record never sits in memory.
+  (chain, draw, sample), chunked by draw, so the full record never sits in memory. The file
+  is written next to ``path`` and moved there by ``close(keep=True)`` (the run gave an
+  estimate); a run that fails (an error, every chain diverged) leaves ``path`` as it was.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +64,6 @@ class PerSampleRecorder:
         self.posterior = posterior
         self.start, self.every = start, every
         self.per_sample = per_sample(posterior.loss_fn)
-        self.generator_seed = 0  # the same sample order at every draw
         n = posterior.n
         self.count = np.zeros(num_chains, dtype=np.int64)
         self.mean = np.zeros((num_chains, n))
@@ -72,23 +74,29 @@ class PerSampleRecorder:
             import h5py
 
             rows = -(-num_draws // every) if num_draws else None
-            self.file = h5py.File(path, "w")
-            self.data = self.file.create_dataset(
-                "per_sample_loss", shape=(num_chains, rows or 0, n), maxshape=(num_chains, None, n),
-                dtype="f8", chunks=(1, 1, n), fillvalue=np.nan,
-            )  # fmt: skip
-            self.data.attrs["description"] = "per-sample NLL at recorded post-burn-in draws"
-            self.data.attrs["record_every"] = every
-            self.data.attrs["burn_in"] = start
+            self.path = Path(path)
+            self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            self.file = h5py.File(self.tmp, "w")
+            try:
+                self.data = self.file.create_dataset(
+                    "per_sample_loss", shape=(num_chains, rows or 0, n),
+                    maxshape=(num_chains, None, n), dtype="f8", chunks=(1, 1, n),
+                    fillvalue=np.nan,
+                )  # fmt: skip
+                self.data.attrs["description"] = "per-sample NLL at recorded post-burn-in draws"
+                self.data.attrs["record_every"] = every
+                self.data.attrs["burn_in"] = start
+            except BaseException:
+                self._discard()
+                raise
 
     def losses(self) -> np.ndarray:
         """ℓ_i at the current chain parameters for every sample, (n,) float64."""
         out = []
-        generator = torch.Generator().manual_seed(self.generator_seed)
         batches = (
             [self.posterior.full_data]
             if self.posterior.full_data is not None
-            else self.posterior.batches.epoch(generator)
+            else self.posterior.batches.complete_pass()
         )
         with torch.no_grad():
             for batch in batches:
@@ -97,7 +105,7 @@ class PerSampleRecorder:
         if values.shape[0] != self.mean.shape[1]:
             raise ValueError(
                 f"per-sample losses: one pass gave {values.shape[0]} samples, n is "
-                f"{self.mean.shape[1]}; record='per_sample' needs n = the size of the data"
+                f"{self.mean.shape[1]}; per-sample losses need n = the number of samples"
             )
         return values
 
@@ -106,18 +114,30 @@ class PerSampleRecorder:
             return
         values = self.losses()
         k = self.count[chain] = self.count[chain] + 1
-        delta = values - self.mean[chain]
-        self.mean[chain] += delta / k
-        self.m2[chain] += delta * (values - self.mean[chain])
-        self.lse[chain] = np.logaddexp(self.lse[chain], -values)
+        with np.errstate(invalid="ignore", over="ignore"):  # a diverging chain's NaN and inf
+            delta = values - self.mean[chain]
+            self.mean[chain] += delta / k
+            self.m2[chain] += delta * (values - self.mean[chain])
+            self.lse[chain] = np.logaddexp(self.lse[chain], -values)
         if self.file is not None:
             row = (t - self.start) // self.every
             if row >= self.data.shape[1]:
                 self.data.resize(row + 1, axis=1)
             self.data[chain, row] = values
 
-    def close(self) -> PerSampleStats:
+    def close(self, keep: bool = True) -> PerSampleStats:
+        """The statistics; the file moved to ``path`` if ``keep`` (the run gave an
+        estimate), else discarded."""
         if self.file is not None:
-            self.file.close()
-            self.file = None
+            if not keep:
+                self._discard()
+            else:
+                self.file.close()
+                self.file = None
+                os.replace(self.tmp, self.path)
         return PerSampleStats(self.count.copy(), self.mean.copy(), self.m2.copy(), self.lse.copy())
+
+    def _discard(self) -> None:
+        self.file.close()
+        self.file = None
+        self.tmp.unlink(missing_ok=True)

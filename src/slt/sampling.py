@@ -177,15 +177,18 @@ def sample_llc(
                 step_size=step_size,
                 observe=recorder,
             )
-        finally:
+        except BaseException:
             if recorder is not None:
-                recorder.close()
+                recorder.close(keep=False)  # a file already at record_path stays as it was
+            raise
     loss = trace.loss[:, num_burnin:]
     at_center = trace.loss_at_center[:, num_burnin:]
     per_chain = posterior.nbeta * (loss - at_center).mean(axis=1)
     per_chain[trace.diverged] = np.nan
     notes = list(posterior.warnings)
     ok = ~trace.diverged
+    if recorder is not None:
+        recorder.close(keep=bool(ok.any()))
     if not ok.any():
         raise DivergenceError(
             f"all {num_chains} chains diverged (non-finite loss) with step_size={step_size:g}; "

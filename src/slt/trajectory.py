@@ -13,6 +13,7 @@ there (matched by label and the SHA-256 of its weights), and computes only the r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -22,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,7 @@ from slt.checkpoint_jobs import (  # noqa: F401  (make_jobs and Job are public h
     describe,
     make_jobs,
 )
-from slt.trajectory_file import ResultsFile
+from slt.trajectory_file import ResultsFile, numbers_normalised
 
 _NOT_SETTINGS = {"model", "loader", "loss_fn", "progress"}
 
@@ -108,6 +110,11 @@ class Trajectory:
                 f"{self.llc_std[i]:>8.2g} {self.mcse[i]:>8.2g} {self.rhat[i]:>6.3f} "
                 f"{self.ess_bulk[i]:>6.0f}  {len(self.warnings[i])}"
             )
+        failed = [(label, row["error"]) for label, row in zip(self.labels, self.rows)
+                  if row.get("error")]  # fmt: skip
+        if failed:
+            lines.append(f"no λ̂ at {len(failed)} checkpoint(s):")
+            lines += [f"  {label}: {error}" for label, error in failed]
         return "\n".join(lines)
 
 
@@ -151,15 +158,23 @@ def llc_trajectory(
     results : path, optional
         JSON-lines file for the rows (:mod:`slt.trajectory_file`), written as each
         checkpoint finishes. If it exists, finished checkpoints are read back, not
-        recomputed; if it was written with other settings, ``SettingsChangedError``
-        names them, unless ``overwrite=True``, which discards the file.
+        recomputed (each with this run's step); if it was written with other settings,
+        ``SettingsChangedError`` names them, unless ``overwrite=True``, which discards the
+        file. Settings compare as values: ``1`` equals ``1.0``, a callable (``params=``) is
+        its ``module.qualname``. A file that is not such a results file is refused.
     steps : sequence of int, optional
         The training step of each checkpoint. Default: the mapping's keys, else the last
-        number in each file name when every name has a distinct one, else 0, 1, 2, ...
+        number in each file name when every name has a distinct one, else 0, 1, 2, ... in
+        the order given (a folder's files in natural order: ``ckpt_2`` before ``ckpt_10``),
+        with a warning.
     executor : {"serial", "process", "ray"}
-        Where the jobs run (:mod:`slt.executors`); the numbers do not depend on it.
+        Where the jobs run (:mod:`slt.executors`); at the same torch thread count the
+        numbers do not depend on it, bit for bit.
     max_workers, threads_per_worker
-        Pool size for "process"; ``torch.set_num_threads`` in each worker (not serial).
+        Pool size for "process"; ``torch.set_num_threads`` in each worker. "serial" runs at
+        the caller's ``torch.get_num_threads()``: it matches a pool bit for bit when that
+        equals ``threads_per_worker``; otherwise λ̂ differs in the last bits (how sums are
+        split over threads). Each row records its ``threads``.
     device : str
         Where each job samples: "auto" uses CUDA when the worker has it. Recorded per row,
         not part of the settings (results on CPU and GPU differ in the last bits).
@@ -168,11 +183,15 @@ def llc_trajectory(
     **settings
         Keyword options of :func:`slt.estimate_llc` (``step_size``, ``localization``,
         ``nbeta``, ``num_chains``, ``num_draws``, ``num_burnin``, ``sampler``,
-        ``seed``, ...).
+        ``seed``, ...). With ``record="per_sample"``, each checkpoint streams to its own
+        file: ``record_path`` with ``.step<step>`` before the suffix (``ps.h5`` ->
+        ``ps.step100.h5``), named in the row's ``per_sample_path``.
 
     Returns
     -------
     Trajectory
+        A checkpoint whose chains all diverge, or whose L_n(w*) is NaN or infinite, has
+        λ̂ = NaN and its row the ``error`` (printed with the table); the others run.
 
     Examples
     --------
@@ -205,7 +224,9 @@ def llc_trajectory(
         "loss_fn": describe(loss_fn),
         "data": data_fingerprint(loader),
     }
-    settings_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    settings_hash = hashlib.sha256(
+        json.dumps(numbers_normalised(identity), sort_keys=True).encode()
+    ).hexdigest()[:16]
     shared = Shared(model_factory, loader, loss_fn, settings, settings_hash, device)
     if executor == "process":
         executors.check_picklable(
@@ -231,8 +252,8 @@ def llc_trajectory(
                 "written (its SHA-256 differs); pass overwrite=True to recompute everything, "
                 "or use another results file"
             )
-        if row is not None:
-            rows[job.label] = row
+        if row is not None:  # the step of this run's numbering, not the one it was written with
+            rows[job.label] = {**row, "step": job.step}
         else:
             todo.append(job)
     num_reused = len(rows)
@@ -276,12 +297,25 @@ def run_job(shared: Shared, job: Job) -> dict:
     row: dict[str, Any] = {"label": job.label, "step": job.step,
                            "source": job.source if isinstance(job.source, str) else None,
                            "checkpoint_sha256": job.sha256}  # fmt: skip
+    settings = shared.settings
+    if settings.get("record") == "per_sample" and settings.get("record_path") is not None:
+        settings = {**settings, "record_path": record_path_of(settings["record_path"], job.step)}
+        row["per_sample_path"] = settings["record_path"]
     try:
-        res = estimate_llc(model, shared.loader, shared.loss_fn, progress=False,
-                           **shared.settings)  # fmt: skip
-    except DivergenceError as err:
+        res = estimate_llc(model, shared.loader, shared.loss_fn, progress=False, **settings)
+    except (DivergenceError, ValueError) as err:
+        # L_n(w*): known where the chains diverged; a ValueError is this checkpoint's only
+        # when L_n(w*) is NaN or infinite (else a bad setting or input: raised)
+        try:
+            loss = full_loss(model, shared.loader, shared.loss_fn)
+        except Exception:
+            if isinstance(err, ValueError):
+                raise err from None
+            loss = math.nan
+        if isinstance(err, ValueError) and math.isfinite(loss):
+            raise
         row.update(llc=math.nan, llc_std=math.nan, mcse=math.nan, rhat=math.nan,
-                   ess_bulk=math.nan, ess_tail=math.nan, init_loss=math.nan, llc_per_chain=[],
+                   ess_bulk=math.nan, ess_tail=math.nan, init_loss=loss, llc_per_chain=[],
                    warnings=[str(err)], error=str(err))  # fmt: skip
     else:
         row.update(
@@ -294,10 +328,33 @@ def run_job(shared: Shared, job: Job) -> dict:
         )  # fmt: skip
     row.update(
         seconds=time.perf_counter() - start, settings_hash=shared.settings_hash,
-        device=str(device), pid=os.getpid(), host=socket.gethostname(),
+        device=str(device), threads=torch.get_num_threads(), pid=os.getpid(),
+        host=socket.gethostname(),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )  # fmt: skip
     return row
+
+
+def record_path_of(path: str | os.PathLike, step: int) -> str:
+    """The ``record_path`` of the checkpoint at ``step``: ``ps.h5`` -> ``ps.step10.h5``."""
+    path = Path(path)
+    return str(path.with_name(f"{path.stem}.step{step}{path.suffix}"))
+
+
+def full_loss(model: torch.nn.Module, loader: Iterable, loss_fn: Callable) -> float:
+    """L_n at the model's weights: the sample-weighted mean of batch losses over one pass
+    (in eval mode, in a fixed order), as :func:`slt.estimate_llc` computes L_n(w*)."""
+    from slt.data import BatchStream, batch_size
+
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    total, count = 0.0, 0
+    model = copy.deepcopy(model).eval()  # the factory's module keeps its mode
+    with torch.no_grad():
+        for batch in BatchStream(loader, device).complete_pass():
+            size = batch_size(batch)
+            total += float(loss_fn(model, batch)) * size
+            count += size
+    return total / count if count else math.nan
 
 
 def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:
@@ -333,8 +390,13 @@ def estimate_llc_defaults() -> dict:
 
 
 def _jsonable(value):
-    """Settings as JSON values (tuples to lists; anything else JSON lacks by repr)."""
-    return json.loads(json.dumps(value, default=repr))
+    """Settings as JSON values: tuples to lists, a callable by its ``module.qualname``
+    (:func:`describe`, the same in every process), anything else JSON lacks by repr."""
+    return json.loads(json.dumps(value, default=_name))
+
+
+def _name(value) -> str:
+    return describe(value) if callable(value) else repr(value)
 
 
 def _progress_bar(total: int, initial: int, progress: bool):

@@ -57,8 +57,11 @@ def read(path: str | os.PathLike) -> Contents:
                 "corrupt (only a killed write's last line is repaired automatically)"
             ) from None
         if out.header is None:
-            if record.get("slt_trajectory") is None:
-                raise ValueError(f"{path} is not an slt trajectory results file (no header)")
+            if not isinstance(record, dict) or record.get("slt_trajectory") is None:
+                raise ValueError(
+                    f"{path} is not an slt trajectory results file (no header); use another "
+                    "file, or pass overwrite=True to replace it"
+                )
             if int(record["slt_trajectory"]) > FORMAT:
                 raise ValueError(
                     f"{path} has trajectory format {record['slt_trajectory']}, newer than "
@@ -67,6 +70,11 @@ def read(path: str | os.PathLike) -> Contents:
             out.header = record
         else:
             out.rows.append(_from_json(record))
+    if out.header is None and tail.strip():  # slt writes its header whole, with a newline
+        raise ValueError(
+            f"{path} is not an slt trajectory results file (no header); use another file, or "
+            "pass overwrite=True to replace it"
+        )
     return out
 
 
@@ -103,9 +111,25 @@ _MISSING = object()
 
 
 def _same(a, b) -> bool:
-    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(
-        b, sort_keys=True, default=repr
+    return json.dumps(numbers_normalised(a), sort_keys=True, default=repr) == json.dumps(
+        numbers_normalised(b), sort_keys=True, default=repr
     )
+
+
+def numbers_normalised(value):
+    """``value`` with every whole float written as an int (``1.0`` -> ``1``), so that equal
+    numbers spelled differently compare and hash the same; lists and dicts recursively.
+
+    >>> numbers_normalised({"localization": 1.0, "step_size": [1e-4, 2.0], "ok": True})
+    {'localization': 1, 'step_size': [0.0001, 2], 'ok': True}
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: numbers_normalised(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [numbers_normalised(v) for v in value]
+    return value
 
 
 def _show(value) -> str:

@@ -83,7 +83,8 @@ def detect_transitions(
     ----------
     trajectory : Trajectory, or a mapping / object with ``steps`` and the signals
         E.g. the result of :func:`slt.llc_trajectory`, or ``{"steps": ..., "llc": ...,
-        "loss": ...}``.
+        "loss": ...}``. Steps must be distinct whole numbers; in any order (the
+        checkpoints are sorted by step first).
     signals : names of (checkpoint,) arrays of ``trajectory``
         ``"llc"`` and ``"loss"`` (L_n(w*)) by default.
     penalty : float, optional
@@ -108,12 +109,32 @@ def detect_transitions(
     ({'llc': (100,), 'loss': (100,)}, ((0, 90), (100, 190)))
     """
     rpt = _ruptures()
-    get = trajectory.get if isinstance(trajectory, dict) else lambda k: getattr(trajectory, k)
+    signals = (signals,) if isinstance(signals, str) else tuple(signals)
+    if not signals:
+        raise ValueError('signals is empty; give at least one name, e.g. ("llc", "loss")')
+    names = set(trajectory) if isinstance(trajectory, dict) else None
+
+    def get(key):
+        if names is None and hasattr(trajectory, key):
+            return getattr(trajectory, key)
+        if names is not None and key in names:
+            return trajectory[key]
+        what = "signal" if key != "steps" else "array"
+        raise ValueError(f"trajectory has no {what} {key!r} (signals={signals})")
+
     steps = np.asarray(get("steps"))
     values = {k: np.asarray(get(k), dtype=np.float64) for k in signals}
     for k, v in values.items():
-        if v.shape != steps.shape:
+        if v.shape != steps.shape or v.ndim != 1:
             raise ValueError(f"signal {k!r} has shape {v.shape}, steps {steps.shape}")
+    if steps.size and not np.all(np.equal(np.mod(steps, 1), 0)):
+        raise ValueError(f"steps must be whole numbers, got {steps.tolist()}")
+    steps = steps.astype(np.int64)
+    if len(np.unique(steps)) != len(steps):
+        twice = sorted({int(s) for s in steps if np.sum(steps == s) > 1})
+        raise ValueError(f"steps must be distinct; {twice} occur more than once")
+    order = np.argsort(steps, kind="stable")  # training order, whatever the input's
+    steps, values = steps[order], {k: v[order] for k, v in values.items()}
     ok = np.all([np.isfinite(v) for v in values.values()], axis=0)
     dropped = tuple(int(s) for s in steps[~ok])
     steps = steps[ok]

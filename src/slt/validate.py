@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -191,6 +192,8 @@ def validate(
     micro-batches of m samples with the control variates from their table (m must divide
     every case's n and batch size; "auto", the default, as :func:`slt.estimate_llc` decides
     per case, None never). Returns the rows; all passed iff every ``row.passed``."""
+    if out is not None:  # before the cases, not after
+        _check_out(Path(out))
     cases = default_cases() if cases is None else cases
     rows: list[Row] = []
     start = time.perf_counter()
@@ -228,6 +231,17 @@ def validate(
             print("matplotlib is not installed: no plot (pip install 'slt[plot]')")
         print(f"wrote {out / 'table.json'} and {out / 'validate.png'}")
     return rows
+
+
+def _check_out(out: Path) -> None:
+    """Raise ``ValueError`` unless ``out`` is, or can be made, a folder this process writes."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"out={str(out)!r}: {existing} is a file; give a folder (or a new path)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out={str(out)!r}: cannot write in folder {existing}")
 
 
 def _version() -> str:

@@ -1,0 +1,406 @@
+"""Fixes from the CLI / trajectory / I/O audit: each test fails on the code before its fix."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+from slt.trajectory import llc_trajectory, make_jobs
+from slt.trajectory_file import read
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # spawned workers inherit sys.path
+import _trajectory_helpers as h  # noqa: E402
+
+TINY = dict(num_chains=2, num_draws=20, num_burnin=5, step_size=1e-3, seed=3, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _save_linears(folder, names):
+    folder.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    for name in names:
+        torch.save(h.linear().state_dict(), folder / name)
+
+
+# 1. steps on resume; names without distinct numbers
+
+
+def test_reused_rows_take_this_runs_steps_and_names_sort_naturally(tmp_path):
+    folder, results = tmp_path / "ck", tmp_path / "r.jsonl"
+    _save_linears(folder, ["ckpt_2.pt", "ckpt_10.pt", "ckpt_30.pt"])
+    first = llc_trajectory(folder, h.linear, h.loader(), h.nll, results=results, **TINY)
+    assert first.steps.tolist() == [2, 10, 30]
+    _save_linears(folder, ["ckpt_final.pt"])
+    with pytest.warns(UserWarning, match=r"no distinct step number \(ckpt_final.pt\)"):
+        again = llc_trajectory(folder, h.linear, h.loader(), h.nll, results=results, **TINY)
+    assert again.num_reused == 3 and again.num_computed == 1
+    assert again.labels == ("ckpt_2.pt", "ckpt_10.pt", "ckpt_30.pt", "ckpt_final.pt")
+    assert again.steps.tolist() == [0, 1, 2, 3]
+    assert [r["step"] for r in again.rows] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(again.llc[:3], first.llc)
+
+
+def test_shared_numbers_fall_back_to_natural_order(tmp_path):
+    folder = tmp_path / "ck"
+    _save_linears(folder, ["run2_step100.pt", "run10_step100.pt", "run1_step100.pt"])
+    with pytest.warns(UserWarning, match="run1_step100.pt, run2_step100.pt, run10_step100.pt"):
+        jobs = make_jobs(folder)
+    assert [(j.label, j.step) for j in jobs] == [
+        ("run1_step100.pt", 0), ("run2_step100.pt", 1), ("run10_step100.pt", 2),
+    ]  # fmt: skip
+
+
+# 2. a callable setting resumes in a new process
+
+
+def test_a_callable_setting_resumes_in_a_new_process(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(HERE)!r})
+        import _trajectory_helpers as h
+        from slt.trajectory import llc_trajectory
+
+        def only_weight(name, p):
+            return name == "weight"
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ckpts = {{0: h.linear().state_dict(), 10: h.linear().state_dict()}}
+        t = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=sys.argv[1],
+                           params=only_weight, num_chains=2, num_draws=10, num_burnin=2,
+                           progress=False)
+        print(t.num_computed, t.num_reused)
+    """)
+    results = tmp_path / "r.jsonl"
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", script, str(results)], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert run() == ["2", "0"]
+    assert run() == ["0", "2"]
+    params = read(results).header["settings"]["estimate_llc"]["params"]
+    assert params == "__main__.only_weight"  # module.qualname, no address
+
+
+# 3. equal numbers spelled int and float
+
+
+def test_int_and_float_spellings_of_a_setting_resume(tmp_path):
+    ckpts = {0: h.linear().state_dict(), 10: h.linear().state_dict()}
+    results = tmp_path / "r.jsonl"
+    kw = {**TINY, "results": results}
+    llc_trajectory(ckpts, h.linear, h.loader(), h.nll, localization=1.0, nbeta=50.0, **kw)
+    again = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, localization=1, nbeta=50, **kw)
+    assert again.num_reused == 2
+    # a file hashed before numbers were normalised (another header hash) still resumes
+    lines = results.read_text().splitlines()
+    header = json.loads(lines[0]) | {"settings_hash": "0123456789abcdef"}
+    rows = [json.loads(line) | {"settings_hash": "0123456789abcdef"} for line in lines[1:]]
+    results.write_text("".join(json.dumps(r) + "\n" for r in [header, *rows]))
+    old = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, localization=1.0, nbeta=50.0, **kw)
+    assert old.num_reused == 2
+    with pytest.raises(slt.SettingsChangedError, match="localization: 1.0 -> 2"):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, localization=2, nbeta=50, **kw)
+
+
+# 4. a one-line file without a newline is not a results file
+
+
+def test_a_one_line_file_without_newline_is_refused(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"my": "precious config"}')
+    ckpts = {0: h.linear().state_dict()}
+    with pytest.raises(ValueError, match="not an slt trajectory results file.*overwrite=True"):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, **TINY)
+    assert path.read_text() == '{"my": "precious config"}'
+    llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, overwrite=True, **TINY)
+    assert read(path).header is not None
+
+
+# 6. serial and process agree at the same thread count; rows record it
+
+
+def test_serial_and_process_agree_at_two_threads(tmp_path):
+    ckpts = {0: h.linear().state_dict(), 10: h.linear().state_dict()}
+    torch.set_num_threads(2)
+    serial = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **TINY)
+    pooled = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, executor="process",
+                            max_workers=1, threads_per_worker=2, **TINY)  # fmt: skip
+    np.testing.assert_array_equal(pooled.llc_per_chain, serial.llc_per_chain)
+    assert [r["threads"] for r in serial.rows] == [2, 2]
+    assert [r["threads"] for r in pooled.rows] == [2, 2]
+
+
+# 7. record_path: one file per checkpoint; a failed call keeps an existing file
+
+
+def test_record_path_gives_each_checkpoint_its_own_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    torch.manual_seed(0)
+    states = {0: h.linear().state_dict(), 20: h.linear().state_dict()}
+    kw = dict(TINY, record="per_sample", record_every=5)
+    traj = llc_trajectory(states, h.linear, h.loader(), h.nll,
+                          record_path=str(tmp_path / "ps.h5"), **kw)  # fmt: skip
+    paths = [r["per_sample_path"] for r in traj.rows]
+    assert paths == [str(tmp_path / "ps.step0.h5"), str(tmp_path / "ps.step20.h5")]
+    assert not (tmp_path / "ps.h5").exists()
+    for step, path in zip(states, paths):
+        model = h.linear()
+        model.load_state_dict(states[step])
+        direct = tmp_path / f"direct{step}.h5"
+        slt.estimate_llc(model, h.loader(), h.nll, record_path=str(direct), **kw)
+        with h5py.File(path) as a, h5py.File(direct) as b:
+            np.testing.assert_array_equal(a["per_sample_loss"][()], b["per_sample_loss"][()])
+
+
+def test_failed_per_sample_run_keeps_an_existing_file_and_stays_quiet(tmp_path):
+    pytest.importorskip("h5py")
+    path = tmp_path / "results.h5"
+    path.write_bytes(b"precious earlier results " * 100)
+    model = h.linear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(slt.DivergenceError):
+            slt.estimate_llc(model, h.loader(), h.nll, step_size=1e3, record="per_sample",
+                             record_every=1, record_path=str(path), num_chains=2,
+                             num_draws=20, num_burnin=5, progress=False)  # fmt: skip
+    assert path.read_bytes() == b"precious earlier results " * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.h5"]  # no temporary left
+
+
+# 8. a checkpoint with a non-finite loss is one NaN row, not the end of the run
+
+
+def test_a_checkpoint_with_a_nan_loss_is_recorded_and_the_rest_run(tmp_path):
+    torch.manual_seed(0)
+    good, bad, later = (h.linear().state_dict() for _ in range(3))
+    bad["weight"][0, 0] = float("nan")
+    results = tmp_path / "r.jsonl"
+    traj = llc_trajectory({0: good, 10: bad, 20: later}, h.linear, h.loader(), h.nll,
+                          results=results, **TINY)  # fmt: skip
+    assert np.isfinite(traj.llc[[0, 2]]).all() and np.isnan(traj.llc[1])
+    assert np.isnan(traj.loss[1])
+    assert "the loss at w*" in traj.rows[1]["error"]
+    assert "step 10: the loss at w*" in str(traj)
+    assert len(read(results).rows) == 3
+
+
+def test_a_diverged_checkpoint_keeps_its_loss():
+    torch.manual_seed(0)
+    state = h.linear().state_dict()
+    kw = dict(TINY, step_size=1e3)
+    traj = llc_trajectory({0: state}, h.linear, h.loader(), h.nll, **kw)
+    assert np.isnan(traj.llc[0]) and "diverged" in traj.rows[0]["error"]
+    model = h.linear()
+    model.load_state_dict(state)
+    direct = slt.estimate_llc(model, h.loader(), h.nll, **TINY)
+    np.testing.assert_allclose(traj.loss[0], direct.init_loss, rtol=1e-6)  # float32 sums
+
+
+# 10, 11. slt.load on what slt did not write; save of what load cannot read
+
+
+def test_load_names_the_path_of_a_file_it_cannot_read(tmp_path):
+    pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    for name, content in [("rand.nc", os.urandom(600)), ("empty.nc", b""),
+                          ("text.nc", b"llc = 3\n")]:  # fmt: skip
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a result saved by slt"):
+            slt.load(tmp_path / name)
+
+
+def test_load_refuses_an_edited_field_index(tmp_path):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    for index in ("{not json", "[1, 2]", '{"llc": 3}'):
+        attrs = {"slt_schema": 1, "slt_result": "LLCResult", "slt_fields": index}
+        xr.Dataset(attrs=attrs).to_netcdf(tmp_path / "f.nc", engine="h5netcdf")
+        with pytest.raises(ValueError, match=r"f\.nc is not a result saved by slt.*slt_fields"):
+            slt.load(tmp_path / "f.nc")
+
+
+def test_save_refuses_a_result_load_cannot_read(tmp_path):
+    pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    from slt import io
+    from slt.phase import Candidate
+
+    with pytest.raises(TypeError, match="result is a Candidate.*LLCResult"):
+        io.save(Candidate("a", 0.1, 1.0), tmp_path / "cand.nc")
+    assert not (tmp_path / "cand.nc").exists()
+
+
+# 12. detect_transitions: unsorted steps are sorted, repeated ones refused
+
+
+def test_transitions_sort_steps_and_refuse_repeats_and_unknown_signals():
+    pytest.importorskip("ruptures")
+    from slt.transitions import detect_transitions
+
+    steps = np.arange(0, 60, 10)
+    llc = np.where(steps < 30, 1.0, 3.0)
+    loss = np.where(steps < 30, 0.5, 0.2)
+    order = np.array([5, 0, 1, 4, 2, 3])
+    want = detect_transitions({"steps": steps, "llc": llc, "loss": loss})
+    got = detect_transitions({"steps": steps[order], "llc": llc[order], "loss": loss[order]})
+    assert got.stages == want.stages == ((0, 20), (30, 50))
+    assert got.change_points == want.change_points
+    np.testing.assert_array_equal(got.steps, steps)
+    twice = np.array([0, 10, 10, 30, 40, 50])
+    with pytest.raises(ValueError, match=r"steps must be distinct; \[10\]"):
+        detect_transitions({"steps": twice, "llc": llc, "loss": loss})
+    with pytest.raises(ValueError, match="no signal 'lcc'"):
+        detect_transitions({"steps": steps, "llc": llc, "loss": loss}, signals=("lcc",))
+    with pytest.raises(ValueError, match="signals is empty"):
+        detect_transitions({"steps": steps, "llc": llc, "loss": loss}, signals=())
+
+
+# 5, 9, 13. the command line
+
+
+USER = """
+import torch
+
+def make_model():
+    return torch.nn.Linear(3, 1)
+
+class MyData(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 3, generator=g)
+        self.y = self.x[:, :1] + 0.3 * torch.randn(64, 1, generator=g)
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+dataset = MyData()
+"""
+CLI_TINY = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "2", "--no-progress"]
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """A user's file with a Dataset class, a folder of two checkpoints, and a runner."""
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from slt.cli import app
+
+    (tmp_path / "user_file.py").write_text(USER)
+    _save_linears(tmp_path / "ck", ["m_0.pt", "m_5.pt"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield lambda *args: CliRunner().invoke(app, [str(a) for a in args])
+    for module in [m for m in sys.modules if m.startswith("_slt_cli_")]:
+        del sys.modules[module]
+
+
+SPECS = ["--model", "user_file.py:make_model", "--data", "user_file.py:dataset"]
+
+
+def test_process_executor_with_a_dataset_class_from_a_file(cli, tmp_path):
+    out = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "p.jsonl", "--executor",
+              "process", "--max-workers", "1", "--plot", "p.png")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    serial = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "s.jsonl", "--plot", "s.png")
+    assert serial.exit_code == 0, serial.output
+    pooled, alone = read(tmp_path / "p.jsonl").rows, read(tmp_path / "s.jsonl").rows
+    assert [r["pid"] for r in pooled] != [os.getpid()] * 2
+    assert [r["llc"] for r in pooled] == [r["llc"] for r in alone]
+
+
+def test_workers_skip_file_modules_that_are_gone(tmp_path):
+    from slt import executors
+
+    (tmp_path / "gone.py").write_text("X = 1\n")
+    (tmp_path / "kept.py").write_text("X = 2\n")
+    executors.load_file_module("_slt_test_gone", tmp_path / "gone.py")
+    executors.load_file_module("_slt_test_kept", tmp_path / "kept.py")
+    del sys.modules["_slt_test_gone"]  # as a test fixture cleans up
+    (tmp_path / "kept.py").rename(tmp_path / "moved.py")
+    executors.load_file_module("_slt_test_moved", tmp_path / "moved.py")
+    try:
+        live = executors._live_file_modules()
+        assert "_slt_test_gone" not in live and "_slt_test_kept" not in live
+        assert live["_slt_test_moved"] == str(tmp_path / "moved.py")
+    finally:
+        for name in ("_slt_test_gone", "_slt_test_kept", "_slt_test_moved"):
+            sys.modules.pop(name, None)
+            executors._FILE_MODULES.pop(name, None)
+
+
+@pytest.mark.parametrize("command", ["llc", "trajectory", "evidence"])
+@pytest.mark.parametrize("sigma", ["0", "-1"])
+def test_bad_sigma_exits_2_naming_it(cli, command, sigma):
+    folder = ["ck"] if command == "trajectory" else []
+    out = cli(command, *folder, *SPECS, "--sigma", sigma, *CLI_TINY[-1:])
+    assert out.exit_code == 2, out.output
+    assert "--sigma" in out.output and "positive" in out.output
+
+
+def test_output_paths_are_checked_before_sampling(cli, tmp_path, monkeypatch):
+    import slt.llc
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the output path")
+
+    monkeypatch.setattr(slt, "estimate_llc", no_sampling)
+    monkeypatch.setattr(slt.llc, "estimate_llc", no_sampling)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["llc", *SPECS, "--out", "adir"], "--out", "adir is a folder"),
+        (["llc", *SPECS, "--out", "afile/x.nc"], "--out", "afile is a file"),
+        (["trajectory", "ck", *SPECS, "--results", "adir"], "--results", "adir is a folder"),
+        (["trajectory", "ck", *SPECS, "--plot", "nowhere/p.png"], "--plot", "nowhere does not"),
+        (["trajectory", "ck", *SPECS, "--plot", "adir/p.v2"], "--plot", "cannot write .v2"),
+        (["validate", "--out", "afile"], "--out", "afile is a file"),
+        (["evidence", "--out", "afile"], "--out", "afile is a file"),
+    ]
+    for args, option, message in cases:
+        out = cli(*args, *CLI_TINY[-1:])
+        assert out.exit_code == 2, (args, out.output)
+        assert option in out.output and message in out.output, (args, out.output)
+
+
+def test_validate_checks_out_before_any_case(tmp_path, monkeypatch):
+    import slt.validate as validate
+
+    monkeypatch.setattr(validate, "run_case", lambda *a, **k: pytest.fail("ran a case"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file; give a folder"):
+        validate.validate(out=tmp_path / "afile" / "sub", progress=False)
+
+
+def test_plot_without_a_suffix_prints_the_file_written(cli, tmp_path):
+    pytest.importorskip("matplotlib").use("Agg")
+    out = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "r.jsonl", "--plot", "pic")
+    assert out.exit_code == 0, out.output
+    assert "plot in pic.png" in out.output and (tmp_path / "pic.png").is_file()
+
+
+def test_help_shows_the_ray_extra(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = cli("trajectory", "--help")
+    assert "(slt[ray])" in out.output
