@@ -1,4 +1,5 @@
-"""Fixes from the CLI / trajectory / I/O audit: each test fails on the code before its fix."""
+"""Edge cases of trajectories (resuming, steps from names, failing checkpoints, a file per
+checkpoint), of the command line's errors and of saved results."""
 
 import json
 import os
