@@ -72,3 +72,32 @@ def test_per_sample_needs_a_path():
                          progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="record"):
         slt.estimate_llc(case.model, case.loader(), case.loss_fn, record="all", progress=False)
+
+
+def test_per_sample_losses_use_the_attention_the_chains_sample():
+    # under no_grad alone, nn.TransformerEncoder takes PyTorch's nested-tensor fast path,
+    # which zeroes padded positions that the sampled loss (and L_n(w*)) computes: the
+    # recorded losses were of another function (mean 1.48 against L_n(w*) = 1.62)
+    from slt.posterior import Posterior
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, 2)
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            length = 2 + (x[:, 0, 0] > 0).long() * 3  # right-padded, length from the data
+            padded = torch.arange(x.shape[1]) >= length[:, None]
+            return self.head(self.encoder(x, src_key_padding_mask=padded).mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x, y = torch.randn(64, 6, 8, generator=g), torch.randn(64, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    posterior = Posterior(model, loader, slt.gaussian_nll(1.0))
+    recorder = PerSampleRecorder(posterior, num_chains=1, start=0, every=1)
+    posterior.reset()
+    assert recorder.losses().mean() == pytest.approx(posterior.init_loss, rel=1e-5)

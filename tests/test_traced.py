@@ -260,3 +260,38 @@ def test_common_layers_are_traced_and_give_the_eager_numbers(tracing, kind):
     fast, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(1.0), step_size=1e-5)
     assert new == 1
     _same(fast, slow)
+
+
+def test_a_model_that_stores_a_tensor_in_forward_is_left_as_it_was_by_the_trace(tracing):
+    # a cache built on first use (a rotary table): the trace must not leave a fake tensor
+    class Lazy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+            self.cache = None
+
+        def forward(self, x):
+            if self.cache is None:
+                self.cache = torch.cos(torch.arange(x.shape[-1], dtype=x.dtype))
+            return self.lin(x * self.cache)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 4, generator=g), torch.randn(256, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,
+                                         shuffle=True)  # fmt: skip
+    model = Lazy()
+    fast = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **KW)
+    loop = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **(KW | {"chain_method": "loop"}))
+    np.testing.assert_allclose(fast.trace, loop.trace, rtol=1e-5)
+    assert model.cache is None  # the user's model: never run (a copy is)
+    # the trace itself, on a module whose cache is not built yet: it left a FakeTensor there
+    fresh = Lazy()
+    names, params = zip(*fresh.named_parameters())
+
+    def fn(batch, *tensors):
+        return torch.func.functional_call(fresh, dict(zip(names, tensors)), (batch,)).sum()
+
+    before = traced.traces
+    assert traced._trace(fn, (x[:8], *[p.detach() for p in params]), fresh) is not None
+    assert traced.traces == before + 1 and fresh.cache is None
+    fresh(x[:8])  # and the module still runs eagerly

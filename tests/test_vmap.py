@@ -275,3 +275,28 @@ def test_vmap_runs_eval_mode_attention_and_equals_the_loop(traced, monkeypatch):
     np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)
     assert torch.backends.mha.get_fastpath_enabled()  # the switch is restored
     assert not model.training
+
+
+def test_a_parameter_read_through_a_list_is_caught_not_held_at_w_star():
+    # functional_call swaps registered parameters only: read through a list, the weight
+    # would stay at w* in every vmapped chain (λ̂ 0.62 against the loop's 1.10)
+    class ListRef(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 1)
+            self.refs = [self.a.weight]
+
+        def forward(self, x):
+            return x @ self.refs[0].T + self.a.bias
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    kw = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+    model = ListRef()
+    with pytest.raises(ValueError, match="reads a sampled parameter other than through"):
+        slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
+    auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
+    loop = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="loop", **kw)
+    assert auto.chain_method == "loop" and np.array_equal(auto.trace, loop.trace)

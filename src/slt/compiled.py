@@ -86,9 +86,10 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
 
     ``w``, ``square_avg``, ``noise``: lists of (chain, ...) tensors; ``center`` (w*, for
     the control variate), ``anchor`` (where γ pulls) and ``init_grad`` (∇L_n(w*)): lists
-    shaped like one chain's parameters; ``hyper``: (4,) tensor [ε/2, √ε, nβ, γ]. With
-    ``control_variate="read"`` (micro-batch tables), ``init_grad`` is instead the chains'
-    correction ∇L_B(w*) − ∇L_n(w*), (chain, ...) tensors read from the table."""
+    shaped like one chain's parameters; ``hyper``: (5,) tensor [ε/2, √ε, nβ, γ, 1 while
+    RMSprop's V adapts else 0]. With ``control_variate="read"`` (micro-batch tables),
+    ``init_grad`` is instead the chains' correction ∇L_B(w*) − ∇L_n(w*), (chain, ...)
+    tensors read from the table."""
 
     def loss(params, batch):
         return functional_call(module, {f"model.{n}": p for n, p in zip(names, params)},
@@ -103,12 +104,13 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
         grads = [g - (g0 - gn) for g, g0, gn in zip(grads, grads0, init_grad)]
     elif control_variate == "loss":
         center_loss = vmap(loss, in_dims=(None, 0))(center, batch)
-    half, root, nbeta, localization = hyper.unbind()
+    half, root, nbeta, localization, adapting = hyper.unbind()
     new_w, new_avg = [], []
     for i, (p, g, c, z) in enumerate(zip(w, grads, anchor, noise)):
         drift = g * -nbeta - localization * p + localization * c
         if sampler == "rmsprop_sgld":
-            avg = square_avg[i] * _ALPHA + (1 - _ALPHA) * g * g
+            avg = torch.where(adapting > 0, square_avg[i] * _ALPHA + (1 - _ALPHA) * g * g,
+                              square_avg[i])  # fmt: skip
             precond = 1 / (avg.sqrt() + _EPS)
             drift, z = drift * precond, z * precond.sqrt()
             new_avg.append(avg)
@@ -139,7 +141,14 @@ def _shapes(batch: Any) -> Any:
     return type(batch)
 
 
-def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chains: int) -> Stepper:
+def compiled_step(
+    posterior: Posterior,
+    sampler: str,
+    step_size: float,
+    num_chains: int,
+    *,
+    adapt_steps: int | None = None,
+) -> Stepper:
     """The initial state and step function for :func:`slt.vmapped.run_chains_vmap`, with the
     step compiled once per graph key (see the module docstring) and reused afterwards.
 
@@ -151,6 +160,9 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
     step_size : float
         ε.
     num_chains : int
+    adapt_steps : int, optional
+        RMSprop-SGLD: steps over which its preconditioner adapts before it is held (as
+        :func:`slt.samplers.rmsprop_sgld`); None adapts throughout.
 
     Returns
     -------
@@ -166,7 +178,7 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
     anchor = [posterior.anchor[n].detach() for n in names]
     init_grad = [g.detach() for g in posterior.init_grad or [torch.zeros_like(c) for c in center]]
     hyper = torch.tensor(
-        [step_size / 2, math.sqrt(step_size), posterior.nbeta, posterior.localization],
+        [step_size / 2, math.sqrt(step_size), posterior.nbeta, posterior.localization, 1.0],
         dtype=posterior.dtype,
         device=posterior.device,
     )
@@ -181,8 +193,13 @@ def compiled_step(posterior: Posterior, sampler: str, step_size: float, num_chai
     options = dict(names=names, sampler=sampler, control_variate=control_variate)
     graph = _key(posterior, sampler, num_chains, control_variate)
 
+    steps = [0]  # taken so far: the preconditioner is held from adapt_steps on
+
     def step(state, batch, noise: ChainGenerators, index=None):
         w, square_avg = state
+        if adapt_steps is not None and steps[0] == adapt_steps:
+            hyper[4] = 0.0
+        steps[0] += 1
         correction, center_loss = init_grad, None
         if read:
             correction, center_loss = posterior.table_correction(index)

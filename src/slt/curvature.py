@@ -13,7 +13,10 @@ def top_hessian_eigenvalue(
     posterior: Posterior, batch, *, iters: int = 20, seed: int = 0, at_center: bool = True
 ) -> float:
     """Largest |eigenvalue| of the Hessian of L_B at w* (or, with ``at_center=False``, at
-    the posterior's current parameters), by power iteration on Hessian-vector products."""
+    the posterior's current parameters), by power iteration on Hessian-vector products:
+    ‖Hv‖ for the last unit vector v, which never exceeds it and tends to it even where
+    eigenvalues ±q pair up (an indefinite Hessian away from a minimum), where the Rayleigh
+    quotient vᵀHv stalls below q."""
     params = list((posterior.reset() if at_center else posterior.params).values())
     g = torch.Generator(device=posterior.device).manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) for p in params]
@@ -25,11 +28,11 @@ def top_hessian_eigenvalue(
         grads = torch.autograd.grad(loss, params, create_graph=True)
         hv = torch.autograd.grad(grads, params, grad_outputs=v, allow_unused=True)
         hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
-        eig = float(sum((a * b).sum() for a, b in zip(hv, v)))
+        eig = float(torch.sqrt(sum((h * h).sum() for h in hv)))
         v = hv
-        if not any(x.abs().sum() > 0 for x in v):
+        if eig == 0:
             return 0.0
-    return abs(eig)
+    return eig
 
 
 def minibatch_gradient_variance(

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slt.attention import plain_attention
 from slt.losses import per_sample
 from slt.posterior import Posterior
 
@@ -98,7 +99,8 @@ class PerSampleRecorder:
             if self.posterior.full_data is not None
             else self.posterior.batches.complete_pass()
         )
-        with torch.no_grad():
+        # attention as the sampled loss computes it (not PyTorch's no-grad fast path)
+        with torch.no_grad(), plain_attention(enabled=self.posterior.attention):
             for batch in batches:
                 out.append(self.per_sample(self.posterior.module, batch).double().cpu())
         values = torch.cat(out).numpy()

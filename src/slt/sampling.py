@@ -33,24 +33,38 @@ MIN_SGLD_ACCEPTANCE = 0.9
 
 
 def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile,
-              acceptance_every):  # fmt: skip
-    from slt.vmapped import run_chains_vmap, stacked
+              acceptance_every, num_burnin):  # fmt: skip
+    from slt.vmapped import check_batched_gradient, run_chains_vmap, stacked
 
+    check_batched_gradient(posterior)  # under "auto", a model that fails it runs the loop
     stepper = None
     if compile:
         from slt.compiled import compiled_step
 
-        stepper = compiled_step(posterior, sampler, step_size, num_chains)
+        stepper = compiled_step(posterior, sampler, step_size, num_chains,
+                                adapt_steps=_adapt_steps(sampler, num_burnin))  # fmt: skip
 
     kernel = SAMPLERS[sampler](
         step_size=step_size,
         nbeta=posterior.nbeta,
         localization=posterior.localization,
         center=stacked(posterior.anchor, num_chains),
+        **_kernel_options(sampler, num_burnin),
     )
     return run_chains_vmap(posterior, kernel, num_chains=num_chains, num_steps=num_steps,
                            seed=seed, progress=progress, stepper=stepper,
                            acceptance_every=acceptance_every, step_size=step_size)  # fmt: skip
+
+
+def _adapt_steps(sampler: str, num_burnin: int) -> int | None:
+    """RMSprop-SGLD's preconditioner adapts over the burn-in and is then held (its draws are
+    then exact Langevin; see :mod:`slt.samplers.rmsprop_sgld`); without a burn-in it adapts
+    throughout, as devinterp's does."""
+    return num_burnin if sampler == "rmsprop_sgld" and num_burnin > 0 else None
+
+
+def _kernel_options(sampler: str, num_burnin: int) -> dict:
+    return {"adapt_steps": _adapt_steps(sampler, num_burnin)} if sampler == "rmsprop_sgld" else {}
 
 
 def build_posterior(
@@ -132,6 +146,7 @@ def sample_llc(
         nbeta=posterior.nbeta,
         localization=posterior.localization,
         center=posterior.anchor,
+        **_kernel_options(sampler, num_burnin),
     )
     probe_every = acceptance_every if sampler == "sgld" else 0
     vmappable = sampler in VMAP_SAMPLERS and not record_every
@@ -158,7 +173,7 @@ def sample_llc(
     if chain_method == "vmap" or auto_vmap:
         try:
             trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
-                              seed, progress, compile, probe_every)  # fmt: skip
+                              seed, progress, compile, probe_every, num_burnin)  # fmt: skip
         except Exception:
             if chain_method == "vmap":
                 raise

@@ -36,6 +36,7 @@ import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,10 +65,18 @@ class TracedPass:
     call to call (a run's parameters do), so a call looks its graph up by the batch's
     shapes alone."""
 
-    def __init__(self, fn: Callable, key: Any = None, *, trace: bool = True):
+    def __init__(
+        self,
+        fn: Callable,
+        key: Any = None,
+        *,
+        trace: bool = True,
+        module: torch.nn.Module | None = None,
+    ):
         self.fn = fn
         self.key = key
         self.trace = trace
+        self.module = module  # what fn runs: its attributes are restored after each trace
         self._graphs: dict[Any, _Replay | None] = {}
 
     def __call__(self, batch: Any, *tensors: torch.Tensor) -> Any:
@@ -100,13 +109,13 @@ class TracedPass:
             return None, self.fn(*args)
         if not shared:
             with _LOCK:
-                graph = _trace(self.fn, args)
+                graph = _trace(self.fn, args, self.module)
         result = self.fn(*args)
         if graph is not None and not _same(graph(*args), result):
             graph = None
             if shared and self.trace:
                 with _LOCK:
-                    graph = _trace(self.fn, args)
+                    graph = _trace(self.fn, args, self.module)
                 if graph is not None and not _same(graph(*args), result):
                     graph = None
         elif shared and graph is not None:
@@ -140,18 +149,39 @@ class _Replay:
         return out if self._out_spec is None else pytree.tree_unflatten(out, self._out_spec)
 
 
-def _trace(fn: Callable, args: tuple) -> _Replay | None:
+def _trace(fn: Callable, args: tuple, module: torch.nn.Module | None = None) -> _Replay | None:
     global traces
     from torch.fx.experimental.proxy_tensor import make_fx
 
     try:
-        graph = make_fx(fn, tracing_mode="fake")(*args)
+        with _attributes_kept(module):
+            graph = make_fx(fn, tracing_mode="fake")(*args)
         _drop_no_ops(graph)
         replay = _Replay(graph)
     except Exception:  # untraceable: data-dependent control flow, a tensor not passed in, ...
         return None
     traces += 1
     return replay
+
+
+@contextmanager
+def _attributes_kept(module: torch.nn.Module | None):
+    """Restores every submodule's attributes (its buffers included) as they were: a
+    forward that stores a tensor on its module (a cache built on first use) would leave a
+    fake tensor of the trace there."""
+    if module is None:
+        yield
+        return
+    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, buffers in saved:
+            for name in [k for k in vars(m) if k not in attributes]:
+                delattr(m, name)
+            vars(m).update(attributes)
+            m._buffers.clear()
+            m._buffers.update(buffers)
 
 
 def _drop_no_ops(graph: torch.fx.GraphModule) -> None:

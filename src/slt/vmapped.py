@@ -24,6 +24,7 @@ supported here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -181,8 +182,35 @@ class ChainPass:
         shape = fingerprint(posterior.module), fingerprint(posterior.loss_fn)
         key = None if None in shape else (*shape, tuple(self.keys), self.tied)
         if trace or key is not None:
-            return TracedPass(self.gradients, key, trace=trace)
+            return TracedPass(self.gradients, key, trace=trace, module=posterior.module)
         return self.gradients
+
+
+def check_batched_gradient(posterior: Posterior) -> None:
+    """Raise ``ValueError`` unless the batched pass's ∇L_B(w*) equals the model's own on a
+    batch (up to rounding). A model that reads a sampled parameter other than through its
+    registered attribute (a tensor kept in a list, a closure) is not swapped by
+    ``functional_call``: vmapped chains would hold that parameter at w*, silently."""
+    batch = (
+        posterior.full_data
+        if posterior.full_data is not None
+        else next(iter(posterior.batches.complete_pass()))
+    )
+    chain_pass = ChainPass(posterior)
+    center = [v.detach().unsqueeze(0) for v in posterior.center.values()]
+    batched, _ = chain_pass.gradients(_stack_batches([batch]), *center, *chain_pass.extras)
+    params = list(posterior.reset().values())
+    own = posterior._grads(posterior.loss(posterior.module, batch), params)
+    batched = torch.cat([g[0].reshape(-1) for g in batched]).double()
+    own = torch.cat([g.detach().reshape(-1) for g in own]).double()
+    gap = float((batched - own).norm())
+    if not gap <= 1e-4 * float(own.norm()) + 1e-6 * math.sqrt(own.numel()):
+        raise ValueError(
+            f"chain_method='vmap': the batched pass's gradient at w* differs from the model's "
+            f"own (|difference| {gap:.3g} against |gradient| {float(own.norm()):.3g}): the "
+            "model reads a sampled parameter other than through its attribute (kept in a "
+            "list or a closure), which torch.func cannot swap; use chain_method='loop'"
+        )
 
 
 def eager_step(posterior: Posterior, kernel: Kernel, num_chains: int, *,

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slt import _checks
+from slt.attention import plain_attention
 from slt.chains import DivergenceError, run_chains
 from slt.curvature import top_hessian_eigenvalue
 from slt.data import BatchStream, batch_size
@@ -169,7 +170,8 @@ class GlobalPosterior:
         module = self.model_at(state).eval()
         stream = BatchStream(self.loader, self.center[self.names[0]].device)
         total, count = 0.0, 0
-        with torch.no_grad():
+        # attention as the sampled loss computes it (not PyTorch's no-grad fast path)
+        with torch.no_grad(), plain_attention(math_backend=False):
             for i, batch in enumerate(stream.complete_pass()):
                 loss = check_scalar_loss(self.loss_fn(module, batch), where=f"on batch {i}")
                 size = batch_size(batch)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt.attention import plain_attention
 from slt.data import BatchStream
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
@@ -106,7 +107,7 @@ class _HeldOut:
     def __call__(self, chain: int, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:
             return
-        with torch.no_grad():
+        with torch.no_grad(), plain_attention(enabled=self.posterior.attention):
             values = torch.cat([
                 self.per_sample(self.posterior.module, batch).double().cpu()
                 for batch in self.stream.complete_pass()
