@@ -295,3 +295,17 @@ def test_a_model_that_stores_a_tensor_in_forward_is_left_as_it_was_by_the_trace(
     assert traced._trace(fn, (x[:8], *[p.detach() for p in params]), fresh) is not None
     assert traced.traces == before + 1 and fresh.cache is None
     fresh(x[:8])  # and the module still runs eagerly
+
+
+def test_partial_losses_with_other_arguments_have_other_fingerprints():
+    # a partial keeps its arguments in slots, not __dict__: they were left out of the key,
+    # so a graph of partial(loss, scale=1) could be offered for partial(loss, scale=2)
+    import functools
+
+    def loss(model, batch, scale=1.0):
+        return scale * slt.gaussian_nll(1.0)(model, batch)
+
+    one, two = functools.partial(loss, scale=1.0), functools.partial(loss, scale=2.0)
+    assert traced.fingerprint(one) != traced.fingerprint(two)
+    assert traced.fingerprint(one) == traced.fingerprint(functools.partial(loss, scale=1.0))
+    assert traced.fingerprint(functools.partial(loss, scale=object())) is None

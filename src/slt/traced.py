@@ -32,6 +32,7 @@ they replay a graph an earlier run left, if there is one, and otherwise run eage
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 from collections import OrderedDict
@@ -279,6 +280,9 @@ def fingerprint(obj: Any) -> Any:
         return tuple(parts)
     if isinstance(obj, types.FunctionType):
         return obj if obj.__closure__ is None else None
+    if isinstance(obj, functools.partial):  # its arguments live in slots, not __dict__
+        parts = (fingerprint(obj.func), _plain(obj.args), _plain(obj.keywords))
+        return None if None in parts else (functools.partial, *parts)
     own = getattr(obj, "__dict__", None)
     state = _plain(own) if isinstance(own, dict) else None
     return None if state is None else (type(obj), state)

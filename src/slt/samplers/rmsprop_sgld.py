@@ -8,7 +8,10 @@ With V ← αV + (1 - α) ∇L_B ⊙ ∇L_B and G = 1 / (√V + δ) elementwise,
 posteriors by Hitchcock & Hoogland 2025, arXiv 2507.21449). As in their work, the
 Γ(w) correction term of pSGLD is dropped. V is accumulated from the gradient of the
 per-sample mean loss, not of the tempered density, so α and δ mean what they mean in
-devinterp's ``RMSpropPreconditioner`` (α = 0.99, δ = 0.1).
+devinterp's ``RMSpropPreconditioner`` (α = 0.99, δ = 0.1) — for the same gradient: with
+the gradient control variate (:func:`slt.estimate_llc`'s default) it is the corrected
+∇L_B(w) − ∇L_B(w*) + ∇L_n(w*), small near w*, so G is nearer 1/δ there and a step at the
+same ε is longer than devinterp's (pass ``control_variate="none"`` to compare).
 
 Dropping Γ is exact only for a G that does not depend on w. V forgets over ~1/(1 - α) =
 100 steps; once the chain moves more slowly than that, G follows its position and the
