@@ -1,6 +1,6 @@
 """Chains in a loop against all chains in one vmapped step, per chain-step.
 
-    python benchmarks/bench_vmap.py [--quick] [--mlp]
+    python benchmarks/bench_vmap.py [--quick] [--mlp] [--chains C ...]
 
 Same model, data, settings and seeds for both, slt's defaults otherwise (gradient control
 variate, MALA acceptance probe every 20 steps); reports µs per chain-step (median of
@@ -41,7 +41,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mlp", action="store_true", help="ReLU MLPs of 83k-1.05M parameters")
+    parser.add_argument("--chains", type=int, nargs="+", metavar="C",
+                        help="chain counts (default 4 8 16; with --mlp, 4)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.chains and min(args.chains) < 1:
+        parser.error(f"--chains must be integers >= 1, got {args.chains}")
     header = _common.one_thread_header()  # one thread from here on
     steps, repeats = (100, 3) if args.quick else (300, 5)
     if args.mlp:  # realizable MLPs at their random init (benchmarks/cases.py), 4 chains
@@ -53,6 +57,7 @@ def main(argv=None):
         cases = [zoo.regular(10), zoo.deep_linear((8, 4, 8, 8), 4),
                  zoo.deep_linear((20, 40, 80, 80), 10)]  # fmt: skip
         chain_counts = (4, 8, 16)
+    chain_counts = tuple(args.chains) if args.chains else chain_counts
     print(header)
     print("| case | d | chains | µs/chain-step: loop | vmap eager | vmap traced "
           "| speed-up over the loop: eager / traced |")  # fmt: skip
