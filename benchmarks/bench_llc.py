@@ -14,6 +14,12 @@ the ratio of devinterp ``llc()``'s T to each method's, the ratio of its per chai
 to the SGD floor's, the peak-RSS increase of one full call in a fresh process, and the λ̂
 each method produced (pooled over the chains of all repeats, ± standard error) next to
 the known λ where there is one. README.md here says what each row runs.
+
+Each case runs in a process of its own, and in it the compiled rows after all the others:
+what torch.compile leaves in a process (hundreds of thousands of objects) slowed
+devinterp's ``gc.collect()`` calls by half, and its graphs were replayed by the shorter
+eager runs. Each method's warm-up is one full call, reported as its first call: in a
+process where nothing else ran that method yet it includes imports and tracing.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -168,20 +176,22 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
     noise_us = noise_draw_us(case.num_params)
     one_step = run.short(1)
     warm_up_s = {}
-    for name in names if warm_up else ():  # imports, allocator, first-call costs, compiling
-        warm_up_s[name] = timed(METHODS[name].run, case, run.short(min(20, run.num_draws)), 0,
-                                nbeta)[0]  # fmt: skip
     full = {name: [] for name in names}
     short = {name: [] for name in names}
     chains = {name: [] for name in names}
-    for rep in range(run.repeats):
-        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
-        for name in order:
-            seconds, per_chain = timed(METHODS[name].run, case, run, rep, nbeta)
-            full[name].append(seconds)
-            if per_chain is not None:
-                chains[name].extend(np.asarray(per_chain).tolist())
-            short[name].append(timed(METHODS[name].run, case, one_step, rep, nbeta)[0])
+    # the compiled rows last: what compiling leaves in the process must not time the others
+    for group in ([n for n in names if n not in COMPILED_METHODS],
+                  [n for n in names if n in COMPILED_METHODS]):  # fmt: skip
+        for name in group if warm_up else ():  # a full call: imports, tracing, compiling
+            warm_up_s[name] = timed(METHODS[name].run, case, run, 0, nbeta)[0]
+        for rep in range(run.repeats):
+            order = group[rep % len(group) :] + group[: rep % len(group)]  # rotate the order
+            for name in order:
+                seconds, per_chain = timed(METHODS[name].run, case, run, rep, nbeta)
+                full[name].append(seconds)
+                if per_chain is not None:
+                    chains[name].extend(np.asarray(per_chain).tolist())
+                short[name].append(timed(METHODS[name].run, case, one_step, rep, nbeta)[0])
     machine["after"] = machine_speed()
     out = {}
     for name in names:
@@ -224,7 +234,40 @@ def parse(argv):
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE_FILE", "METHOD"),
                         help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--case-child", type=Path, metavar="OUT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def run_key(key: str, mode: str, args) -> dict:
+    """One case of the plan, timed (and its memory measured) in this process."""
+    case_name, runs = PLAN[key]
+    run = SMOKE if mode == "smoke" else runs[mode]
+    case = cases.build(case_name)
+    names = list(LAMBDA_HAT_METHODS if key == "lambda_hat" else METHODS)
+    if key not in COMPILED_CASES:
+        names = [name for name in names if name not in COMPILED_METHODS]
+    names = [name for name in names if key in ONLY_ON.get(name, (key,))]
+    res = {"key": key, **bench_case(case, run, names, warm_up=mode != "smoke")}
+    if not args.no_memory and key != "lambda_hat":
+        measured = [m for m in names if m in MEMORY_METHODS]
+        workers = min(4, os.cpu_count() or 1)
+        mem = _memory.measure(case, run, measured, Path(__file__).resolve(), workers)
+        for name, figures in mem.items():
+            res["methods"][name]["memory"] = figures
+    return res
+
+
+def _case_process(key: str, mode: str, args) -> dict:
+    """:func:`run_key` in a fresh process (nothing an earlier case left, compiled graphs
+    above all, slows this one's calls)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--cases", key,
+                   "--case-child", str(out)]  # fmt: skip
+        command += ["--smoke"] if mode == "smoke" else ["--quick"] if mode == "quick" else []
+        command += ["--no-memory"] if args.no_memory else []
+        subprocess.run(command, check=True)
+        return json.loads(out.read_text())
 
 
 def main(argv=None) -> dict:
@@ -236,6 +279,10 @@ def main(argv=None) -> dict:
         print(json.dumps(_memory.child(Path(path), method, METHODS, nbeta_of)))
         return {}
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.case_child:
+        (key,) = args.cases
+        args.case_child.write_text(json.dumps(run_key(key, mode, args)))
+        return {}
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -257,26 +304,10 @@ def main(argv=None) -> dict:
         f"{mode}: batch 128, ε 5e-5, γ 1, nβ = n/log n; medians of alternating repeats\n",
         flush=True,
     )
-    results, built = [], {}
+    results = []
     for key in args.cases:
         start = time.perf_counter()
-        case_name, runs = PLAN[key]
-        run = SMOKE if args.smoke else runs[mode]
-        if case_name not in built:  # "lambda_hat" reuses "regular"
-            built[case_name] = cases.build(case_name)
-        case = built[case_name]
-        names = list(LAMBDA_HAT_METHODS if key == "lambda_hat" else METHODS)
-        if key not in COMPILED_CASES:
-            names = [name for name in names if name not in COMPILED_METHODS]
-        names = [name for name in names if key in ONLY_ON.get(name, (key,))]
-        res = {"key": key, **bench_case(case, run, names, warm_up=not args.smoke)}
-        if not args.no_memory and key != "lambda_hat":
-            measured = [m for m in names if m in MEMORY_METHODS]
-            workers = min(4, os.cpu_count() or 1)
-            mem = _memory.measure(case, run, measured, Path(__file__).resolve(), workers)
-            for name, figures in mem.items():
-                res["methods"][name]["memory"] = figures
-        results.append(res)
+        results.append(_case_process(key, mode, args))
         print(f"{key}: {time.perf_counter() - start:.0f} s", flush=True)
     table = markdown(results) + "\n\n" + summary(results)
     print("\n" + table)

@@ -58,3 +58,32 @@ def test_memory_child_measures_a_fresh_process():
     assert sgd["repeat_increase_mb"] >= 0  # the second call, from a peak mark reset again
     if sys.platform == "linux":  # the peak mark was reset after imports and the warm-up
         assert sgd["hwm_reset"]
+
+
+def test_compiled_rows_run_after_the_others_and_each_warm_up_is_a_full_call(monkeypatch):
+    # what compiling leaves in a process slowed devinterp's gc.collect() by half and was
+    # replayed by short eager runs: every other row is timed before any compiled one
+    sys.path.insert(0, str(BENCH))
+    import bench_llc
+    from _common import Run
+
+    calls = []
+
+    def method(name):
+        return lambda case, run, seed, nbeta: calls.append((name, run.num_draws))
+
+    names = ["slt-compiled", "slt", "devinterp-llc", "slt-plain-compiled"]
+    monkeypatch.setattr(bench_llc, "METHODS", {n: bench_llc.Method(n, method(n)) for n in names})
+    monkeypatch.setattr(bench_llc._devinterp, "check_per_sample_loss", lambda case: None)
+    monkeypatch.setattr(bench_llc, "machine_speed", lambda: {})
+    monkeypatch.setattr(bench_llc, "noise_draw_us", lambda d: 1.0)
+
+    class Case:
+        name, num_params, n, lam = "fake", 3, 100, None
+
+    bench_llc.bench_case(Case(), Run(2, 3, 7, 2), names)
+    order = [name for name, _ in calls]
+    last_plain = max(i for i, n in enumerate(order) if n in ("slt", "devinterp-llc"))
+    assert all(order.index(n) > last_plain for n in ("slt-compiled", "slt-plain-compiled"))
+    warm_ups = [draws for name, draws in calls[:2]]  # the first calls: full runs, not 20 draws
+    assert warm_ups == [7, 7]
