@@ -93,6 +93,7 @@ def summary(results: list[dict]) -> str:
         )
     lines = ["\n".join(rows), ""]
     lines += [line for line in map(sgld_floor, results) if line]
+    lines += [line for line in map(first_calls, results) if line]
     for res in results:
         ms = res["methods"]
         if "slt-compiled" not in ms:
@@ -136,11 +137,12 @@ def summary(results: list[dict]) -> str:
 
 
 def sgld_floor(res: dict) -> str:
-    """One line: the least a chain-step of SGLD costs here — an SGD step plus the draw of d
-    normals, which every SGLD step makes and an SGD step does not — and how much faster
-    than devinterp ``llc()`` an estimate at that cost per step, with no fixed cost, would
-    be: the most any SGLD stepping one chain at a time can gain on the case ("" where the
-    run lacks the SGD row, devinterp or the draw's timing)."""
+    """One line: a reference cost of a chain-step of SGLD here — PyTorch's SGD step plus the
+    draw of d normals, which every SGLD step makes and an SGD step does not — and how much
+    faster than devinterp ``llc()`` an estimate at that cost per step, with no fixed cost,
+    would be ("" where the run lacks the SGD row, devinterp or the draw's timing). Not a
+    bound: a step cheaper than PyTorch's SGD step (attention by parts) goes below it, and
+    so do batched chains; where the step is arithmetic it is close to one."""
     ms, noise = res["methods"], res.get("noise_us")
     sgd = _field(ms, "sgd", "us_per_step")
     devinterp = _field(ms, "devinterp-llc", "median_call_s")
@@ -154,10 +156,24 @@ def sgld_floor(res: dict) -> str:
     return (
         f"SGLD floor on {res['case']}: an SGD step {sgd:.0f} µs + a draw of "
         f"{res['num_params']:,} normals {noise:.0f} µs per chain-step; {steps:,} of them take "
-        f"{floor_s:.3g} s, devinterp llc() {devinterp:.3g} s: {devinterp / floor_s:{RATIO}}×, "
-        f"the most an SGLD stepping one chain at a time could gain on it (slt defaults / plain "
-        f"SGLD {ours}×; batching chains can go below the floor)."
+        f"{floor_s:.3g} s, devinterp llc() {devinterp:.3g} s: {devinterp / floor_s:{RATIO}}× "
+        f"(slt defaults / plain SGLD {ours}×)."
     )
+
+
+def first_calls(res: dict) -> str:
+    """One line: each method's first call in the case's process (a full call: the imports,
+    tracing or compiling it pays once), against the medians of the calls after it."""
+    ms = res["methods"]
+    parts = []
+    for name, label in (("slt", "slt defaults"), ("slt-plain", "plain SGLD"),
+                        ("devinterp-llc", "devinterp llc()")):  # fmt: skip
+        first, median = _field(ms, name, "warm_up_s"), _field(ms, name, "median_call_s")
+        if first is not None and median is not None:
+            parts.append(f"{label} {first:.3g} s (then {median:.3g} s)")
+    if not parts:
+        return ""
+    return f"First call on {res['case']} {res['run_label']}: " + ", ".join(parts) + "."
 
 
 # a case with a machine figure over this many times the run's lowest ran in a slow spell

@@ -120,9 +120,21 @@ def test_sgld_floor_column_and_line():
     floor = [x for x in lines if x.startswith("SGLD floor")]
     assert floor == [
         "SGLD floor on relu_mlp(20-100-80-1): an SGD step 5600 µs + a draw of 10,261 normals "
-        "2400 µs per chain-step; 240 of them take 1.92 s, devinterp llc() 4.8 s: 2.5×, the "
-        "most an SGLD stepping one chain at a time could gain on it (slt defaults / plain "
-        "SGLD 4.96 / 8.04×; batching chains can go below the floor)."
+        "2400 µs per chain-step; 240 of them take 1.92 s, devinterp llc() 4.8 s: 2.5× "
+        "(slt defaults / plain SGLD 4.96 / 8.04×)."
+    ]
+
+
+def test_first_calls_line():
+    report = _report()
+    res = _result(None)
+    assert "First call" not in report.summary([res])  # no warm-up recorded (smoke)
+    res["methods"]["slt"].update(warm_up_s=1.22, median_call_s=0.26)
+    res["methods"]["devinterp-llc"].update(warm_up_s=9.9, median_call_s=9.5)
+    lines = [x for x in report.summary([res]).splitlines() if x.startswith("First call")]
+    assert lines == [
+        "First call on relu_mlp(20-100-80-1) 4×(100+500): slt defaults 1.22 s (then 0.26 s), "
+        "devinterp llc() 9.9 s (then 9.5 s)."
     ]
 
 
