@@ -180,8 +180,9 @@ def bench_case(case, run: Run, names: list[str], *, warm_up: bool = True) -> dic
     short = {name: [] for name in names}
     chains = {name: [] for name in names}
     # the compiled rows last: what compiling leaves in the process must not time the others
-    for group in ([n for n in names if n not in COMPILED_METHODS],
-                  [n for n in names if n in COMPILED_METHODS]):  # fmt: skip
+    groups = ([n for n in names if n not in COMPILED_METHODS],
+              [n for n in names if n in COMPILED_METHODS])  # fmt: skip
+    for group in (g for g in groups if g):  # the 1M model has no compiled rows
         for name in group if warm_up else ():  # a full call: imports, tracing, compiling
             warm_up_s[name] = timed(METHODS[name].run, case, run, 0, nbeta)[0]
         for rep in range(run.repeats):

@@ -87,3 +87,6 @@ def test_compiled_rows_run_after_the_others_and_each_warm_up_is_a_full_call(monk
     assert all(order.index(n) > last_plain for n in ("slt-compiled", "slt-plain-compiled"))
     warm_ups = [draws for name, draws in calls[:2]]  # the first calls: full runs, not 20 draws
     assert warm_ups == [7, 7]
+    calls.clear()  # a case without compiled rows (the 1M model)
+    bench_llc.bench_case(Case(), Run(2, 3, 7, 2), ["slt", "devinterp-llc"])
+    assert {name for name, _ in calls} == {"slt", "devinterp-llc"}
