@@ -308,7 +308,11 @@ def main(argv=None) -> dict:
     results = []
     for key in args.cases:
         start = time.perf_counter()
-        results.append(_case_process(key, mode, args))
+        try:
+            results.append(_case_process(key, mode, args))
+        except subprocess.CalledProcessError:  # its traceback is above; the others still run
+            print(f"{key}: FAILED", flush=True)
+            continue
         print(f"{key}: {time.perf_counter() - start:.0f} s", flush=True)
     table = markdown(results) + "\n\n" + summary(results)
     print("\n" + table)
