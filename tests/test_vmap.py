@@ -300,3 +300,13 @@ def test_a_parameter_read_through_a_list_is_caught_not_held_at_w_star():
     auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
     loop = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="loop", **kw)
     assert auto.chain_method == "loop" and np.array_equal(auto.trace, loop.trace)
+
+
+def test_the_batched_gradient_check_passes_at_a_minimum_on_the_full_batch():
+    # there the gradient is itself rounding: the check must not mistake rounding for a
+    # parameter vmap cannot swap (it would refuse chain_method="vmap")
+    case = zoo.regular(10, n=512)
+    loader = torch.utils.data.DataLoader(case.dataset, batch_size=512)
+    res = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="vmap", num_chains=2,
+                           num_draws=10, step_size=1e-4, progress=False)  # fmt: skip
+    assert res.chain_method == "vmap" and np.isfinite(res.llc)

@@ -200,11 +200,15 @@ def check_batched_gradient(posterior: Posterior) -> None:
     center = [v.detach().unsqueeze(0) for v in posterior.center.values()]
     batched, _ = chain_pass.gradients(_stack_batches([batch]), *center, *chain_pass.extras)
     params = list(posterior.reset().values())
-    own = posterior._grads(posterior.loss(posterior.module, batch), params)
+    loss = posterior.loss(posterior.module, batch)
+    own = posterior._grads(loss, params)
     batched = torch.cat([g[0].reshape(-1) for g in batched]).double()
     own = torch.cat([g.detach().reshape(-1) for g in own]).double()
     gap = float((batched - own).norm())
-    if not gap <= 1e-4 * float(own.norm()) + 1e-6 * math.sqrt(own.numel()):
+    # what it catches is gross (a parameter's whole gradient missing); rounding, even near
+    # a minimum where the gradient is itself rounding, stays far inside this
+    rounding = 1e3 * torch.finfo(posterior.dtype).eps * max(1.0, abs(float(loss.detach())))
+    if not gap <= 1e-2 * float(own.norm()) + rounding * math.sqrt(own.numel()):
         raise ValueError(
             f"chain_method='vmap': the batched pass's gradient at w* differs from the model's "
             f"own (|difference| {gap:.3g} against |gradient| {float(own.norm()):.3g}): the "
