@@ -160,3 +160,20 @@ def test_llc_vs_nbeta_names_a_bad_grid(nbetas):
     with pytest.raises(ValueError, match="nbetas must be a sequence of finite numbers > 0"):
         slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, nbetas=nbetas,
                          step_size=1e-3, progress=False)  # fmt: skip
+
+
+def test_a_sweep_prints_no_nan_or_inf_percent_and_a_result_with_numpy_scalars_is_json():
+    import dataclasses
+    import json
+
+    from slt.nbeta import NbetaSweep
+
+    sweep = NbetaSweep(nbeta=np.array([10.0, 20.0, 40.0]), llc=np.array([0.0, np.nan, 2.0]),
+                       llc_std=np.array([0.1, 0.1, 0.1]), step_size=np.array([1e-3] * 3), n=64,
+                       results=())  # fmt: skip
+    text = str(sweep)
+    assert "nan%" not in text and "inf%" not in text and text.count("—") == 2
+    case = slt.zoo.regular(1, n=32)
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=2, num_draws=4,
+                           step_size=1e-3, progress=False)  # fmt: skip
+    json.dumps(dataclasses.replace(res, llc=np.float32(res.llc)).to_dict())

@@ -44,7 +44,8 @@ class NbetaSweep:
         for i, (nb, eps, v, se) in enumerate(
             zip(self.nbeta, self.step_size, self.llc, self.llc_std)
         ):
-            change = "" if i == 0 else f"{self.relative_change[i - 1]:+.1%}"
+            step = self.relative_change[i - 1] if i else math.nan
+            change = "" if i == 0 else f"{step:+.1%}" if math.isfinite(step) else "—"
             lines.append(f"{nb:>10.4g} {eps:>10.3g} {v:>11.4g} ± {se:<7.2g} {change:>8}")
         return "\n".join(lines)
 

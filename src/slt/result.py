@@ -67,6 +67,8 @@ class LLCResult:
                 out[key] = value.tolist()
             elif isinstance(value, tuple):
                 out[key] = list(value)
+            elif isinstance(value, np.generic):  # a numpy scalar: json cannot write it
+                out[key] = value.item()
         return out
 
     def save(self, path) -> None:
