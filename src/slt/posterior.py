@@ -119,6 +119,20 @@ def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
     return loss.reshape(())
 
 
+def mean_loss(module: torch.nn.Module, stream: BatchStream, loss_fn: LossFn) -> float:
+    """L_n at ``module``'s weights: the sample-weighted mean of ``loss_fn`` over one complete
+    pass of ``stream`` (no gradient), attention computed as the sampled loss computes it, not
+    by PyTorch's no-grad fast path; NaN if the pass yields nothing."""
+    total, count = 0.0, 0
+    with torch.no_grad(), plain_attention(math_backend=False):
+        for i, batch in enumerate(stream.complete_pass()):
+            loss = check_scalar_loss(loss_fn(module, batch), where=f"on batch {i}")
+            size = batch_size(batch)
+            total += float(loss) * size
+            count += size
+    return total / count if count else math.nan
+
+
 class Posterior:
     """Localized tempered posterior around the parameters of ``model`` (taken as w*).
 

@@ -344,19 +344,12 @@ def record_path_of(path: str | os.PathLike, step: int) -> str:
 def full_loss(model: torch.nn.Module, loader: Iterable, loss_fn: Callable) -> float:
     """L_n at the model's weights: the sample-weighted mean of batch losses over one pass
     (in eval mode, in a fixed order), as :func:`slt.estimate_llc` computes L_n(w*)."""
-    from slt.attention import plain_attention
-    from slt.data import BatchStream, batch_size
+    from slt.data import BatchStream
+    from slt.posterior import mean_loss
 
     device = next(iter(model.parameters()), torch.empty(0)).device
-    total, count = 0.0, 0
     model = copy.deepcopy(model).eval()  # the factory's module keeps its mode
-    # attention as estimate_llc computes it (not PyTorch's no-grad fast path)
-    with torch.no_grad(), plain_attention(math_backend=False):
-        for batch in BatchStream(loader, device).complete_pass():
-            size = batch_size(batch)
-            total += float(loss_fn(model, batch)) * size
-            count += size
-    return total / count if count else math.nan
+    return mean_loss(model, BatchStream(loader, device), loss_fn)
 
 
 def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:

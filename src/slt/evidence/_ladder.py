@@ -35,11 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from slt import _checks
-from slt.attention import plain_attention
 from slt.chains import DivergenceError, run_chains
 from slt.curvature import top_hessian_eigenvalue
-from slt.data import BatchStream, batch_size
-from slt.posterior import Posterior, check_scalar_loss
+from slt.data import BatchStream
+from slt.posterior import Posterior, mean_loss
 from slt.samplers import FULL_BATCH, SAMPLERS
 from slt.sampling import build_posterior
 
@@ -169,15 +168,7 @@ class GlobalPosterior:
         """n L_n(w) at ``state``, one pass over the data."""
         module = self.model_at(state).eval()
         stream = BatchStream(self.loader, self.center[self.names[0]].device)
-        total, count = 0.0, 0
-        # attention as the sampled loss computes it (not PyTorch's no-grad fast path)
-        with torch.no_grad(), plain_attention(math_backend=False):
-            for i, batch in enumerate(stream.complete_pass()):
-                loss = check_scalar_loss(self.loss_fn(module, batch), where=f"on batch {i}")
-                size = batch_size(batch)
-                total += float(loss) * size
-                count += size
-        return self.n * total / count
+        return self.n * mean_loss(module, stream, self.loss_fn)
 
     def _probe_batch(self, posterior: Posterior):
         if posterior.full_data is not None:
