@@ -274,3 +274,67 @@ def test_chain_does_not_depend_on_num_chains(sampler):
     np.testing.assert_array_equal(three.trace_at_center[:2], two.trace_at_center)
     np.testing.assert_array_equal(three.llc_per_chain[:2], two.llc_per_chain)
     assert not np.array_equal(three.trace[2], three.trace[1])
+
+
+# --- the evidence functions: the caller's global random state ------------------------------
+
+
+class AlwaysDropout(torch.nn.Module):
+    """Dropout in forward whatever the mode: user code that draws from the global state."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.linear(torch.nn.functional.dropout(x, 0.1, training=True))
+
+
+def evidence_calls():
+    small = dict(num_chains=2, num_draws=8, num_burnin=4, progress=False)
+    return {
+        "wbic": lambda m, dl, loss, seed: slt.wbic(m, dl, loss, num_anneal=1, seed=seed, **small),
+        "waic": lambda m, dl, loss, seed: slt.waic(m, dl, loss, num_anneal=1, seed=seed, **small),
+        "free_energy": lambda m, dl, loss, seed: slt.free_energy(
+            m, dl, loss, num_rungs=3, num_prior_draws=4, seed=seed, **small
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["wbic", "waic", "free_energy"])
+def test_evidence_leaves_the_global_rng_alone_and_repeats_with_its_seed(name):
+    """A model that draws from torch's global random state (always-on dropout) neither
+    advances the caller's state nor makes the numbers depend on it, and the model (its
+    state, mode and gradients) and the data are left as they were: as estimate_llc."""
+    x, y = make_tensors(64)
+    x0, y0 = x.clone(), y.clone()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    call = evidence_calls()[name]
+    values = []
+    for caller_seed in (1234, 99):
+        torch.manual_seed(caller_seed)
+        model = AlwaysDropout()
+        torch.nn.init.constant_(model.linear.weight, 0.3)
+        torch.nn.init.constant_(model.linear.bias, 0.0)
+        model.linear.weight.grad = torch.ones_like(model.linear.weight)
+        before, state = snapshot(model), torch.get_rng_state()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = call(model, loader, slt.gaussian_nll(0.5), 3)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert_same(before, snapshot(model))
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+        values.append(json_numbers(res.to_dict()))
+    assert values[0] == values[1]
+
+
+def json_numbers(d: dict) -> list:
+    """The finite numbers of a result's to_dict (not its timing), in order."""
+    out = []
+    for key, value in d.items():
+        if key in ("seconds", "settings"):
+            continue
+        arr = np.asarray(value) if not isinstance(value, dict) else np.asarray([])
+        if arr.dtype.kind in "fiu":
+            out.extend(np.nan_to_num(arr, nan=-1.0).ravel().tolist())
+    return out

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt.chains import seeded_global_rng
 from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, geometric, seeded_generator
 from slt.evidence._result import ToDict
@@ -129,6 +130,7 @@ def ladder_weights(betas: np.ndarray) -> np.ndarray:
     return w
 
 
+@seeded_global_rng
 def free_energy(
     model: torch.nn.Module,
     loader: Iterable,

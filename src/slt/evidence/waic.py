@@ -31,6 +31,7 @@ import torch
 
 from slt import _checks
 from slt.attention import plain_attention
+from slt.chains import seeded_global_rng
 from slt.data import BatchStream
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
@@ -116,6 +117,7 @@ class _HeldOut:
         self.count += 1
 
 
+@seeded_global_rng
 def waic(
     model: torch.nn.Module,
     loader: Iterable,

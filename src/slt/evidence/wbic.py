@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt.chains import seeded_global_rng
 from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
@@ -85,6 +86,7 @@ class WBICResult(ToDict):
         return "\n".join(lines)
 
 
+@seeded_global_rng
 def wbic(
     model: torch.nn.Module,
     loader: Iterable,
