@@ -338,3 +338,15 @@ def json_numbers(d: dict) -> list:
         if arr.dtype.kind in "fiu":
             out.extend(np.nan_to_num(arr, nan=-1.0).ravel().tolist())
     return out
+
+
+def test_hooks_on_the_model_run_during_sampling_on_its_copies():
+    """As the README says: a hook is part of the function sampled (the private copies keep
+    it), so one that records activations records every step's."""
+    x, y = make_tensors()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1))
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(module))
+    res = estimate(model, DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+    assert len(calls) >= res.num_chains * (20 + 5)
+    assert all(module is not model[0] for module in calls)  # copies, not the user's layer
