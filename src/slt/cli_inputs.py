@@ -90,7 +90,7 @@ def _resolve(spec: str, option: str):
             raise typer.BadParameter(f"file {where} does not exist", param_hint=option)
         name = "_slt_cli_" + "".join(c if c.isalnum() else "_" for c in str(file))
         # --model and --data from one file share one module; process-pool workers load it
-        # too, so a Dataset class defined in the file unpickles there
+        # too and Ray tasks get it by value, so a Dataset class defined in the file unpickles
         module = load_file_module(name, file)
     else:
         if os.getcwd() not in sys.path:

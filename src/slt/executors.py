@@ -14,8 +14,9 @@ count splits sums differently and changes λ̂ in its last digits (float32 round
   (or live in a file given to :func:`load_file_module`, which each worker loads first).
 - ``"ray"``: Ray tasks (``pip install 'slt[ray]'``); connects to a running cluster
   (``RAY_ADDRESS``) or starts a local one if Ray is not initialized. ``shared`` goes to
-  the object store once. Ray pickles with cloudpickle, so lambdas and closures work. Each
-  task asks for one GPU when the cluster has any.
+  the object store once. Ray pickles with cloudpickle, so lambdas and closures work, and
+  what a file module from :func:`load_file_module` defines goes by value (a worker could
+  not import it by name). Each task asks for one GPU when the cluster has any.
 
 Results are handed to ``on_result(job, result)`` in the calling process as each job
 finishes, in completion order. The first job that raises stops the others and re-raises.
@@ -24,6 +25,7 @@ finishes, in completion order. The first job that raises stops the others and re
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -91,7 +93,8 @@ def check_picklable(named: dict[str, Any], executor: str) -> None:
 
 def load_file_module(name: str, path: str | os.PathLike):
     """Import the Python file ``path`` as module ``name`` (its folder on ``sys.path``, as for
-    a script), once; pool workers load it too before unpickling what refers to it."""
+    a script), once; pool workers load it too before unpickling what refers to it, and Ray
+    gets what it defines by value."""
     import importlib.util
     import sys
 
@@ -175,6 +178,27 @@ def _ray_task(function, shared, job, threads):
     return function(shared, job)
 
 
+@contextlib.contextmanager
+def _file_modules_by_value():
+    """Have Ray's cloudpickle send the functions and classes of the file modules this
+    process loaded by value, not by reference: a Ray worker (perhaps on another machine)
+    cannot import a module by a name that only this process gave a file. Undone after."""
+    import sys
+
+    from ray import cloudpickle
+
+    already = set(cloudpickle.list_registry_pickle_by_value())
+    modules = [sys.modules[name] for name in _FILE_MODULES if name in sys.modules]
+    modules = [module for module in modules if module.__name__ not in already]
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 def _run_ray(function, shared, jobs, on_result, threads, gpus_per_job):
     ray = _ray()
     if not ray.is_initialized():
@@ -182,8 +206,9 @@ def _run_ray(function, shared, jobs, on_result, threads, gpus_per_job):
     if gpus_per_job == "auto":
         gpus_per_job = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     task = ray.remote(_ray_task).options(num_cpus=threads or 1, num_gpus=gpus_per_job)
-    shared_ref = ray.put(shared)
-    pending = {task.remote(function, shared_ref, job, threads): job for job in jobs}
+    with _file_modules_by_value():  # ray.put and .remote pickle here, at once
+        shared_ref = ray.put(shared)
+        pending = {task.remote(function, shared_ref, job, threads): job for job in jobs}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
