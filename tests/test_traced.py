@@ -297,6 +297,48 @@ def test_a_model_that_stores_a_tensor_in_forward_is_left_as_it_was_by_the_trace(
     fresh(x[:8])  # and the module still runs eagerly
 
 
+class _Counted(torch.nn.Module):
+    """A forward that updates a buffer in place, once per pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return self.lin(x)
+
+
+def _counted_loss(model, batch):  # reads the buffer: its value shows in every L_B
+    return slt.gaussian_nll(0.3)(model, batch) + 1e-3 * model.count
+
+
+def test_a_buffer_updated_in_forward_is_updated_once_per_pass_on_a_first_use(tracing):
+    # the first use runs the eager pass, then checks the graph: from the buffer the eager
+    # pass updated, the buffer moved twice and the graph, seeing it, failed its check
+    def fn(batch, weight, count):
+        count += 1
+        return (batch @ weight).sum() + count
+
+    x, weight, count = torch.randn(8, 3), torch.randn(3, 1), torch.zeros(())
+    replayed = traced.TracedPass(fn)
+    for calls in (1, 2, 3):
+        out = replayed(x, weight, count)
+        assert count.item() == calls
+        assert torch.equal(out, (x @ weight).sum() + calls)
+    assert list(replayed._graphs.values())[0] is not None  # the graph passed its check
+    # through an estimate: the user's model untouched, the same numbers as the eager pass
+    torch.manual_seed(0)
+    model = _Counted().eval()
+    loader = _data(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, slow, new = _traced_and_eager(model, loader, _counted_loss)
+    assert new == 1
+    _same(fast, slow)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_partial_losses_with_other_arguments_have_other_fingerprints():
     # a partial keeps its arguments in slots, not __dict__: they were left out of the key,
     # so a graph of partial(loss, scale=1) could be offered for partial(loss, scale=2)

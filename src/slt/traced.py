@@ -111,13 +111,15 @@ class TracedPass:
         if not shared:
             with _LOCK:
                 graph = _trace(self.fn, args, self.module)
+        before = [t.clone() for t in args[1:]]  # a forward may update a buffer in place
         result = self.fn(*args)
-        if graph is not None and not _same(graph(*args), result):
+        check = _Check(args, before, result)
+        if graph is not None and not check(graph):
             graph = None
             if shared and self.trace:
                 with _LOCK:
                     graph = _trace(self.fn, args, self.module)
-                if graph is not None and not _same(graph(*args), result):
+                if graph is not None and not check(graph):
                     graph = None
         elif shared and graph is not None:
             with _LOCK:
@@ -126,6 +128,30 @@ class TracedPass:
             with _LOCK:
                 _remember(key, graph)
         return graph, result
+
+
+class _Check:
+    """``check(graph)``: whether ``graph`` reproduces the eager pass that turned the tensors
+    after the batch from ``before`` into their values now and returned ``result``, run from
+    ``before`` too. Without that a forward that updates a buffer in place (a counter, a
+    running statistic) would update it once more on a first use, and the graph, seeing the
+    updated buffer, would fail its check or give other numbers. The tensors are left as the
+    eager pass left them."""
+
+    def __init__(self, args: tuple, before: list[torch.Tensor], result: Any):
+        self.args, self.result = args, result
+        changed = [i for i, (t, b) in enumerate(zip(args[1:], before)) if not _equal(t, b)]
+        self.changed = [(args[1 + i], before[i], args[1 + i].clone()) for i in changed]
+
+    def __call__(self, graph: _Replay) -> bool:
+        with torch.no_grad():
+            for tensor, before, _ in self.changed:
+                tensor.copy_(before)
+            same = _same(graph(*self.args), self.result)
+            for tensor, _, after in self.changed:
+                same = same and _equal(tensor, after)
+                tensor.copy_(after)
+        return same
 
 
 class _Replay:
@@ -239,6 +265,13 @@ def _same(a: Any, b: Any) -> bool:
         torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
         for x, y in zip(left, right)
     )
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, a NaN equal to a NaN (a buffer may hold NaNs that no pass changed)."""
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
 
 
 def _same_layout(a: Any, b: Any) -> bool:
