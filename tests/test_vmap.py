@@ -302,6 +302,29 @@ def test_a_parameter_read_through_a_list_is_caught_not_held_at_w_star():
     assert auto.chain_method == "loop" and np.array_equal(auto.trace, loop.trace)
 
 
+def test_a_forward_that_updates_state_its_output_reads_is_refused_by_name():
+    # the batched step updates such a buffer once for all chains, the loop once per chain:
+    # they cannot agree, and the error says so rather than blaming a list or a closure
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 1)
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x):
+            self.count.add_(1)
+            return self.a(x) * (1 + 0.1 * self.count)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    kw = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+    with pytest.raises(ValueError, match="a buffer changed in place"):
+        slt.estimate_llc(Counting(), loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
+    assert slt.estimate_llc(Counting(), loader, slt.gaussian_nll(1.0), **kw).chain_method == "loop"
+
+
 def test_the_batched_gradient_check_passes_at_a_minimum_on_the_full_batch():
     # there the gradient is itself rounding: the check must not mistake rounding for a
     # parameter vmap cannot swap (it would refuse chain_method="vmap")

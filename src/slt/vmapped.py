@@ -213,7 +213,9 @@ def check_batched_gradient(posterior: Posterior) -> None:
             f"chain_method='vmap': the batched pass's gradient at w* differs from the model's "
             f"own (|difference| {gap:.3g} against |gradient| {float(own.norm()):.3g}): the "
             "model reads a sampled parameter other than through its attribute (kept in a "
-            "list or a closure), which torch.func cannot swap; use chain_method='loop'"
+            "list or a closure), which torch.func cannot swap, or its forward updates state "
+            "that its output reads (a buffer changed in place), which the batched step "
+            "updates once for all chains; use chain_method='loop'"
         )
 
 
