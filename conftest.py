@@ -2,6 +2,9 @@
 2-core machine torch's thread pool costs more than it saves (measured 10-20x slower
 full-batch runs when the cores are shared)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,3 +21,26 @@ def no_cache(monkeypatch):
         self._cache_loss = self._cache_grad = self._factors = None
 
     monkeypatch.setattr(posterior.Posterior, "_build_cache", build)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for every test that needs it: a second ``ray.init`` in the
+    same process, after a ``shutdown``, timed out waiting for its GCS server on a busy
+    2-core machine. Workers get tests/ on PYTHONPATH (the trajectory tests' factories)."""
+    ray = pytest.importorskip("ray")
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("ray-home"))  # Ray writes under ~
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    tests = str(Path(__file__).parent / "tests")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": tests}})  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    yield ray
+    ray.shutdown()

@@ -240,17 +240,9 @@ def test_serial_and_process_give_identical_numbers(ckpts):
     assert {r["pid"] for r in pooled.rows}.isdisjoint({os.getpid()})
 
 
-def test_ray_gives_identical_numbers(ckpts, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+def test_ray_gives_identical_numbers(ckpts, tmp_path, ray_cluster):
     serial = _run(ckpts)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})  # fmt: skip
-    try:
-        on_ray = _run(ckpts, executor="ray", results=tmp_path / "r.jsonl")
-    finally:
-        ray.shutdown()
+    on_ray = _run(ckpts, executor="ray", results=tmp_path / "r.jsonl")
     np.testing.assert_array_equal(on_ray.llc, serial.llc)
     np.testing.assert_array_equal(on_ray.llc_per_chain, serial.llc_per_chain)
     assert len(read(tmp_path / "r.jsonl").rows) == 5

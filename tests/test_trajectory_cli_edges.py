@@ -331,23 +331,17 @@ def test_process_executor_with_a_dataset_class_from_a_file(cli, tmp_path):
     assert [r["llc"] for r in pooled] == [r["llc"] for r in alone]
 
 
-def test_ray_executor_with_a_dataset_class_from_a_file(cli, tmp_path, monkeypatch):
+def test_ray_executor_with_a_dataset_class_from_a_file(cli, tmp_path, ray_cluster):
     # Ray workers cannot import the file's module by its name: what it defines goes by value
-    ray = pytest.importorskip("ray")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     serial = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "s.jsonl", "--plot", "s.png")
     assert serial.exit_code == 0, serial.output
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        out = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "r.jsonl", "--executor",
-                  "ray", "--plot", "r.png")  # fmt: skip
-    finally:
-        ray.shutdown()
+    out = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "r.jsonl", "--executor",
+              "ray", "--plot", "r.png")  # fmt: skip
     assert out.exit_code == 0, out.output
     on_ray, alone = read(tmp_path / "r.jsonl").rows, read(tmp_path / "s.jsonl").rows
     assert [r["pid"] for r in on_ray] != [os.getpid()] * 2
-    assert [r["llc"] for r in on_ray] == [r["llc"] for r in alone]
+    # rows are written as jobs finish, in any order on a cluster of two workers
+    assert {r["step"]: r["llc"] for r in on_ray} == {r["step"]: r["llc"] for r in alone}
     from ray import cloudpickle
 
     assert not [m for m in cloudpickle.list_registry_pickle_by_value() if "_slt_cli_" in m]

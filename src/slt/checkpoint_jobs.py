@@ -67,8 +67,12 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
     if len(set(steps)) != len(steps):
         raise ValueError(f"steps must be distinct, got {steps}")
     labels = _labels(sources, steps)
-    jobs = [Job(label, step, source if isinstance(source, str) else dict(source), _sha256(source))
-            for label, step, source in zip(labels, steps, sources)]  # fmt: skip
+    # a path goes to the job absolute: a worker (a Ray cluster started elsewhere) may run in
+    # another folder
+    jobs = [
+        Job(label, step, os.path.abspath(s) if isinstance(s, str) else dict(s), _sha256(s))
+        for label, step, s in zip(labels, steps, sources)
+    ]
     return sorted(jobs, key=lambda j: j.step)
 
 

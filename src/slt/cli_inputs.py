@@ -15,12 +15,12 @@ class _ModelSpec:
     """A picklable zero-argument model factory for a --model spec (resolved where called)."""
 
     def __init__(self, spec: str):
-        self.spec = spec
+        self.spec, self._absolute = spec, _absolute(spec)  # the latter to resolve
 
     def __call__(self):
         import copy
 
-        return copy.deepcopy(_build(self.spec, "--model", _is_module, "a torch.nn.Module"))
+        return copy.deepcopy(_build(self._absolute, "--model", _is_module, "a torch.nn.Module"))
 
     def __repr__(self) -> str:
         return f"--model {self.spec}"
@@ -31,13 +31,14 @@ class _LossSpec:
 
     def __init__(self, loss: str, sigma: float):
         self.loss, self.sigma, self._fn = loss, sigma, None
+        self._absolute = _absolute(loss)  # to resolve
 
     def __getstate__(self):
-        return {"loss": self.loss, "sigma": self.sigma, "_fn": None}
+        return {**self.__dict__, "_fn": None}
 
     def __call__(self, model, batch):
         if self._fn is None:
-            self._fn = _loss(self.loss, self.sigma)
+            self._fn = _loss(self._absolute, self.sigma)
         return self._fn(model, batch)
 
     def __repr__(self) -> str:
@@ -70,6 +71,18 @@ def _parse_microbatch(text: str) -> int | str | None:
     return value
 
 
+def _is_file(where: str) -> bool:
+    """Whether the part of a spec before its last ":" names a file, not a module."""
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def _absolute(spec: str) -> str:
+    """``spec`` with a file's path made absolute: the process that resolves it (a Ray
+    worker of a cluster started elsewhere) may run in another folder."""
+    where, colon, attr = spec.rpartition(":")
+    return f"{os.path.abspath(where)}:{attr}" if colon and where and _is_file(where) else spec
+
+
 def _resolve(spec: str, option: str):
     """The object named by "pkg.module:attr" or "path/to/file.py:attr" (attr may be dotted)."""
     import importlib
@@ -84,7 +97,7 @@ def _resolve(spec: str, option: str):
             f'expected "pkg.module:attr" or "path/to/file.py:attr", got {spec!r}',
             param_hint=option,
         )
-    if where.endswith(".py") or "/" in where or os.sep in where:
+    if _is_file(where):
         file = Path(where).resolve()
         if not file.is_file():
             raise typer.BadParameter(f"file {where} does not exist", param_hint=option)
