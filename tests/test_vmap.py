@@ -325,6 +325,29 @@ def test_a_forward_that_updates_state_its_output_reads_is_refused_by_name():
     assert slt.estimate_llc(Counting(), loader, slt.gaussian_nll(1.0), **kw).chain_method == "loop"
 
 
+def test_a_model_vmap_cannot_run_gets_an_error_that_says_what_to_do():
+    # a running statistic updated from the batch in forward: torch.func's own error is a
+    # shape mismatch that names neither the cause nor the way out
+    class Running(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 1)
+            self.register_buffer("mean", torch.zeros(3))
+
+        def forward(self, x):
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.a(x - self.mean)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    kw = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+    with pytest.raises(RuntimeError, match="vmap cannot run the model's pass.*chain_method='loop'"):
+        slt.estimate_llc(Running(), loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
+    assert slt.estimate_llc(Running(), loader, slt.gaussian_nll(1.0), **kw).chain_method == "loop"
+
+
 def test_the_batched_gradient_check_passes_at_a_minimum_on_the_full_batch():
     # there the gradient is itself rounding: the check must not mistake rounding for a
     # parameter vmap cannot swap (it would refuse chain_method="vmap")

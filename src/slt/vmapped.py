@@ -198,7 +198,15 @@ def check_batched_gradient(posterior: Posterior) -> None:
     )
     chain_pass = ChainPass(posterior)
     center = [v.detach().unsqueeze(0) for v in posterior.center.values()]
-    batched, _ = chain_pass.gradients(_stack_batches([batch]), *center, *chain_pass.extras)
+    try:
+        batched, _ = chain_pass.gradients(_stack_batches([batch]), *center, *chain_pass.extras)
+    except RuntimeError as err:  # what torch.func says is about its batching, not the model
+        raise RuntimeError(
+            f"chain_method='vmap': torch.func.vmap cannot run the model's pass ({err}). An "
+            "operation without a batching rule, a forward that updates a buffer from the "
+            "batch (a running statistic) or one that branches on a tensor's value cannot be "
+            "batched; use chain_method='loop' (or 'auto', which falls back to it)"
+        ) from err
     params = list(posterior.reset().values())
     loss = posterior.loss(posterior.module, batch)
     own = posterior._grads(loss, params)
