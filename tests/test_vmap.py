@@ -277,6 +277,17 @@ def test_vmap_runs_eval_mode_attention_and_equals_the_loop(traced, monkeypatch):
     assert not model.training
 
 
+_REFUSAL_KW = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+
+
+def _sum_of_three_loader():
+    """y = x₁ + x₂ + x₃ on 256 samples: the data of the models vmap must refuse."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    return torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+
+
 def test_a_parameter_read_through_a_list_is_caught_not_held_at_w_star():
     # functional_call swaps registered parameters only: read through a list, the weight
     # would stay at w* in every vmapped chain (λ̂ 0.62 against the loop's 1.10)
@@ -289,11 +300,7 @@ def test_a_parameter_read_through_a_list_is_caught_not_held_at_w_star():
         def forward(self, x):
             return x @ self.refs[0].T + self.a.bias
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 3, generator=g)
-    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
-    kw = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+    loader, kw = _sum_of_three_loader(), _REFUSAL_KW
     model = ListRef()
     with pytest.raises(ValueError, match="reads a sampled parameter other than through"):
         slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
@@ -315,11 +322,7 @@ def test_a_forward_that_updates_state_its_output_reads_is_refused_by_name():
             self.count.add_(1)
             return self.a(x) * (1 + 0.1 * self.count)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 3, generator=g)
-    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
-    kw = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+    loader, kw = _sum_of_three_loader(), _REFUSAL_KW
     with pytest.raises(ValueError, match="a buffer changed in place"):
         slt.estimate_llc(Counting(), loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
     assert slt.estimate_llc(Counting(), loader, slt.gaussian_nll(1.0), **kw).chain_method == "loop"
@@ -338,11 +341,7 @@ def test_a_model_vmap_cannot_run_gets_an_error_that_says_what_to_do():
             self.mean.mul_(0.9).add_(0.1 * x.mean(0))
             return self.a(x - self.mean)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 3, generator=g)
-    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
-    kw = dict(num_chains=4, num_draws=20, step_size=1e-4, progress=False)
+    loader, kw = _sum_of_three_loader(), _REFUSAL_KW
     with pytest.raises(RuntimeError, match="vmap cannot run the model's pass.*chain_method='loop'"):
         slt.estimate_llc(Running(), loader, slt.gaussian_nll(1.0), chain_method="vmap", **kw)
     assert slt.estimate_llc(Running(), loader, slt.gaussian_nll(1.0), **kw).chain_method == "loop"
