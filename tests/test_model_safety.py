@@ -285,6 +285,7 @@ class AlwaysDropout(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = torch.nn.Linear(3, 1)
+        self.unused = torch.nn.Dropout(0.1)  # in train mode: slt warns that it samples eval
 
     def forward(self, x):
         return self.linear(torch.nn.functional.dropout(x, 0.1, training=True))
@@ -318,11 +319,13 @@ def test_evidence_leaves_the_global_rng_alone_and_repeats_with_its_seed(name):
         torch.nn.init.constant_(model.linear.bias, 0.0)
         model.linear.weight.grad = torch.ones_like(model.linear.weight)
         before, state = snapshot(model), torch.get_rng_state()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             res = call(model, loader, slt.gaussian_nll(0.5), 3)
         assert torch.equal(torch.get_rng_state(), state)
         assert_same(before, snapshot(model))
+        # its warning (a train-mode Dropout) points at the caller, not inside slt
+        assert caught and all(w.filename == __file__ for w in caught)
         assert torch.equal(x, x0) and torch.equal(y, y0)
         values.append(json_numbers(res.to_dict()))
     assert values[0] == values[1]

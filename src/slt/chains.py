@@ -21,8 +21,6 @@ recorded at every step instead.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import numbers
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -89,25 +87,6 @@ def private_global_rng(seed: int):
         if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
             torch.default_generator.manual_seed(int(seed) ^ 0x5EED)
         yield
-
-
-def seeded_global_rng(function: Callable) -> Callable:
-    """Run ``function`` in :func:`private_global_rng` of its ``seed`` argument (0 for a
-    function without one): for the public functions that evaluate a user's model, whose
-    code may draw from torch's global random state (an always-on dropout)."""
-    signature = inspect.signature(function)
-    default = signature.parameters["seed"].default if "seed" in signature.parameters else 0
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            seed = signature.bind(*args, **kwargs).arguments.get("seed", default)
-        except TypeError:  # the call itself is wrong: let the function say how
-            seed = None
-        with private_global_rng(seed):
-            return function(*args, **kwargs)
-
-    return wrapper
 
 
 def chain_generators(seed: int, chain: int, device: torch.device):

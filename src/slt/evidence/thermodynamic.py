@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from slt import _checks
-from slt.chains import seeded_global_rng
+from slt.chains import private_global_rng
 from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, geometric, seeded_generator
 from slt.evidence._result import ToDict
@@ -130,7 +130,6 @@ def ladder_weights(betas: np.ndarray) -> np.ndarray:
     return w
 
 
-@seeded_global_rng
 def free_energy(
     model: torch.nn.Module,
     loader: Iterable,
@@ -221,102 +220,108 @@ def free_energy(
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     num_prior_draws = _checks.integer("num_prior_draws", num_prior_draws, minimum=num_chains)
     seed = _checks.integer("seed", seed, minimum=0)
-    gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std, prior_mean=prior_mean,
-                         sampler=sampler, control_variate=control_variate,
-                         step_scale=step_scale)  # fmt: skip
-    draws = gp.prior_draws(num_prior_draws, seeded_generator(seed, 2**31))
-    prior_values = np.array([gp.full_nll(s) for s in draws])
-    starts = draws[:num_chains]
-    if betas is None:
-        num_rungs = _checks.integer("num_rungs", num_rungs, minimum=3)
-        if beta_min is None:  # where β·sd_prior(n L_n) = 0.03 the posterior is still the prior
-            beta_min = min(0.5, 0.03 / max(float(prior_values.std(ddof=1)), 1e-12))
-        beta_min = _checks.real("beta_min", beta_min, minimum=0, strict=True)
-        if beta_min >= 1:
-            raise ValueError(f"beta_min must be < 1 (the ladder climbs to β = 1), got {beta_min!r}")
-        ladder = geometric(beta_min, 1.0, num_rungs)
-    else:
-        ladder = np.asarray(betas, dtype=float)
-        if (
-            ladder.ndim != 1
-            or len(ladder) < 3
-            or not (np.all(np.diff(ladder) > 0) and ladder[0] > 0 and ladder[-1] == 1.0)
-        ):
-            raise ValueError(
-                f"betas must be at least 3 values ascending from > 0 to exactly 1 (the "
-                f"integration error compares the rule on every other rung), got {betas!r}"
-            )
-    rungs, _ = gp.run(starts, ladder, num_draws=[num_draws] * len(ladder),
-                      num_burnin=[num_burnin] * len(ladder), seed=seed,
-                      progress=progress)  # fmt: skip
+    with private_global_rng(seed):  # what user code draws from it repeats with seed
+        gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
+                             prior_mean=prior_mean, sampler=sampler,
+                             control_variate=control_variate, step_scale=step_scale)  # fmt: skip
+        draws = gp.prior_draws(num_prior_draws, seeded_generator(seed, 2**31))
+        prior_values = np.array([gp.full_nll(s) for s in draws])
+        starts = draws[:num_chains]
+        if betas is None:
+            num_rungs = _checks.integer("num_rungs", num_rungs, minimum=3)
+            if beta_min is None:  # where β·sd_prior(n L_n) = 0.03 the posterior is still the prior
+                beta_min = min(0.5, 0.03 / max(float(prior_values.std(ddof=1)), 1e-12))
+            beta_min = _checks.real("beta_min", beta_min, minimum=0, strict=True)
+            if beta_min >= 1:
+                raise ValueError(
+                    f"beta_min must be < 1 (the ladder climbs to β = 1), got {beta_min!r}"
+                )
+            ladder = geometric(beta_min, 1.0, num_rungs)
+        else:
+            ladder = np.asarray(betas, dtype=float)
+            if (
+                ladder.ndim != 1
+                or len(ladder) < 3
+                or not (np.all(np.diff(ladder) > 0) and ladder[0] > 0 and ladder[-1] == 1.0)
+            ):
+                raise ValueError(
+                    f"betas must be at least 3 values ascending from > 0 to exactly 1 (the "
+                    f"integration error compares the rule on every other rung), got {betas!r}"
+                )
+        rungs, _ = gp.run(starts, ladder, num_draws=[num_draws] * len(ladder),
+                          num_burnin=[num_burnin] * len(ladder), seed=seed,
+                          progress=progress)  # fmt: skip
 
-    c = gp.nll_at_center
-    all_betas = np.concatenate([[0.0], ladder])
-    means = np.array([prior_values.mean()] + [r.mean for r in rungs])
-    se = np.array([prior_values.std(ddof=1) / math.sqrt(len(prior_values))]
-                  + [r.mcse for r in rungs])  # fmt: skip
-    ess = np.array([float(len(prior_values))] + [r.ess for r in rungs])
-    weights = ladder_weights(all_betas)
-    value = c + float(weights @ (means - c))
-    propagated = float(math.sqrt(np.sum((weights * se) ** 2)))
-    chain_means = np.stack([np.full(num_chains, means[0])] + [r.chain_means for r in rungs], 1)
-    per_chain = c + (chain_means - c) @ weights
-    ok = np.isfinite(per_chain)
-    between = float(per_chain[ok].std(ddof=1) / math.sqrt(ok.sum())) if ok.sum() > 1 else math.nan
-    integration = _integration_error(all_betas, means - c)
-    notes = list(gp.warnings)
-    if gp.sampler == "sgld":
-        low = [r.beta for r in rungs if r.acceptance < 0.9]
-        if low:
+        c = gp.nll_at_center
+        all_betas = np.concatenate([[0.0], ladder])
+        means = np.array([prior_values.mean()] + [r.mean for r in rungs])
+        se = np.array([prior_values.std(ddof=1) / math.sqrt(len(prior_values))]
+                      + [r.mcse for r in rungs])  # fmt: skip
+        ess = np.array([float(len(prior_values))] + [r.ess for r in rungs])
+        weights = ladder_weights(all_betas)
+        value = c + float(weights @ (means - c))
+        propagated = float(math.sqrt(np.sum((weights * se) ** 2)))
+        chain_means = np.stack([np.full(num_chains, means[0])] + [r.chain_means for r in rungs], 1)
+        per_chain = c + (chain_means - c) @ weights
+        ok = np.isfinite(per_chain)
+        between = (
+            float(per_chain[ok].std(ddof=1) / math.sqrt(ok.sum())) if ok.sum() > 1 else math.nan
+        )
+        integration = _integration_error(all_betas, means - c)
+        notes = list(gp.warnings)
+        if gp.sampler == "sgld":
+            low = [r.beta for r in rungs if r.acceptance < 0.9]
+            if low:
+                notes.append(
+                    "MALA acceptance of the SGLD moves below 0.9 at β = "
+                    f"{', '.join(f'{b:.3g}' for b in low)}: the step is too large there for an "
+                    "unbiased rung; lower step_scale"
+                )
+        thin = [r.beta for r in rungs if not r.ess >= MIN_ESS]
+        if thin:
             notes.append(
-                "MALA acceptance of the SGLD moves below 0.9 at β = "
-                f"{', '.join(f'{b:.3g}' for b in low)}: the step is too large there for an "
-                "unbiased rung; lower step_scale"
+                f"effective sample size below {MIN_ESS} at β = "
+                f"{', '.join(f'{b:.3g}' for b in thin)}: the Monte Carlo error there is itself "
+                "uncertain; use more draws or chains"
             )
-    thin = [r.beta for r in rungs if not r.ess >= MIN_ESS]
-    if thin:
-        notes.append(
-            f"effective sample size below {MIN_ESS} at β = {', '.join(f'{b:.3g}' for b in thin)}:"
-            " the Monte Carlo error there is itself uncertain; use more draws or chains"
+        if any(r.diverged.any() for r in rungs):
+            notes.append(f"{int(rungs[-1].diverged.sum())} of {num_chains} chains diverged")
+        if integration > max(propagated, between):
+            notes.append(
+                f"the integration error ({integration:.2g}) exceeds the Monte Carlo error: use "
+                "more rungs (num_rungs)"
+            )
+        for note in gp.warnings:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        return FreeEnergyResult(
+            free_energy=value,
+            mc_error=max(propagated, between) if math.isfinite(between) else propagated,
+            integration_error=integration,
+            mc_error_propagated=propagated,
+            mc_error_between_chains=between,
+            betas=all_betas,
+            expected_nll=means,
+            expected_nll_se=se,
+            weights=weights,
+            ess=ess,
+            step_size=np.array([math.nan] + [r.step_size for r in rungs]),
+            top_eigenvalue=np.array([math.nan] + [r.top_eigenvalue for r in rungs]),
+            acceptance=np.array([math.nan] + [r.acceptance for r in rungs]),
+            per_chain=per_chain,
+            nll_at_center=c,
+            n=gp.n,
+            num_params=gp.num_params,
+            prior_std=gp.prior_std,
+            prior_mean=gp.prior_mean,
+            sampler=gp.sampler,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            num_burnin=num_burnin,
+            num_prior_draws=num_prior_draws,
+            seed=seed,
+            seconds=time.perf_counter() - t0,
+            warnings=tuple(notes),
         )
-    if any(r.diverged.any() for r in rungs):
-        notes.append(f"{int(rungs[-1].diverged.sum())} of {num_chains} chains diverged")
-    if integration > max(propagated, between):
-        notes.append(
-            f"the integration error ({integration:.2g}) exceeds the Monte Carlo error: use more "
-            "rungs (num_rungs)"
-        )
-    for note in gp.warnings:
-        warnings.warn(note, UserWarning, stacklevel=2)
-    return FreeEnergyResult(
-        free_energy=value,
-        mc_error=max(propagated, between) if math.isfinite(between) else propagated,
-        integration_error=integration,
-        mc_error_propagated=propagated,
-        mc_error_between_chains=between,
-        betas=all_betas,
-        expected_nll=means,
-        expected_nll_se=se,
-        weights=weights,
-        ess=ess,
-        step_size=np.array([math.nan] + [r.step_size for r in rungs]),
-        top_eigenvalue=np.array([math.nan] + [r.top_eigenvalue for r in rungs]),
-        acceptance=np.array([math.nan] + [r.acceptance for r in rungs]),
-        per_chain=per_chain,
-        nll_at_center=c,
-        n=gp.n,
-        num_params=gp.num_params,
-        prior_std=gp.prior_std,
-        prior_mean=gp.prior_mean,
-        sampler=gp.sampler,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin=num_burnin,
-        num_prior_draws=num_prior_draws,
-        seed=seed,
-        seconds=time.perf_counter() - t0,
-        warnings=tuple(notes),
-    )
 
 
 def _integration_error(betas: np.ndarray, g: np.ndarray) -> float:

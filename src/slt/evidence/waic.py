@@ -31,7 +31,7 @@ import torch
 
 from slt import _checks
 from slt.attention import plain_attention
-from slt.chains import seeded_global_rng
+from slt.chains import private_global_rng
 from slt.data import BatchStream
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
@@ -117,7 +117,6 @@ class _HeldOut:
         self.count += 1
 
 
-@seeded_global_rng
 def waic(
     model: torch.nn.Module,
     loader: Iterable,
@@ -182,92 +181,94 @@ def waic(
     num_anneal = _checks.integer("num_anneal", num_anneal, minimum=0)
     record_every = _checks.integer("record_every", record_every, minimum=1)
     seed = _checks.integer("seed", seed, minimum=0)
-    gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std, prior_mean=prior_mean,
-                         sampler=sampler, control_variate=control_variate,
-                         step_scale=step_scale)  # fmt: skip
-    starts, _ = warm_starts(gp, num_chains=num_chains, beta=beta, num_anneal=num_anneal,
-                            num_burnin=num_burnin, seed=seed, progress=progress)  # fmt: skip
-    fn = per_sample(loss_fn)
-    recorders: dict[int, PerSampleRecorder] = {}
-    held: dict[int, _HeldOut] = {}
+    with private_global_rng(seed):  # what user code draws from it repeats with seed
+        gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
+                             prior_mean=prior_mean, sampler=sampler,
+                             control_variate=control_variate, step_scale=step_scale)  # fmt: skip
+        starts, _ = warm_starts(gp, num_chains=num_chains, beta=beta, num_anneal=num_anneal,
+                                num_burnin=num_burnin, seed=seed, progress=progress)  # fmt: skip
+        fn = per_sample(loss_fn)
+        recorders: dict[int, PerSampleRecorder] = {}
+        held: dict[int, _HeldOut] = {}
 
-    def observe(rung: int, chain: int, post):
-        rec = recorders[chain] = PerSampleRecorder(post, num_chains=1, start=num_burnin,
-                                                   every=record_every)  # fmt: skip
-        if test_loader is None:
-            return rec
-        out = held[chain] = _HeldOut(post, test_loader, fn, start=num_burnin, every=record_every)
+        def observe(rung: int, chain: int, post):
+            rec = recorders[chain] = PerSampleRecorder(post, num_chains=1, start=num_burnin,
+                                                       every=record_every)  # fmt: skip
+            if test_loader is None:
+                return rec
+            out = held[chain] = _HeldOut(post, test_loader, fn, start=num_burnin,
+                                         every=record_every)  # fmt: skip
 
-        def both(c: int, t: int) -> None:
-            rec(c, t)
-            out(c, t)
+            def both(c: int, t: int) -> None:
+                rec(c, t)
+                out(c, t)
 
-        return both
+            return both
 
-    rungs, _ = gp.run(starts, [beta], num_draws=[num_draws], num_burnin=[num_burnin], seed=seed,
-                      progress=progress, observe=observe)  # fmt: skip
-    rung = rungs[0]
-    ok = [c for c in range(num_chains) if not rung.diverged[c]]
-    parts = [recorders[c].close() for c in ok]
-    stats = PerSampleStats(
-        np.concatenate([p.count for p in parts]),
-        np.concatenate([p.mean for p in parts]),
-        np.concatenate([p.m2 for p in parts]),
-        np.concatenate([p.log_sum_exp_neg for p in parts]),
-    )
-    n_samples = stats.mean.shape[1]
-    mean, var, lse = stats.pooled()
-    t_n = float(-lse.mean())
-    v_n = float(var.sum())
-    chain_t = -(stats.log_sum_exp_neg - np.log(stats.count)[:, None]).mean(1)
-    chain_v = (stats.m2 / np.maximum(stats.count - 1, 1)[:, None]).sum(1)
-    chain_waic = chain_t + beta / n_samples * chain_v
-    root = math.sqrt(len(ok))
-    gen, gen_se, n_test = math.nan, math.nan, 0
-    if test_loader is not None:
-        lses = np.stack([held[c].lse - math.log(held[c].count) for c in ok])
-        n_test = lses.shape[1]
-        pooled = np.logaddexp.reduce(lses, axis=0) - math.log(len(ok))
-        gen = float(-pooled.mean())
-        gen_se = float((-lses.mean(1)).std(ddof=1) / root)
-    notes = list(gp.warnings)
-    if rung.diverged.any():
-        notes.append(f"{int(rung.diverged.sum())} of {num_chains} chains diverged")
-    if gp.sampler == "sgld" and rung.acceptance < 0.9:
-        notes.append(
-            f"MALA acceptance of the SGLD moves {rung.acceptance:.2f} < 0.9: the step is too "
-            "large; lower step_scale"
+        rungs, _ = gp.run(starts, [beta], num_draws=[num_draws], num_burnin=[num_burnin], seed=seed,
+                          progress=progress, observe=observe)  # fmt: skip
+        rung = rungs[0]
+        ok = [c for c in range(num_chains) if not rung.diverged[c]]
+        parts = [recorders[c].close() for c in ok]
+        stats = PerSampleStats(
+            np.concatenate([p.count for p in parts]),
+            np.concatenate([p.mean for p in parts]),
+            np.concatenate([p.m2 for p in parts]),
+            np.concatenate([p.log_sum_exp_neg for p in parts]),
         )
-    for note in gp.warnings:
-        warnings.warn(note, UserWarning, stacklevel=2)
-    return WAICResult(
-        waic=t_n + beta / n_samples * v_n,
-        waic_se=float(chain_waic.std(ddof=1) / root),
-        training_loss=t_n,
-        functional_variance=v_n,
-        functional_variance_se=float(chain_v.std(ddof=1) / root),
-        singular_fluctuation=beta / 2 * v_n,
-        singular_fluctuation_se=float(beta / 2 * chain_v.std(ddof=1) / root),
-        gibbs_training_loss=float(mean.mean()),
-        generalization_loss=gen,
-        generalization_loss_se=gen_se,
-        waic_per_chain=chain_waic,
-        singular_fluctuation_per_chain=beta / 2 * chain_v,
-        beta=beta,
-        n=n_samples,
-        n_test=n_test,
-        num_params=gp.num_params,
-        num_recorded=int(stats.count.min()),
-        prior_std=gp.prior_std,
-        prior_mean=gp.prior_mean,
-        sampler=gp.sampler,
-        step_size=rung.step_size,
-        acceptance=rung.acceptance,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin=num_burnin,
-        record_every=record_every,
-        seed=seed,
-        seconds=time.perf_counter() - t0,
-        warnings=tuple(notes),
-    )
+        n_samples = stats.mean.shape[1]
+        mean, var, lse = stats.pooled()
+        t_n = float(-lse.mean())
+        v_n = float(var.sum())
+        chain_t = -(stats.log_sum_exp_neg - np.log(stats.count)[:, None]).mean(1)
+        chain_v = (stats.m2 / np.maximum(stats.count - 1, 1)[:, None]).sum(1)
+        chain_waic = chain_t + beta / n_samples * chain_v
+        root = math.sqrt(len(ok))
+        gen, gen_se, n_test = math.nan, math.nan, 0
+        if test_loader is not None:
+            lses = np.stack([held[c].lse - math.log(held[c].count) for c in ok])
+            n_test = lses.shape[1]
+            pooled = np.logaddexp.reduce(lses, axis=0) - math.log(len(ok))
+            gen = float(-pooled.mean())
+            gen_se = float((-lses.mean(1)).std(ddof=1) / root)
+        notes = list(gp.warnings)
+        if rung.diverged.any():
+            notes.append(f"{int(rung.diverged.sum())} of {num_chains} chains diverged")
+        if gp.sampler == "sgld" and rung.acceptance < 0.9:
+            notes.append(
+                f"MALA acceptance of the SGLD moves {rung.acceptance:.2f} < 0.9: the step is too "
+                "large; lower step_scale"
+            )
+        for note in gp.warnings:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        return WAICResult(
+            waic=t_n + beta / n_samples * v_n,
+            waic_se=float(chain_waic.std(ddof=1) / root),
+            training_loss=t_n,
+            functional_variance=v_n,
+            functional_variance_se=float(chain_v.std(ddof=1) / root),
+            singular_fluctuation=beta / 2 * v_n,
+            singular_fluctuation_se=float(beta / 2 * chain_v.std(ddof=1) / root),
+            gibbs_training_loss=float(mean.mean()),
+            generalization_loss=gen,
+            generalization_loss_se=gen_se,
+            waic_per_chain=chain_waic,
+            singular_fluctuation_per_chain=beta / 2 * chain_v,
+            beta=beta,
+            n=n_samples,
+            n_test=n_test,
+            num_params=gp.num_params,
+            num_recorded=int(stats.count.min()),
+            prior_std=gp.prior_std,
+            prior_mean=gp.prior_mean,
+            sampler=gp.sampler,
+            step_size=rung.step_size,
+            acceptance=rung.acceptance,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            num_burnin=num_burnin,
+            record_every=record_every,
+            seed=seed,
+            seconds=time.perf_counter() - t0,
+            warnings=tuple(notes),
+        )

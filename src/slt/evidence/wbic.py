@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from slt import _checks
-from slt.chains import seeded_global_rng
+from slt.chains import private_global_rng
 from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
@@ -86,7 +86,6 @@ class WBICResult(ToDict):
         return "\n".join(lines)
 
 
-@seeded_global_rng
 def wbic(
     model: torch.nn.Module,
     loader: Iterable,
@@ -164,76 +163,77 @@ def wbic(
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     num_anneal = _checks.integer("num_anneal", num_anneal, minimum=0)
     seed = _checks.integer("seed", seed, minimum=0)
-    gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std, prior_mean=prior_mean,
-                         sampler=sampler, control_variate=control_variate,
-                         step_scale=step_scale)  # fmt: skip
-    if beta is None:
-        if gp.n < 3:
-            raise ValueError(f"the default β = 1/log n needs n >= 3, got n = {gp.n}")
-        beta = 1.0 / math.log(gp.n)
-    beta = _checks.real("beta", beta, minimum=0, strict=True)
-    if beta2 is None:
-        beta2 = min(2 * beta, 1.0) if beta < 1 else beta / 2
-    beta2 = _checks.real("beta2", beta2, minimum=0, strict=True)
-    if beta2 == beta:
-        raise ValueError(f"beta2 must differ from beta = {beta:g}")
-    starts, _ = warm_starts(gp, num_chains=num_chains, beta=min(beta, beta2),
-                            num_anneal=num_anneal, num_burnin=num_burnin, seed=seed,
-                            progress=progress)  # fmt: skip
-    rungs, _ = gp.run(starts, [beta, beta2], num_draws=[num_draws] * 2,
-                      num_burnin=[num_burnin] * 2, seed=seed, progress=progress)  # fmt: skip
-    first, second = rungs
-    scale = 1.0 / beta - 1.0 / beta2
-    lam = (first.mean - second.mean) / scale
-    lam_chain = (first.chain_means - second.chain_means) / scale
-    ok = np.isfinite(lam_chain)
+    with private_global_rng(seed):  # what user code draws from it repeats with seed
+        gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
+                             prior_mean=prior_mean, sampler=sampler,
+                             control_variate=control_variate, step_scale=step_scale)  # fmt: skip
+        if beta is None:
+            if gp.n < 3:
+                raise ValueError(f"the default β = 1/log n needs n >= 3, got n = {gp.n}")
+            beta = 1.0 / math.log(gp.n)
+        beta = _checks.real("beta", beta, minimum=0, strict=True)
+        if beta2 is None:
+            beta2 = min(2 * beta, 1.0) if beta < 1 else beta / 2
+        beta2 = _checks.real("beta2", beta2, minimum=0, strict=True)
+        if beta2 == beta:
+            raise ValueError(f"beta2 must differ from beta = {beta:g}")
+        starts, _ = warm_starts(gp, num_chains=num_chains, beta=min(beta, beta2),
+                                num_anneal=num_anneal, num_burnin=num_burnin, seed=seed,
+                                progress=progress)  # fmt: skip
+        rungs, _ = gp.run(starts, [beta, beta2], num_draws=[num_draws] * 2,
+                          num_burnin=[num_burnin] * 2, seed=seed, progress=progress)  # fmt: skip
+        first, second = rungs
+        scale = 1.0 / beta - 1.0 / beta2
+        lam = (first.mean - second.mean) / scale
+        lam_chain = (first.chain_means - second.chain_means) / scale
+        ok = np.isfinite(lam_chain)
 
-    def sd_chains(x: np.ndarray) -> float:
-        return float(x[ok].std(ddof=1) / math.sqrt(ok.sum())) if ok.sum() > 1 else math.nan
+        def sd_chains(x: np.ndarray) -> float:
+            return float(x[ok].std(ddof=1) / math.sqrt(ok.sum())) if ok.sum() > 1 else math.nan
 
-    lam_se = np.nanmax([math.hypot(first.mcse, second.mcse) / abs(scale), sd_chains(lam_chain)])
-    wbic_se = np.nanmax([first.mcse, sd_chains(first.chain_means)])
-    notes = list(gp.warnings)
-    if gp.sampler == "sgld" and first.acceptance < 0.9:
-        notes.append(
-            f"MALA acceptance of the SGLD moves {first.acceptance:.2f} < 0.9: the step is too "
-            "large for an unbiased WBIC; lower step_scale"
+        lam_se = np.nanmax([math.hypot(first.mcse, second.mcse) / abs(scale), sd_chains(lam_chain)])
+        wbic_se = np.nanmax([first.mcse, sd_chains(first.chain_means)])
+        notes = list(gp.warnings)
+        if gp.sampler == "sgld" and first.acceptance < 0.9:
+            notes.append(
+                f"MALA acceptance of the SGLD moves {first.acceptance:.2f} < 0.9: the step is too "
+                "large for an unbiased WBIC; lower step_scale"
+            )
+        if not first.ess >= MIN_ESS:
+            notes.append(
+                f"effective sample size {first.ess:.0f} < {MIN_ESS}: the standard error is itself "
+                "uncertain; use more draws or chains"
+            )
+        if first.diverged.any():
+            notes.append(f"{int(first.diverged.sum())} of {num_chains} chains diverged")
+        for note in gp.warnings:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        return WBICResult(
+            wbic=first.mean,
+            wbic_se=float(wbic_se),
+            beta=beta,
+            expected_nll2=second.mean,
+            expected_nll2_se=second.mcse,
+            beta2=beta2,
+            lambda_hat=float(lam),
+            lambda_se=float(lam_se),
+            wbic_per_chain=first.chain_means,
+            lambda_per_chain=lam_chain,
+            ess=first.ess,
+            nll_at_center=gp.nll_at_center,
+            n=gp.n,
+            num_params=gp.num_params,
+            prior_std=gp.prior_std,
+            prior_mean=gp.prior_mean,
+            sampler=gp.sampler,
+            step_size=first.step_size,
+            step_size2=second.step_size,
+            acceptance=first.acceptance,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            num_burnin=num_burnin,
+            num_anneal=num_anneal,
+            seed=seed,
+            seconds=time.perf_counter() - t0,
+            warnings=tuple(notes),
         )
-    if not first.ess >= MIN_ESS:
-        notes.append(
-            f"effective sample size {first.ess:.0f} < {MIN_ESS}: the standard error is itself "
-            "uncertain; use more draws or chains"
-        )
-    if first.diverged.any():
-        notes.append(f"{int(first.diverged.sum())} of {num_chains} chains diverged")
-    for note in gp.warnings:
-        warnings.warn(note, UserWarning, stacklevel=2)
-    return WBICResult(
-        wbic=first.mean,
-        wbic_se=float(wbic_se),
-        beta=beta,
-        expected_nll2=second.mean,
-        expected_nll2_se=second.mcse,
-        beta2=beta2,
-        lambda_hat=float(lam),
-        lambda_se=float(lam_se),
-        wbic_per_chain=first.chain_means,
-        lambda_per_chain=lam_chain,
-        ess=first.ess,
-        nll_at_center=gp.nll_at_center,
-        n=gp.n,
-        num_params=gp.num_params,
-        prior_std=gp.prior_std,
-        prior_mean=gp.prior_mean,
-        sampler=gp.sampler,
-        step_size=first.step_size,
-        step_size2=second.step_size,
-        acceptance=first.acceptance,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin=num_burnin,
-        num_anneal=num_anneal,
-        seed=seed,
-        seconds=time.perf_counter() - t0,
-        warnings=tuple(notes),
-    )
