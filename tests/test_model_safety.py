@@ -353,3 +353,19 @@ def test_hooks_on_the_model_run_during_sampling_on_its_copies():
     res = estimate(model, DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
     assert len(calls) >= res.num_chains * (20 + 5)
     assert all(module is not model[0] for module in calls)  # copies, not the user's layer
+
+
+def test_a_calibration_grid_leaves_the_global_rng_alone():
+    """slt.calibrate over a grid of localizations runs chains of its own at each point (as
+    well as a calibration each): those ran on the caller's global random state."""
+    x, y = make_tensors(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    torch.manual_seed(5)
+    model = AlwaysDropout().eval()
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slt.calibrate(model, loader, slt.gaussian_nll(0.5), localization=[1.0, 4.0],
+                      num_draws=20, num_burnin=10, grid_draws=20, grid_chains=2,
+                      num_candidates=2, progress=False)  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), state)

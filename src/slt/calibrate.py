@@ -249,10 +249,11 @@ def calibrate(
             except DivergenceError:
                 return None
 
-        res, trials, notes = calibrate_grid(
-            calibrate_at, sample_at, gammas or [localization], nbetas or [nbeta],
-            flat_tolerance=flat_tolerance,
-        )  # fmt: skip
+        with private_global_rng(seed):  # the grid's own runs (sample_at) draw from it too
+            res, trials, notes = calibrate_grid(
+                calibrate_at, sample_at, gammas or [localization], nbetas or [nbeta],
+                flat_tolerance=flat_tolerance,
+            )  # fmt: skip
         return _replace(res, grid=trials, warnings=res.warnings + notes,
                         seconds=time.perf_counter() - start)  # fmt: skip
     if sampler == "mala":
