@@ -202,7 +202,7 @@ class _Tied(torch.nn.Module):
 
 def test_vmap_equals_the_loop_with_tied_weights():
     # the shared weight is sampled once and must be substituted under both names
-    from slt.vmapped import _has_tied_parameters
+    from slt.passes import _has_tied_parameters
 
     torch.manual_seed(0)
     model = _Tied().eval()

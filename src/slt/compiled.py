@@ -54,12 +54,12 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from slt.attention import plain_attention
 from slt.losses import LossModule
+from slt.passes import ChainPass
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
 from slt.vmapped import (
     VMAP_SAMPLERS,
-    ChainPass,
     Stepper,
     center_loss_table,
     center_table,

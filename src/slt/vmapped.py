@@ -31,17 +31,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm.auto import tqdm
 
 from slt import traced as tracing
 from slt.chains import _CHECK_EVERY, Trace, chain_generators, flush_denormals
 from slt.factors import LinearFactors
-from slt.losses import LossModule
+from slt.passes import ChainPass
 from slt.posterior import Posterior
 from slt.samplers.base import ChainGenerators, Kernel
 from slt.samplers.mala import acceptance_probability, move_log_ratio
-from slt.traced import TracedPass, fingerprint, has_hooks
+from slt.traced import has_hooks
 
 VMAP_SAMPLERS = ("sgld", "rmsprop_sgld")
 # chain_method="auto" takes vmap from this many chains: 4 where the pass runs eagerly, 2
@@ -129,61 +129,6 @@ def _stack_batches(batches: list[Any]) -> Any:
 # (state, step) with step(state, batch, noise, index) -> (state, L_B(w) (chain,), L_B(w*)
 # (chain,) or None); index: the (chain, b) sample indices of the batch, or None
 Stepper = tuple[Any, Callable[[Any, Any, ChainGenerators, Any], tuple[Any, torch.Tensor, Any]]]
-
-
-class ChainPass:
-    """Every chain's loss and gradient at chain-stacked parameters, in eager mode.
-
-    ``loss(batch, *tensors)`` is one chain's L_B, with the sampled parameters followed by
-    :attr:`extras` (everything else the model reads: frozen parameters and buffers, passed
-    unbatched, so that a traced graph holds no tensor of the posterior);
-    ``gradients(batch, *tensors)`` is the chains' (∇L_B, L_B) from it; ``keys`` are the names
-    ``functional_call`` sees."""
-
-    def __init__(self, posterior: Posterior):
-        module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
-        names = posterior.names
-        fixed = {n: t for n, t in posterior.module.named_parameters() if n not in names}
-        fixed.update(posterior.module.named_buffers())
-        self.keys = [f"model.{n}" for n in [*names, *fixed]]
-        self.extras = [t.detach() for t in fixed.values()]
-        self.tied = _has_tied_parameters(posterior.module)
-        self.sampled = len(names)
-        keys, tied = self.keys, self.tied
-
-        def loss(batch: Any, *tensors: torch.Tensor) -> torch.Tensor:
-            # parameters as positional tensors: vmap flattens a tuple faster than a dict, and
-            # functional_call skips its tied-weights bookkeeping where nothing is tied
-            return functional_call(module, dict(zip(keys, tensors)), (batch,), tie_weights=tied)
-
-        self.loss = loss
-        self.forward = vmap(loss, in_dims=(0, *[0] * len(names), *[None] * len(self.extras)))
-
-    def gradients(self, batch, *tensors: torch.Tensor):
-        """Every chain's ∇L_B and L_B: a vmapped forward pass, then one ordinary backward
-        pass of Σ_c L_B(w_c) — chains do not interact, so its gradient with respect to the
-        stacked parameters is the per-chain gradients (bit-identical to
-        ``vmap(grad_and_value(loss))`` and 1.3-1.6x faster on CPU)."""
-        params, rest = tensors[: self.sampled], tensors[self.sampled :]
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        with torch.enable_grad():
-            values = self.forward(batch, *leaves, *rest)
-            grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
-        return grads, values.detach()
-
-    def replayed(self, posterior: Posterior, *, trace: bool) -> Callable:
-        """:meth:`gradients`, replayed from a traced graph where one can be
-        (:mod:`slt.traced`; same numbers): traced now if ``trace``, else only a graph kept
-        from an earlier run; :meth:`gradients` itself where tracing is off or the model has
-        hooks."""
-        if not tracing.enabled or has_hooks(posterior.module):
-            return self.gradients
-        shape = fingerprint(posterior.module), fingerprint(posterior.loss_fn)
-        key = None if None in shape else (*shape, tuple(self.keys), self.tied)
-        if trace or key is not None:
-            return TracedPass(self.gradients, key, trace=trace, module=posterior.module)
-        return self.gradients
 
 
 def check_batched_gradient(posterior: Posterior) -> None:
@@ -369,12 +314,6 @@ def activations(posterior: Posterior, batch: Any) -> int:
 def _chain_params(state) -> list[torch.Tensor]:
     """The chain-stacked parameters of a kernel's state or of the compiled step's."""
     return list(state.params.values()) if hasattr(state, "params") else state[0]
-
-
-def _has_tied_parameters(module: torch.nn.Module) -> bool:
-    """Whether one parameter is registered under more than one name."""
-    every = sum(1 for _ in module.named_parameters(remove_duplicate=False))
-    return every != sum(1 for _ in module.named_parameters())
 
 
 def _twice(batch: Any) -> Any:
