@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import slt.chains
 import slt.traced
 
 
@@ -71,15 +72,16 @@ def per_chain_step(call: Callable[[int], float], chains: int, steps: int, repeat
 
 
 @contextmanager
-def vmap_pass(traced: bool) -> Iterator[None]:
-    """Within it, every vmapped run replays its gradient pass from a traced graph, however
-    short (``traced``), or none does (``slt.traced``); restored on exit."""
-    saved = slt.traced.enabled, slt.traced.MIN_STEPS
-    slt.traced.enabled, slt.traced.MIN_STEPS = traced, 0
+def traced_passes(traced: bool) -> Iterator[None]:
+    """Within it, every run replays its gradient passes from traced graphs, however short —
+    vmapped, and in the loop up to ``slt.chains.LOOP_TRACE_MAX_PARAMS`` sampled parameters,
+    as in long estimates — (``traced``), or none does (``slt.traced``); restored on exit."""
+    saved = slt.traced.enabled, slt.traced.MIN_STEPS, slt.chains.LOOP_TRACE_MIN_STEPS
+    slt.traced.enabled, slt.traced.MIN_STEPS, slt.chains.LOOP_TRACE_MIN_STEPS = traced, 0, 0
     try:
         yield
     finally:
-        slt.traced.enabled, slt.traced.MIN_STEPS = saved
+        slt.traced.enabled, slt.traced.MIN_STEPS, slt.chains.LOOP_TRACE_MIN_STEPS = saved
 
 
 def machine_speed(steps: int = 200, fills: int = 5) -> dict[str, float]:

@@ -47,7 +47,7 @@ def per_chain_step(case, chains, steps, repeats, traced=False, **kw):
     def call(draws):
         return timed(case, case.model, chains, draws, **kw)[0]
 
-    with _common.vmap_pass(traced):
+    with _common.traced_passes(traced):
         call(5)  # warm-up (and the trace, cached for the timed calls)
         return _common.per_chain_step(call, chains, steps, repeats)
 

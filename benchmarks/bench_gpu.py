@@ -5,8 +5,8 @@
 Needs CUDA (exits with a message otherwise); finishes in a few minutes on one GPU.
 ``--device cpu --smoke`` is a dry run of the same code on the CPU (tiny settings, two
 small cases) so that the script is known to work before a GPU is lent. Reports
-µs per chain-step for the loop and vmap paths (vmap with its gradient pass eager and
-replayed from the traced graph, ``slt.traced``), the speed-ups, λ̂ against the known λ,
+µs per chain-step for the loop and vmap paths (each with its gradient pass eager and
+replayed from a traced graph, ``slt.traced``), the speed-ups, λ̂ against the known λ,
 and peak GPU memory, with the date and the GPU's name.
 """
 
@@ -36,7 +36,7 @@ def _sync(device):
 
 
 def bench(case, method, chains, draws, repeats, device, traced=False):
-    with _common.vmap_pass(traced):
+    with _common.traced_passes(traced):
         return _bench(case, method, chains, draws, repeats, device)
 
 
@@ -87,18 +87,20 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{device} (dry run)"
     print(f"{time.strftime('%Y-%m-%d')}  {name}  torch {torch.__version__}")
     print(
-        "| case | d | chains | µs/chain-step: loop | vmap eager | vmap traced "
-        "| speed-up over the loop: eager / traced | λ̂ loop | λ̂ vmap | λ | peak MiB |"
+        "| case | d | chains | µs/chain-step: loop eager | loop traced | vmap eager "
+        "| vmap traced | speed-up of vmap over the loop: eager / traced | λ̂ loop | λ̂ vmap | λ "
+        "| peak MiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         for chains in (4, 16):
             loop, l1, _ = bench(case, "loop", chains, draws, repeats, device)
+            lt, _, _ = bench(case, "loop", chains, draws, repeats, device, traced=True)
             vm, l2, mem = bench(case, "vmap", chains, draws, repeats, device)
             tr, _, _ = bench(case, "vmap", chains, draws, repeats, device, traced=True)
-            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {vm:.0f} "
-                  f"| {tr:.0f} | {loop / vm:.1f}x / {loop / tr:.1f}x | {l1:.4g} | {l2:.4g} "
-                  f"| {float(case.lam):g} | {mem:.0f} |", flush=True)  # fmt: skip
+            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {lt:.0f} "
+                  f"| {vm:.0f} | {tr:.0f} | {loop / vm:.1f}x / {lt / tr:.1f}x | {l1:.4g} "
+                  f"| {l2:.4g} | {float(case.lam):g} | {mem:.0f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

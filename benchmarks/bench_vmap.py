@@ -4,9 +4,12 @@
 
 Same model, data, settings and seeds for both, slt's defaults otherwise (gradient control
 variate, MALA acceptance probe every 20 steps); reports µs per chain-step (median of
-repeats, fixed cost removed by also timing a 1-step call) and the speed-up of vmap, with
-the gradient pass eager and replayed from its traced graph (``slt.traced``; estimates of
-``slt.traced.MIN_STEPS`` steps or more trace, and the timed runs here are forced to).
+repeats, fixed cost removed by also timing a 1-step call) for the loop and vmap, each with
+its gradient pass eager and replayed from a traced graph (``slt.traced``; vmapped estimates
+of ``slt.traced.MIN_STEPS`` steps or more trace, and loops of
+``slt.chains.LOOP_TRACE_MIN_STEPS`` chain-steps or more up to
+``slt.chains.LOOP_TRACE_MAX_PARAMS`` parameters; the timed runs here are forced to), and the
+speed-up of vmap over the loop, eager over eager and traced over traced.
 ``--mlp`` runs ReLU MLPs of 83k to 1.05M parameters at 4 chains instead: where the
 crossover lies that ``chain_method="auto"`` uses (``slt.vmapped.VMAP_MAX_PARAMS``).
 """
@@ -32,7 +35,7 @@ def per_chain_step(case, method, chains, steps, repeats, traced=False):
         slt.estimate_llc(case.model, case.loader(128), case.loss_fn, num_draws=draws, **kw)
         return time.perf_counter() - start
 
-    with _common.vmap_pass(traced):
+    with _common.traced_passes(traced):
         call(5)  # warm-up (and the trace, cached for the timed calls)
         return _common.per_chain_step(call, chains, steps, repeats)
 
@@ -59,16 +62,18 @@ def main(argv=None):
         chain_counts = (4, 8, 16)
     chain_counts = tuple(args.chains) if args.chains else chain_counts
     print(header)
-    print("| case | d | chains | µs/chain-step: loop | vmap eager | vmap traced "
-          "| speed-up over the loop: eager / traced |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| case | d | chains | µs/chain-step: loop eager | loop traced | vmap eager "
+          "| vmap traced | speed-up of vmap over the loop: eager / traced |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         for chains in chain_counts:
             loop = per_chain_step(case, "loop", chains, steps, repeats)
+            loop_traced = per_chain_step(case, "loop", chains, steps, repeats, traced=True)
             eager = per_chain_step(case, "vmap", chains, steps, repeats)
             traced = per_chain_step(case, "vmap", chains, steps, repeats, traced=True)
-            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} | {eager:.0f} "
-                  f"| {traced:.0f} | {loop / eager:.2f}x / {loop / traced:.2f}x |",
+            print(f"| {case.name} | {case.num_params} | {chains} | {loop:.0f} "
+                  f"| {loop_traced:.0f} | {eager:.0f} | {traced:.0f} "
+                  f"| {loop / eager:.2f}x / {loop_traced / traced:.2f}x |",
                   flush=True)  # fmt: skip
 
 

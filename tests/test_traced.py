@@ -1,6 +1,6 @@
-"""The vmapped step's gradient pass replayed from a traced graph (slt.traced): same numbers
-as the eager pass, reused across estimates of one architecture, never where it would be
-wrong."""
+"""Gradient passes replayed from a traced graph (slt.traced), the vmapped step's and the
+loop's: same numbers as the eager pass, reused across estimates of one architecture, never
+where it would be wrong."""
 
 import numpy as np
 import pytest
@@ -351,3 +351,101 @@ def test_partial_losses_with_other_arguments_have_other_fingerprints():
     assert traced.fingerprint(one) != traced.fingerprint(two)
     assert traced.fingerprint(one) == traced.fingerprint(functools.partial(loss, scale=1.0))
     assert traced.fingerprint(functools.partial(loss, scale=object())) is None
+
+
+# The loop (chain_method="loop", and run_chains under every sampler and evidence ladder):
+# its passes, at the chain's parameters and the gradient control variate's at w*, replayed
+# from a traced graph of the unbatched pass (Posterior.replayed)
+
+
+@pytest.fixture
+def loop_tracing(tracing, monkeypatch):
+    """Every loop run traces, however short."""
+    from slt import chains
+
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", 0)
+
+
+LOOP = dict(chain_method="loop", num_chains=2, num_draws=40, num_burnin=10)
+
+
+@pytest.mark.parametrize(
+    "sampler, control_variate",
+    [("sgld", "gradient"), ("sgld", "loss"), ("sgld", "none"), ("rmsprop_sgld", "gradient"),
+     ("sgnht", "gradient"), ("mala", "none")],
+)  # fmt: skip
+def test_the_loops_replayed_passes_give_the_eager_numbers(loop_tracing, sampler, control_variate):
+    case = zoo.deep_linear((5, 4, 3), 2, n=512)
+    loader = case.loader(512 if sampler == "mala" else None)  # MALA: the whole data per step
+    fast, slow, new = _traced_and_eager(case.model, loader, case.loss_fn, sampler=sampler,
+                                        control_variate=control_variate,
+                                        acceptance_every=7 if sampler == "sgld" else 0,
+                                        **LOOP)  # fmt: skip
+    assert new == 1
+    _same(fast, slow)
+
+
+def test_the_loops_pass_at_w_star_shares_the_chains_graph(loop_tracing, no_cache):
+    # no per-sample table: a pass at w* on every batch, through the same graph (reused)
+    case = zoo.regular(4, n=256)
+    reused = traced.reuses
+    fast, slow, new = _traced_and_eager(case.model, case.loader(), case.loss_fn, **LOOP)
+    assert new == 1 and traced.reuses > reused
+    _same(fast, slow)
+    assert np.isfinite(fast.trace_at_center).all()
+
+
+def test_the_loop_replays_only_small_models_and_long_runs(tracing, monkeypatch):
+    from slt import chains
+
+    case = zoo.regular(4, n=256)
+    short = LOOP["num_chains"] * (LOOP["num_draws"] + LOOP["num_burnin"])
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", short + 1)
+    before = traced.traces
+    _estimate(case.model, case.loader(), case.loss_fn, True, **LOOP)
+    assert traced.traces == before  # a short run: no trace of its own
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", short)
+    d = sum(p.numel() for p in case.model.parameters())
+    monkeypatch.setattr(chains, "LOOP_TRACE_MAX_PARAMS", d - 1)
+    _estimate(case.model, case.loader(), case.loss_fn, True, **LOOP)
+    assert traced.traces == before  # too many parameters: the pass runs as before
+    monkeypatch.setattr(chains, "LOOP_TRACE_MAX_PARAMS", d)
+    _estimate(case.model, case.loader(), case.loss_fn, True, **LOOP)
+    assert traced.traces == before + 1
+    # and now a short run replays the graph the long one left
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", short + 1)
+    reused = traced.reuses
+    fast = _estimate(case.model, case.loader(), case.loss_fn, True, **(LOOP | dict(seed=8)))
+    assert traced.traces == before + 1 and traced.reuses > reused
+    _same(fast, _estimate(case.model, case.loader(), case.loss_fn, False, **(LOOP | dict(seed=8))))
+
+
+def test_the_loop_runs_hooks_and_buffers_updated_in_forward_as_before(loop_tracing):
+    case = zoo.regular(3, n=256)
+    calls = []
+    handle = case.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fast, slow, new = _traced_and_eager(case.model, case.loader(), case.loss_fn, **LOOP)
+    finally:
+        handle.remove()
+    assert new == 0 and len(calls) >= 2 * 2 * 50  # every pass of both runs
+    _same(fast, slow)
+    torch.manual_seed(0)
+    model = _Counted().eval()
+    loader = _data(model)  # runs the model once
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, slow, new = _traced_and_eager(model, loader, _counted_loss, **LOOP)
+    assert new == 1
+    _same(fast, slow)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_loops_graph_takes_frozen_parameters_and_buffers_as_arguments(loop_tracing):
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    loader = _data(model)
+    for params in (None, ["head.weight"]):  # all trainable ones, or a weight-refined part
+        fast, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3), params=params,
+                                            **LOOP)  # fmt: skip
+        assert new == 1
+        _same(fast, slow)

@@ -33,10 +33,9 @@ class ChainPass:
     def __init__(self, posterior: Posterior):
         module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
         names = posterior.names
-        fixed = {n: t for n, t in posterior.module.named_parameters() if n not in names}
-        fixed.update(posterior.module.named_buffers())
+        fixed = fixed_tensors(posterior.module, names)
         self.keys = [f"model.{n}" for n in [*names, *fixed]]
-        self.extras = [t.detach() for t in fixed.values()]
+        self.extras = list(fixed.values())
         self.tied = _has_tied_parameters(posterior.module)
         self.sampled = len(names)
         keys, tied = self.keys, self.tied
@@ -62,18 +61,50 @@ class ChainPass:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
         return grads, values.detach()
 
-    def replayed(self, posterior: Posterior, *, trace: bool) -> Callable:
-        """:meth:`gradients`, replayed from a traced graph where one can be
-        (:mod:`slt.traced`; same numbers): traced now if ``trace``, else only a graph kept
-        from an earlier run; :meth:`gradients` itself where tracing is off or the model has
-        hooks."""
+    def gradient(self, batch, *tensors: torch.Tensor):
+        """One parameter set's ∇L_B and L_B, unbatched: the loop's pass."""
+        params, rest = tensors[: self.sampled], tensors[self.sampled :]
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            value = self.loss(batch, *leaves, *rest)
+            grads = gradients_of(value, leaves)
+        return grads, value.detach()
+
+    def replayed(self, posterior: Posterior, *, trace: bool, batched: bool = True,
+                 eager: Callable | None = None) -> Callable:  # fmt: skip
+        """:meth:`gradients` (``batched``) or :meth:`gradient`, replayed from a traced graph
+        where one can be (:mod:`slt.traced`; same numbers): traced now if ``trace``, else
+        only a graph kept from an earlier run; ``eager`` (default: the pass itself) where
+        there is none, where tracing is off or where the model has hooks."""
+        fn = self.gradients if batched else self.gradient
+        eager = fn if eager is None else eager
         if not tracing.enabled or has_hooks(posterior.module):
-            return self.gradients
+            return eager
         shape = fingerprint(posterior.module), fingerprint(posterior.loss_fn)
-        key = None if None in shape else (*shape, tuple(self.keys), self.tied)
+        key = None if None in shape else (*shape, tuple(self.keys), self.tied, batched)
         if trace or key is not None:
-            return TracedPass(self.gradients, key, trace=trace, module=posterior.module)
-        return self.gradients
+            return TracedPass(fn, key, trace=trace, module=posterior.module, eager=eager)
+        return eager
+
+
+def fixed_tensors(module: torch.nn.Module, sampled: list[str]) -> dict[str, torch.Tensor]:
+    """What else ``module`` reads besides its ``sampled`` parameters: the other parameters,
+    then the buffers, detached, by name (the order :class:`ChainPass` passes them in)."""
+    fixed = {n: t.detach() for n, t in module.named_parameters() if n not in sampled}
+    fixed.update((n, t.detach()) for n, t in module.named_buffers())
+    return fixed
+
+
+def gradients_of(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """∇ ``loss`` with respect to ``params``, zeros for a parameter it does not read."""
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn returned a loss that does not depend on the parameters through "
+            "autograd (detached, made from .item(), or computed under torch.no_grad()); "
+            "return the mean NLL as a tensor computed from the model's output"
+        )
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def _has_tied_parameters(module: torch.nn.Module) -> bool:

@@ -16,6 +16,7 @@ import fnmatch
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size
 from slt.factors import LinearFactors, linear_owners, record_factors
 from slt.losses import LossFn, LossModule, unsqueeze
+from slt.passes import ChainPass, fixed_tensors, gradients_of
 
 ControlVariate = Literal["loss", "gradient", "none"]
 _CACHE_MAX_FLOATS = 2**24  # per-sample gradients at w* are cached up to 64 MB (float32)
@@ -220,6 +222,7 @@ class Posterior:
             self.warnings.append(msg)
 
         self.module = copy.deepcopy(model).eval()
+        self._replay = None  # the loop's passes replayed from traced graphs (replayed)
         self.reference = copy.deepcopy(model).eval()
         self._attention = True if has_attention(model) else None  # None: not known yet
         for p in (*self.module.parameters(), *self.reference.parameters()):
@@ -579,14 +582,40 @@ class Posterior:
 
     @staticmethod
     def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not loss.requires_grad:
-            raise ValueError(
-                "loss_fn returned a loss that does not depend on the parameters through "
-                "autograd (detached, made from .item(), or computed under torch.no_grad()); "
-                "return the mean NLL as a tensor computed from the model's output"
-            )
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        return gradients_of(loss, params)
+
+    def _module_pass(self, module: torch.nn.Module, params: list[torch.Tensor]) -> Callable:
+        """``(batch, *tensors) -> (∇L_B, L_B)`` at ``module``'s own ``params`` (the
+        tensors, which are them and the rest of what it reads, go unused): the eager pass."""
+
+        def run(batch: Any, *_tensors: torch.Tensor):
+            loss = self.loss(module, batch)
+            return self._grads(loss, params), loss.detach()
+
+        return run
+
+    @contextmanager
+    def replayed(self, *, trace: bool):
+        """Within the block, :meth:`grad_fn` and the gradient control variate's pass at w*
+        (:meth:`at_center`) are replayed from a traced graph where one can be
+        (:mod:`slt.traced`, through :class:`slt.passes.ChainPass`; the same operations, so
+        the same numbers): traced on first use if ``trace``, else only graphs kept from an
+        earlier run. Where there is no graph they run as before, through the model's own
+        call."""
+        chain_pass = ChainPass(self)
+        sampled, center = list(self.params.values()), list(self.center.values())
+        passes = []
+        for module, params in ((self.module, sampled), (self.reference, center)):
+            extras = list(fixed_tensors(module, self.names).values())
+            run = chain_pass.replayed(self, trace=trace, batched=False,
+                                      eager=self._module_pass(module, params))  # fmt: skip
+            # detached aliases: the graph's operations then record nothing for autograd
+            passes.append((run, [*(p.detach() for p in params), *extras]))
+        self._replay = passes
+        try:
+            yield
+        finally:
+            self._replay = None
 
     def reset(self) -> dict[str, torch.Tensor]:
         """Put the chain parameters back at w* and return them (the sampler's init)."""
@@ -602,8 +631,12 @@ class Posterior:
         """
         if params is not self.params:
             raise ValueError("Posterior.grad_fn takes the parameter dict returned by reset()")
-        loss = self.loss(self.module, batch)
-        grads = self._grads(loss, list(params.values()))
+        if self._replay is not None:
+            run, tensors = self._replay[0]
+            grads, loss = run(batch, *tensors)
+        else:
+            loss = self.loss(self.module, batch)
+            grads = self._grads(loss, list(params.values()))
         if record is not None:
             torch._foreach_copy_(record, grads)
         if correction is not None:
@@ -628,9 +661,12 @@ class Posterior:
         if self.control_variate == "loss":
             with torch.no_grad():
                 return self.loss(self.reference, batch).detach(), self.grad_fn
-        center = list(self.center.values())
-        loss = self.loss(self.reference, batch)
-        correction = self._grads(loss, center)
+        if self._replay is not None:
+            run, tensors = self._replay[1]
+            correction, loss = run(batch, *tensors)
+        else:
+            loss = self.loss(self.reference, batch)
+            correction = self._grads(loss, list(self.center.values()))
         torch._foreach_sub_(correction, self.init_grad)  # in place: one parameter set fewer
         return loss.detach(), partial(self.grad_fn, correction=correction)
 

@@ -1,4 +1,5 @@
-"""The vmapped step's gradient pass replayed from a traced graph of ATen operations.
+"""Gradient passes replayed from a traced graph of ATen operations: the vmapped step's, and
+the loop's (:meth:`slt.posterior.Posterior.replayed`) for small models in long runs.
 
 For a small model the eager vmapped pass — ``vmap`` of ``functional_call``, then an autograd
 backward — spends most of its time in Python: flattening arguments, swapping the module's
@@ -64,7 +65,9 @@ class TracedPass:
     them but would not repay a trace of its own); otherwise ``fn`` runs eagerly. Within
     one object the tensors after ``batch`` must keep their shapes, dtypes and devices from
     call to call (a run's parameters do), so a call looks its graph up by the batch's
-    shapes alone."""
+    shapes alone. ``eager``, if given, runs instead of ``fn`` where there is no graph: a
+    function that gives the same numbers by another, cheaper path when not traced (the
+    loop's pass through the model's own call, not ``functional_call``)."""
 
     def __init__(
         self,
@@ -73,8 +76,10 @@ class TracedPass:
         *,
         trace: bool = True,
         module: torch.nn.Module | None = None,
+        eager: Callable | None = None,
     ):
         self.fn = fn
+        self.eager = fn if eager is None else eager  # what runs where no graph does
         self.key = key
         self.trace = trace
         self.module = module  # what fn runs: its attributes are restored after each trace
@@ -92,7 +97,7 @@ class TracedPass:
             self._graphs[quick] = graph
             return result
         if graph is None:
-            return self.fn(batch, *tensors)
+            return self.eager(batch, *tensors)
         if leaves is None:
             leaves = pytree.tree_leaves(batch)
         return graph.flat(*leaves, *tensors)
@@ -107,7 +112,7 @@ class TracedPass:
             graph = _CACHE.get(key, False) if key is not None else False
         shared = graph is not False
         if not shared and not self.trace:
-            return None, self.fn(*args)
+            return None, self.eager(*args)
         if not shared:
             with _LOCK:
                 graph = _trace(self.fn, args, self.module)
