@@ -76,12 +76,18 @@ def traced_passes(traced: bool) -> Iterator[None]:
     """Within it, every run replays its gradient passes from traced graphs, however short —
     vmapped, and in the loop up to ``slt.chains.LOOP_TRACE_MAX_PARAMS`` sampled parameters,
     as in long estimates — (``traced``), or none does (``slt.traced``); restored on exit."""
-    saved = slt.traced.enabled, slt.traced.MIN_STEPS, slt.chains.LOOP_TRACE_MIN_STEPS
-    slt.traced.enabled, slt.traced.MIN_STEPS, slt.chains.LOOP_TRACE_MIN_STEPS = traced, 0, 0
+    names = "MIN_STEPS", "LOOP_TRACE_MIN_STEPS", "LOOP_TRACE_MIN_STEPS_COLD"
+    owners = slt.traced, slt.chains, slt.chains
+    saved = slt.traced.enabled, [getattr(o, n) for o, n in zip(owners, names)]
+    slt.traced.enabled = traced
+    for owner, name in zip(owners, names):
+        setattr(owner, name, 0)
     try:
         yield
     finally:
-        slt.traced.enabled, slt.traced.MIN_STEPS, slt.chains.LOOP_TRACE_MIN_STEPS = saved
+        slt.traced.enabled = saved[0]
+        for owner, name, value in zip(owners, names, saved[1]):
+            setattr(owner, name, value)
 
 
 def machine_speed(steps: int = 200, fills: int = 5) -> dict[str, float]:

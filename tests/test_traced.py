@@ -364,6 +364,7 @@ def loop_tracing(tracing, monkeypatch):
     from slt import chains
 
     monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", 0)
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS_COLD", 0)
 
 
 LOOP = dict(chain_method="loop", num_chains=2, num_draws=40, num_burnin=10)
@@ -400,6 +401,7 @@ def test_the_loop_replays_only_small_models_and_long_runs(tracing, monkeypatch):
 
     case = zoo.regular(4, n=256)
     short = LOOP["num_chains"] * (LOOP["num_draws"] + LOOP["num_burnin"])
+    monkeypatch.setattr(chains, "_dynamo_imported", lambda: True)
     monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", short + 1)
     before = traced.traces
     _estimate(case.model, case.loader(), case.loss_fn, True, **LOOP)
@@ -418,6 +420,17 @@ def test_the_loop_replays_only_small_models_and_long_runs(tracing, monkeypatch):
     fast = _estimate(case.model, case.loader(), case.loss_fn, True, **(LOOP | dict(seed=8)))
     assert traced.traces == before + 1 and traced.reuses > reused
     _same(fast, _estimate(case.model, case.loader(), case.loss_fn, False, **(LOOP | dict(seed=8))))
+    # where torch._dynamo is not imported yet (the first trace would import it), only runs
+    # of LOOP_TRACE_MIN_STEPS_COLD chain-steps or more trace
+    monkeypatch.setattr(traced, "_CACHE", type(traced._CACHE)())
+    monkeypatch.setattr(chains, "_dynamo_imported", lambda: False)
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", short)
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS_COLD", short + 1)
+    _estimate(case.model, case.loader(), case.loss_fn, True, **LOOP)
+    assert traced.traces == before + 1
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS_COLD", short)
+    _estimate(case.model, case.loader(), case.loss_fn, True, **LOOP)
+    assert traced.traces == before + 2
 
 
 def test_the_loop_runs_hooks_and_buffers_updated_in_forward_as_before(loop_tracing):

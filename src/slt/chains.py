@@ -22,6 +22,7 @@ recorded at every step instead.
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -39,11 +40,14 @@ _CHECK_EVERY = 200
 # The loop replays its passes from traced graphs (Posterior.replayed) for models of up to
 # this many sampled parameters, where a pass is mostly per-operation overhead, tracing
 # anew in runs of at least LOOP_TRACE_MIN_STEPS chain-steps (shorter ones use only graphs
-# kept from earlier runs): a trace costs 0.05-0.2 s, and the first in a process imports
-# torch._dynamo (~1.3 s). One CPU thread, a pass eager / replayed: 191 / 112 µs on a
-# 10-parameter regression, 426 / 352 µs on the 10k MLP (batch 128)
+# kept from earlier runs): a trace costs 0.05-0.2 s. One CPU thread, a pass eager /
+# replayed: 191 / 112 µs on a 10-parameter regression, 426 / 352 µs on the 10k MLP (batch
+# 128), so a trace is repaid in ~2,000 passes. The first trace in a process also imports
+# torch._dynamo (~1.3 s; a torch.optim optimizer imports it too, so a process that trained
+# the model has paid it), repaid in ~20,000: LOOP_TRACE_MIN_STEPS_COLD until it is imported
 LOOP_TRACE_MAX_PARAMS = 100_000
 LOOP_TRACE_MIN_STEPS = 2_000
+LOOP_TRACE_MIN_STEPS_COLD = 20_000
 
 
 class DivergenceError(RuntimeError):
@@ -138,6 +142,19 @@ class _MoveAcceptance:
             return acceptance_probability(log_ratio)
 
 
+def _dynamo_imported() -> bool:
+    return "torch._dynamo" in sys.modules
+
+
+def _replayed(posterior: Posterior, chain_steps: int):
+    """The loop's passes replayed from traced graphs, where that pays (see
+    :data:`LOOP_TRACE_MAX_PARAMS`)."""
+    if posterior.num_params > LOOP_TRACE_MAX_PARAMS:
+        return nullcontext()
+    least = LOOP_TRACE_MIN_STEPS if _dynamo_imported() else LOOP_TRACE_MIN_STEPS_COLD
+    return posterior.replayed(trace=chain_steps >= least)
+
+
 def run_chains(
     posterior: Posterior,
     kernel: Kernel,
@@ -161,7 +178,8 @@ def run_chains(
     ``posterior.params``), e.g. to record per-sample losses; it must not change them.
     For a model of up to :data:`LOOP_TRACE_MAX_PARAMS` sampled parameters the passes are
     replayed from a traced graph (:meth:`Posterior.replayed`; the same numbers), traced
-    here if the run has :data:`LOOP_TRACE_MIN_STEPS` chain-steps or more.
+    here if the run has :data:`LOOP_TRACE_MIN_STEPS` chain-steps or more
+    (:data:`LOOP_TRACE_MIN_STEPS_COLD` in a process that has not imported torch._dynamo).
     """
     shape = (num_chains, num_steps)
     loss = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
@@ -174,12 +192,7 @@ def run_chains(
     diverged = np.zeros(num_chains, dtype=bool)
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
-    replay = (
-        posterior.replayed(trace=num_chains * num_steps >= LOOP_TRACE_MIN_STEPS)
-        if posterior.num_params <= LOOP_TRACE_MAX_PARAMS
-        else nullcontext()
-    )
-    with flush_denormals(), replay:
+    with flush_denormals(), _replayed(posterior, num_chains * num_steps):
         for chain in range(num_chains):
             data_gen, noise_gen = chain_generators(seed, chain, posterior.device)
             state = kernel.init(posterior.reset())
