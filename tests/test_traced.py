@@ -462,3 +462,37 @@ def test_the_loops_graph_takes_frozen_parameters_and_buffers_as_arguments(loop_t
                                             **LOOP)  # fmt: skip
         assert new == 1
         _same(fast, slow)
+
+
+def test_a_ladder_of_short_runs_traces_once_for_all_of_them(tracing, monkeypatch):
+    # WBIC: one short run per chain per rung; the whole ladder is long enough to repay a
+    # trace, so the first run traces and the rest reuse its graph; the numbers are the eager
+    # ones. A loss the graph cannot be kept for (a closure) traces in no run this short.
+    from slt import chains
+
+    monkeypatch.setattr(chains, "_dynamo_imported", lambda: True)
+    case = zoo.regular(3, n=256)
+    kw = dict(num_chains=2, num_draws=30, num_burnin=10, num_anneal=2, sampler="sgld",
+              progress=False, seed=1)  # fmt: skip
+    job = 2 * 2 * 40  # the ladder of two β, 2 chains × 40 steps on each (the annealing: 40)
+    monkeypatch.setattr(chains, "LOOP_TRACE_MIN_STEPS", job)
+    before, reused = traced.traces, traced.reuses
+
+    def run(loss_fn, enabled):
+        traced.enabled = enabled
+        try:
+            return slt.wbic(case.model, case.loader(), loss_fn, **kw)
+        finally:
+            traced.enabled = True
+
+    fast = run(case.loss_fn, True)
+    assert traced.traces == before + 1 and traced.reuses >= reused + 3
+    slow = run(case.loss_fn, False)
+    assert fast.wbic == slow.wbic and fast.lambda_hat == slow.lambda_hat
+    sigma = 1.0
+
+    def closure(model, batch):
+        return slt.gaussian_nll(sigma)(model, batch)
+
+    run(closure, True)
+    assert traced.traces == before + 1

@@ -146,13 +146,15 @@ def _dynamo_imported() -> bool:
     return "torch._dynamo" in sys.modules
 
 
-def _replayed(posterior: Posterior, chain_steps: int):
+def _replayed(posterior: Posterior, chain_steps: int, job_steps: int | None):
     """The loop's passes replayed from traced graphs, where that pays (see
-    :data:`LOOP_TRACE_MAX_PARAMS`)."""
+    :data:`LOOP_TRACE_MAX_PARAMS`): a graph kept for later runs where the whole job is long
+    enough, one for this run only where it is."""
     if posterior.num_params > LOOP_TRACE_MAX_PARAMS:
         return nullcontext()
     least = LOOP_TRACE_MIN_STEPS if _dynamo_imported() else LOOP_TRACE_MIN_STEPS_COLD
-    return posterior.replayed(trace=chain_steps >= least)
+    job = max(chain_steps, job_steps or 0)
+    return posterior.replayed(trace=job >= least, alone=chain_steps >= least)
 
 
 def run_chains(
@@ -166,6 +168,7 @@ def run_chains(
     acceptance_every: int = 0,
     step_size: float | None = None,
     observe: Callable[[int, int], None] | None = None,
+    job_steps: int | None = None,
 ) -> Trace:
     """Run ``num_chains`` chains of ``num_steps`` steps each, one after another.
 
@@ -179,7 +182,9 @@ def run_chains(
     For a model of up to :data:`LOOP_TRACE_MAX_PARAMS` sampled parameters the passes are
     replayed from a traced graph (:meth:`Posterior.replayed`; the same numbers), traced
     here if the run has :data:`LOOP_TRACE_MIN_STEPS` chain-steps or more
-    (:data:`LOOP_TRACE_MIN_STEPS_COLD` in a process that has not imported torch._dynamo).
+    (:data:`LOOP_TRACE_MIN_STEPS_COLD` in a process that has not imported torch._dynamo), or
+    the whole job it is part of does (``job_steps``: a ladder of many short runs, whose
+    later runs reuse the graph the first traced).
     """
     shape = (num_chains, num_steps)
     loss = torch.full(shape, float("nan"), device=posterior.device, dtype=torch.float64)
@@ -192,7 +197,7 @@ def run_chains(
     diverged = np.zeros(num_chains, dtype=bool)
     steps_run = np.zeros(num_chains, dtype=np.int64)
     bar = tqdm(total=num_chains * num_steps, disable=not progress, desc="sampling", unit="step")
-    with flush_denormals(), _replayed(posterior, num_chains * num_steps):
+    with flush_denormals(), _replayed(posterior, num_chains * num_steps, job_steps):
         for chain in range(num_chains):
             data_gen, noise_gen = chain_generators(seed, chain, posterior.device)
             state = kernel.init(posterior.reset())

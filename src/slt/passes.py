@@ -70,18 +70,22 @@ class ChainPass:
             grads = gradients_of(value, leaves)
         return grads, value.detach()
 
-    def replayed(self, posterior: Posterior, *, trace: bool, batched: bool = True,
-                 eager: Callable | None = None) -> Callable:  # fmt: skip
+    def replayed(self, posterior: Posterior, *, trace: bool, alone: bool | None = None,
+                 batched: bool = True, eager: Callable | None = None) -> Callable:  # fmt: skip
         """:meth:`gradients` (``batched``) or :meth:`gradient`, replayed from a traced graph
         where one can be (:mod:`slt.traced`; same numbers): traced now if ``trace``, else
         only a graph kept from an earlier run; ``eager`` (default: the pass itself) where
-        there is none, where tracing is off or where the model has hooks."""
+        there is none, where tracing is off or where the model has hooks. ``alone``
+        (default ``trace``) replaces ``trace`` where the graph cannot be kept for other runs
+        (Python state that cannot be fingerprinted): whether this run alone repays a trace."""
         fn = self.gradients if batched else self.gradient
         eager = fn if eager is None else eager
         if not tracing.enabled or has_hooks(posterior.module):
             return eager
         shape = fingerprint(posterior.module), fingerprint(posterior.loss_fn)
         key = None if None in shape else (*shape, tuple(self.keys), self.tied, batched)
+        if key is None and alone is not None:
+            trace = alone
         if trace or key is not None:
             return TracedPass(fn, key, trace=trace, module=posterior.module, eager=eager)
         return eager

@@ -595,19 +595,20 @@ class Posterior:
         return run
 
     @contextmanager
-    def replayed(self, *, trace: bool):
+    def replayed(self, *, trace: bool, alone: bool | None = None):
         """Within the block, :meth:`grad_fn` and the gradient control variate's pass at w*
         (:meth:`at_center`) are replayed from a traced graph where one can be
         (:mod:`slt.traced`, through :class:`slt.passes.ChainPass`; the same operations, so
         the same numbers): traced on first use if ``trace``, else only graphs kept from an
-        earlier run. Where there is no graph they run as before, through the model's own
-        call."""
+        earlier run; ``alone`` replaces ``trace`` where a graph cannot be kept for other runs
+        (:meth:`slt.passes.ChainPass.replayed`). Where there is no graph they run as before,
+        through the model's own call."""
         chain_pass = ChainPass(self)
         sampled, center = list(self.params.values()), list(self.center.values())
         passes = []
         for module, params in ((self.module, sampled), (self.reference, center)):
             extras = list(fixed_tensors(module, self.names).values())
-            run = chain_pass.replayed(self, trace=trace, batched=False,
+            run = chain_pass.replayed(self, trace=trace, alone=alone, batched=False,
                                       eager=self._module_pass(module, params))  # fmt: skip
             # detached aliases: the graph's operations then record nothing for autograd
             passes.append((run, [*(p.detach() for p in params), *extras]))

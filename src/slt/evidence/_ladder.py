@@ -244,7 +244,7 @@ class GlobalPosterior:
                            center=post.anchor),
                     num_chains=1, num_steps=steps, seed=chain_seed, progress=False,
                     acceptance_every=20 if self.sampler == "sgld" else 0, step_size=eps,
-                    observe=hook,
+                    observe=hook, job_steps=total,
                 )  # fmt: skip
                 bar.update(steps)
                 if trace.diverged[0]:
