@@ -233,6 +233,28 @@ def test_mala_cache_follows_the_chain_with_one_gradient_call_per_step():
         torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_mala_selects_the_same_numbers_by_branch_and_by_where(monkeypatch):
+    # on the CPU the step reads its accept decision and branches; elsewhere it selects with
+    # torch.where (no host synchronisation): both paths, over accepted and rejected moves
+    mala_module = sys.modules["slt.samplers.mala"]  # the module: slt.samplers.mala is the kernel
+
+    def run(on_host):
+        monkeypatch.setattr(mala_module, "_read_on_host", lambda accept: on_host)
+        center = _params(0)
+        params = {k: v + 0.5 for k, v in _params(1).items()}
+        kernel = mala(step_size=0.05, nbeta=2.0, localization=1.0, center=center)
+        state, record = kernel.init(params), []
+        for seed in range(60):
+            state, info = kernel.step(state, _quartic, None, torch.Generator().manual_seed(seed))
+            record.append((float(info.loss), float(info.acceptance), bool(info.accepted)))
+        kept = (*state.drift, state.log_density, state.loss, state.square, *params.values())
+        return record, [t.clone() for t in kept]
+
+    (branch, left), (where, right) = run(True), run(False)
+    assert branch == where and 0 < sum(a for *_, a in branch) < len(branch)
+    assert all(torch.equal(a, b) for a, b in zip(left, right))
+
+
 def test_log_acceptance_ratio_is_zero_for_a_reversible_pair():
     # log p = -|w|²/2, g(w) = -w: for w' = -w, p(w') = p(w) and q(w'|w) = q(w|w')
     # (both are N(·; -w(ε/2 - 1), ε) at ∓w), so log r = 0 exactly.
