@@ -496,3 +496,47 @@ def test_a_ladder_of_short_runs_traces_once_for_all_of_them(tracing, monkeypatch
 
     run(closure, True)
     assert traced.traces == before + 1
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(3, 8, batch_first=True)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(self.lstm(x)[0][:, -1])
+
+
+class _AlwaysDropout(torch.nn.Module):
+    """Dropout that stays on in eval mode: the pass draws from torch's global generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(torch.nn.functional.dropout(x, 0.2, training=True))
+
+
+def test_the_loop_runs_eagerly_what_traces_but_does_not_replay_the_same(loop_tracing):
+    # an LSTM records a graph whose kernel fails on replay (an undefined workspace): the
+    # check must reject it, not raise. An always-on dropout's graph draws other masks: it
+    # fails its check, and the check must not move the global random state, or the traced
+    # run (and the first run in a process to trace) would draw other numbers than the rest
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 5, 3, generator=g), torch.randn(256, 1, generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+    fast, slow, new = _traced_and_eager(_Recurrent(), loader, slt.gaussian_nll(1.0), **LOOP)
+    assert new == 1
+    _same(fast, slow)
+    model = _AlwaysDropout()
+    loader = _data(model)
+    first, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3), **LOOP)
+    assert new == 1
+    _same(first, slow)
+    again, _, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3), **LOOP)
+    assert new == 0
+    _same(again, first)
