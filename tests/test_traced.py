@@ -540,3 +540,28 @@ def test_the_loop_runs_eagerly_what_traces_but_does_not_replay_the_same(loop_tra
     again, _, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3), **LOOP)
     assert new == 0
     _same(again, first)
+
+
+class _Schedule(torch.nn.Module):
+    """A forward that reads and advances a plain Python counter: a graph would hold the
+    counter's value at tracing as a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * (1.0 + 1e-3 * self.calls)
+
+
+def test_a_pass_that_changes_the_modules_python_state_is_not_replayed(loop_tracing):
+    # (the batched step refuses such a model: check_batched_gradient)
+    torch.manual_seed(0)
+    model = _Schedule().eval()
+    loader = _data(model)
+    calls = model.calls
+    fast, slow, _ = _traced_and_eager(model, loader, slt.gaussian_nll(0.3), **LOOP)
+    _same(fast, slow)
+    assert model.calls == calls  # the user's model: never run (a copy is)

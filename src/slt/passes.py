@@ -71,11 +71,13 @@ class ChainPass:
         return grads, value.detach()
 
     def replayed(self, posterior: Posterior, *, trace: bool, alone: bool | None = None,
-                 batched: bool = True, eager: Callable | None = None) -> Callable:  # fmt: skip
+                 batched: bool = True, eager: Callable | None = None,
+                 state: Callable[[], Any] | None = None) -> Callable:  # fmt: skip
         """:meth:`gradients` (``batched``) or :meth:`gradient`, replayed from a traced graph
         where one can be (:mod:`slt.traced`; same numbers): traced now if ``trace``, else
         only a graph kept from an earlier run; ``eager`` (default: the pass itself) where
-        there is none, where tracing is off or where the model has hooks. ``alone``
+        there is none, where tracing is off or where the model has hooks (and what a graph
+        is checked against); ``state``: see :class:`slt.traced.TracedPass`. ``alone``
         (default ``trace``) replaces ``trace`` where the graph cannot be kept for other runs
         (Python state that cannot be fingerprinted): whether this run alone repays a trace."""
         fn = self.gradients if batched else self.gradient
@@ -87,7 +89,8 @@ class ChainPass:
         if key is None and alone is not None:
             trace = alone
         if trace or key is not None:
-            return TracedPass(fn, key, trace=trace, module=posterior.module, eager=eager)
+            return TracedPass(fn, key, trace=trace, module=posterior.module, eager=eager,
+                              state=state)  # fmt: skip
         return eager
 
 

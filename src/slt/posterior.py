@@ -28,6 +28,7 @@ from slt.data import BatchStream, batch_size
 from slt.factors import LinearFactors, linear_owners, record_factors
 from slt.losses import LossFn, LossModule, unsqueeze
 from slt.passes import ChainPass, fixed_tensors, gradients_of
+from slt.traced import fingerprint
 
 ControlVariate = Literal["loss", "gradient", "none"]
 _CACHE_MAX_FLOATS = 2**24  # per-sample gradients at w* are cached up to 64 MB (float32)
@@ -594,6 +595,10 @@ class Posterior:
 
         return run
 
+    def _python_state(self) -> Any:
+        """The plain Python state of both copies of the model (:func:`slt.traced.fingerprint`)."""
+        return fingerprint(self.module), fingerprint(self.reference)
+
     @contextmanager
     def replayed(self, *, trace: bool, alone: bool | None = None):
         """Within the block, :meth:`grad_fn` and the gradient control variate's pass at w*
@@ -609,7 +614,8 @@ class Posterior:
         for module, params in ((self.module, sampled), (self.reference, center)):
             extras = list(fixed_tensors(module, self.names).values())
             run = chain_pass.replayed(self, trace=trace, alone=alone, batched=False,
-                                      eager=self._module_pass(module, params))  # fmt: skip
+                                      eager=self._module_pass(module, params),
+                                      state=self._python_state)  # fmt: skip
             # detached aliases: the graph's operations then record nothing for autograd
             passes.append((run, [*(p.detach() for p in params), *extras]))
         self._replay = passes

@@ -67,7 +67,9 @@ class TracedPass:
     call to call (a run's parameters do), so a call looks its graph up by the batch's
     shapes alone. ``eager``, if given, runs instead of ``fn`` where there is no graph: a
     function that gives the same numbers by another, cheaper path when not traced (the
-    loop's pass through the model's own call, not ``functional_call``)."""
+    loop's pass through the model's own call, not ``functional_call``); a graph is checked
+    against it. ``state()`` (default: the fingerprint of ``module``) snapshots the plain
+    Python state the pass reads: where the eager pass changes it, no graph is used."""
 
     def __init__(
         self,
@@ -77,9 +79,11 @@ class TracedPass:
         trace: bool = True,
         module: torch.nn.Module | None = None,
         eager: Callable | None = None,
+        state: Callable[[], Any] | None = None,
     ):
         self.fn = fn
         self.eager = fn if eager is None else eager  # what runs where no graph does
+        self.state = state or (lambda: None if module is None else fingerprint(module))
         self.key = key
         self.trace = trace
         self.module = module  # what fn runs: its attributes are restored after each trace
@@ -105,7 +109,8 @@ class TracedPass:
     def _first_use(self, signature: tuple, args: tuple) -> tuple[_Replay | None, Any]:
         """The graph for ``signature`` (shared, or traced now) if it reproduces the eager
         result on ``args`` exactly, else None; and the eager result. A shared graph that
-        does not (Python state the fingerprint missed) is traced again."""
+        does not (Python state the fingerprint missed) is traced again. No graph where the
+        eager pass changes the module's plain Python state."""
         global reuses
         key = None if self.key is None else (self.key, signature)
         with _LOCK:
@@ -117,7 +122,12 @@ class TracedPass:
             with _LOCK:
                 graph = _trace(self.fn, args, self.module)
         before = [t.clone() for t in args[1:]]  # a forward may update a buffer in place
-        result = self.fn(*args)
+        state = self.state()
+        result = self.eager(*args)
+        if self.state() != state:
+            # the pass changes the module's Python state (a counter the forward reads): a
+            # graph would replay the value it held at tracing at every step
+            graph = None
         check = _Check(args, before, result)
         if graph is not None and not check(graph):
             graph = None
