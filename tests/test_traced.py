@@ -2,6 +2,9 @@
 loop's: same numbers as the eager pass, reused across estimates of one architecture, never
 where it would be wrong."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -565,3 +568,19 @@ def test_a_pass_that_changes_the_modules_python_state_is_not_replayed(loop_traci
     fast, slow, _ = _traced_and_eager(model, loader, slt.gaussian_nll(0.3), **LOOP)
     _same(fast, slow)
     assert model.calls == calls  # the user's model: never run (a copy is)
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_a_submodule_registered_twice_is_traced_and_left_as_it_was(loop_tracing, method):
+    # the trace's functional_call left a fake tensor in the shared submodule, on which the
+    # next eager pass failed
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _models import SharedBlock
+
+    torch.manual_seed(0)
+    model = SharedBlock().eval()
+    loader = _data(model)
+    fast, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(0.3),
+                                        **(LOOP | dict(chain_method=method)))  # fmt: skip
+    assert new == 1
+    _same(fast, slow)

@@ -1,6 +1,8 @@
 """chain_method="vmap": all chains in one batched step, equal to the loop."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,9 @@ import torch
 
 import slt
 from slt import zoo
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import SharedBlock  # noqa: E402
 
 
 def _both(case, **kw):
@@ -218,6 +223,44 @@ def test_vmap_equals_the_loop_with_tied_weights():
     vm = slt.estimate_llc(model, loader, loss_fn, chain_method="vmap", **kw)
     np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
     np.testing.assert_allclose(vm.trace_at_center, loop.trace_at_center, rtol=1e-5)
+
+
+def test_a_submodule_registered_twice_is_swapped_and_put_back():
+    # torch.func.functional_call leaves a swapped-in tensor in such a module (torch 2.13):
+    # after a vmapped pass a batched one, which the next call (the loop's fallback, the
+    # per-sample table) tripped over; vmap and "auto" raised, the table was not built and
+    # the loop's gradient control variate lost the block's part of ∇L_B(w*)
+    from slt.passes import has_shared_modules, swapped_call
+    from slt.posterior import Posterior
+
+    torch.manual_seed(0)
+    model = SharedBlock().eval()
+    assert has_shared_modules(model) and not has_shared_modules(torch.nn.Linear(2, 2))
+    before = {n: p for n, p in model.named_parameters()}
+    zero = {n: torch.zeros_like(p) for n, p in before.items()}
+    out = swapped_call(model, zero, (torch.randn(5, 3),), shared=True)
+    assert torch.equal(out, torch.zeros(5, 1))
+    assert all(p is before[n] for n, p in model.named_parameters())
+    x = torch.randn(256, 3)
+    with torch.no_grad():
+        y = model(x) + 0.5 * torch.randn(256, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,
+                                         shuffle=True)  # fmt: skip
+    loss_fn = slt.gaussian_nll(0.5)
+    posterior = Posterior(model, loader, loss_fn)
+    for i in (0, 100):  # the per-sample table at w*
+        grads = torch.autograd.grad(loss_fn(model, (x[i : i + 1], y[i : i + 1])),
+                                    list(model.parameters()))  # fmt: skip
+        expected = torch.cat([g.reshape(-1) for g in grads])
+        torch.testing.assert_close(posterior.cache_grad[i], expected, rtol=1e-5, atol=1e-6)
+    kw = dict(num_chains=4, num_draws=30, num_burnin=0, step_size=1e-4, progress=False)
+    loop = slt.estimate_llc(model, loader, loss_fn, chain_method="loop", **kw)
+    for method in ("vmap", "auto"):
+        res = slt.estimate_llc(model, loader, loss_fn, chain_method=method, **kw)
+        assert res.chain_method == "vmap"
+        np.testing.assert_allclose(res.trace, loop.trace, rtol=1e-5)
+        np.testing.assert_allclose(res.trace_at_center, loop.trace_at_center, rtol=1e-5)
+    assert all(p is before[n] for n, p in model.named_parameters())
 
 
 def test_auto_takes_vmap_from_two_chains_where_the_pass_will_be_traced(monkeypatch):

@@ -38,12 +38,13 @@ class ChainPass:
         self.extras = list(fixed.values())
         self.tied = _has_tied_parameters(posterior.module)
         self.sampled = len(names)
-        keys, tied = self.keys, self.tied
+        keys, tied, shared = self.keys, self.tied, has_shared_modules(posterior.module)
 
         def loss(batch: Any, *tensors: torch.Tensor) -> torch.Tensor:
             # parameters as positional tensors: vmap flattens a tuple faster than a dict, and
             # functional_call skips its tied-weights bookkeeping where nothing is tied
-            return functional_call(module, dict(zip(keys, tensors)), (batch,), tie_weights=tied)
+            return swapped_call(module, dict(zip(keys, tensors)), (batch,), tie_weights=tied,
+                                shared=shared)  # fmt: skip
 
         self.loss = loss
         self.forward = vmap(loss, in_dims=(0, *[0] * len(names), *[None] * len(self.extras)))
@@ -92,6 +93,31 @@ class ChainPass:
             return TracedPass(fn, key, trace=trace, module=posterior.module, eager=eager,
                               state=state)  # fmt: skip
         return eager
+
+
+def swapped_call(module: torch.nn.Module, tensors: dict[str, torch.Tensor], args: tuple, *,
+                 tie_weights: bool = True, shared: bool) -> Any:  # fmt: skip
+    """``functional_call(module, tensors, args)`` that leaves ``module`` as it found it also
+    where a submodule is registered under two names (``shared``,
+    :func:`has_shared_modules`): there ``torch.func.functional_call`` leaves a swapped-in
+    tensor behind (torch 2.13), a batched one after ``vmap``, which the next call trips
+    over."""
+    if not shared:
+        return functional_call(module, tensors, args, tie_weights=tie_weights)
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        return functional_call(module, tensors, args, tie_weights=tie_weights)
+    finally:
+        for m, parameters, buffers in saved:
+            for own, kept in ((m._parameters, parameters), (m._buffers, buffers)):
+                own.clear()
+                own.update(kept)
+
+
+def has_shared_modules(module: torch.nn.Module) -> bool:
+    """Whether a submodule of ``module`` is registered under more than one name."""
+    every = sum(1 for _ in module.named_modules(remove_duplicate=False))
+    return every != sum(1 for _ in module.named_modules())
 
 
 def fixed_tensors(module: torch.nn.Module, sampled: list[str]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,13 @@ from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size
 from slt.factors import LinearFactors, linear_owners, record_factors
 from slt.losses import LossFn, LossModule, unsqueeze
-from slt.passes import ChainPass, fixed_tensors, gradients_of
+from slt.passes import (
+    ChainPass,
+    fixed_tensors,
+    gradients_of,
+    has_shared_modules,
+    swapped_call,
+)
 from slt.traced import fingerprint
 
 ControlVariate = Literal["loss", "gradient", "none"]
@@ -473,15 +479,17 @@ class Posterior:
         grouped = groups is not None
         if grouped and groups.shape[1] >= _GROUP_PASS_MIN:
             return self._group_passes(tensors, want_grad, groups)
-        from torch.func import functional_call, grad_and_value, vmap
+        from torch.func import grad_and_value, vmap
 
         module = LossModule(self.reference, self.loss_fn, attention=self.attention)
         names = self.names
         center = {n: v.detach() for n, v in self.center.items()}
+        shared = has_shared_modules(module)
 
         def one(params, sample):  # a sample, or with groups a micro-batch
             swapped = {f"model.{n}": params[n] for n in names}
-            return functional_call(module, swapped, (sample if grouped else unsqueeze(sample),))
+            return swapped_call(module, swapped, (sample if grouped else unsqueeze(sample),),
+                                shared=shared)  # fmt: skip
 
         if grouped:  # (n/m, m, ...): a micro-batch per row
             tensors = [t[groups] for t in tensors]

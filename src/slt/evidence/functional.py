@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from slt.data import BatchStream, batch_size
 from slt.losses import LossFn, LossModule
+from slt.passes import has_shared_modules, swapped_call
 
 
 def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
@@ -68,6 +69,7 @@ class FlatLoss:
         self.center = torch.cat([p.detach().reshape(-1) for _, p in named])  # (d,) the model's w
         self.dtype, self.device = self.center.dtype, self.center.device
         self.bound = LossModule(module, loss_fn)
+        self.shared = has_shared_modules(self.bound)
         stream = BatchStream(loader, self.device)
         self.batches = [_cast(b, dtype) for b in stream.complete_pass()]
         if not self.batches:
@@ -85,7 +87,7 @@ class FlatLoss:
         return {f"model.{k}": p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
 
     def batch_loss(self, w: torch.Tensor, batch: Any) -> torch.Tensor:
-        return functional_call(self.bound, self.params(w), (batch,)).reshape(())
+        return swapped_call(self.bound, self.params(w), (batch,), shared=self.shared).reshape(())
 
     def loss(self, w: torch.Tensor) -> torch.Tensor:
         """L_n(w) for one flat w (d,), differentiable by ``torch.func`` (and ``vmap``-able)."""

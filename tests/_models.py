@@ -1,0 +1,16 @@
+"""Small models more than one test file uses."""
+
+import torch
+
+
+class SharedBlock(torch.nn.Module):
+    """One submodule applied twice (registered under two names): layer sharing."""
+
+    def __init__(self):
+        super().__init__()
+        block = torch.nn.Linear(3, 3)
+        self.layers = torch.nn.Sequential(block, torch.nn.Tanh(), block)
+        self.head = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(self.layers(x))
