@@ -7,6 +7,8 @@ dozen steps agree to rtol 1e-5, and λ̂ = nβ × their mean difference (nβ ≈
 """
 
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +51,27 @@ def test_compiled_equals_eager_and_a_checkpoint_compiles_nothing():
     assert (fast.chain_method, fast.compiled) == ("vmap", True)
     assert "chains vmap, compiled" in str(fast)
     _assert_same(_estimate(case, later, step_size=1e-4), fast)
+
+
+def test_a_shared_submodule_compiles_and_equals_eager():
+    # functional_call leaves a swapped-in tensor in a submodule registered twice: inductor
+    # failed on it ("Cannot access storage of TensorWrapper") before swapped_call
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _models import SharedBlock
+
+    torch.manual_seed(0)
+    model = SharedBlock().eval()
+    x = torch.randn(256, 3)
+    with torch.no_grad():
+        y = model(x) + 0.5 * torch.randn(256, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,
+                                         shuffle=True)  # fmt: skip
+    args = dict(num_chains=3, num_draws=30, num_burnin=0, step_size=5e-5, acceptance_every=0,
+                progress=False, chain_method="vmap")  # fmt: skip
+    eager = slt.estimate_llc(model, loader, slt.gaussian_nll(0.5), **args)
+    fast = slt.estimate_llc(model, loader, slt.gaussian_nll(0.5), compile=True, **args)
+    assert fast.compiled
+    _assert_same(eager, fast)
 
 
 def test_frozen_parameters_come_from_the_current_model():

@@ -50,11 +50,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from slt.attention import plain_attention
 from slt.losses import LossModule
-from slt.passes import ChainPass
+from slt.passes import ChainPass, has_shared_modules, swapped_call
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
@@ -81,7 +81,7 @@ def _inductor(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
 
 
 def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper, *, names,
-          sampler, control_variate):  # fmt: skip
+          sampler, control_variate, shared=False):  # fmt: skip
     """One step of every chain; returns (w, square_avg, L_B(w), L_B(w*) or None).
 
     ``w``, ``square_avg``, ``noise``: lists of (chain, ...) tensors; ``center`` (w*, for
@@ -92,8 +92,8 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
     tensors read from the table."""
 
     def loss(params, batch):
-        return functional_call(module, {f"model.{n}": p for n, p in zip(names, params)},
-                               (batch,))  # fmt: skip
+        return swapped_call(module, {f"model.{n}": p for n, p in zip(names, params)},
+                            (batch,), shared=shared)  # fmt: skip
 
     grads, value = vmap(grad_and_value(loss), in_dims=(0, 0))(w, batch)
     center_loss = None
@@ -190,7 +190,12 @@ def compiled_step(
     read = center_table(posterior) is not None
     read_loss = center_loss_table(posterior)
     control_variate = "read" if read else "none" if read_loss else posterior.control_variate
-    options = dict(names=names, sampler=sampler, control_variate=control_variate)
+    options = dict(
+        names=names,
+        sampler=sampler,
+        control_variate=control_variate,
+        shared=has_shared_modules(module),
+    )
     graph = _key(posterior, sampler, num_chains, control_variate)
 
     steps = [0]  # taken so far: the preconditioner is held from adapt_steps on
