@@ -593,15 +593,12 @@ class Posterior:
     def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return gradients_of(loss, params)
 
-    def _module_pass(self, module: torch.nn.Module, params: list[torch.Tensor]) -> Callable:
-        """``(batch, *tensors) -> (∇L_B, L_B)`` at ``module``'s own ``params`` (the
-        tensors, which are them and the rest of what it reads, go unused): the eager pass."""
-
-        def run(batch: Any, *_tensors: torch.Tensor):
-            loss = self.loss(module, batch)
-            return self._grads(loss, params), loss.detach()
-
-        return run
+    def _eager_pass(self, module: torch.nn.Module, params: list[torch.Tensor], batch: Any,
+                    *_tensors: torch.Tensor):  # fmt: skip
+        """(∇L_B, L_B) at ``module``'s own ``params``, through the model's own call (a
+        replayed pass's ``tensors``, which are them and what else it reads, go unused)."""
+        loss = self.loss(module, batch)
+        return self._grads(loss, params), loss.detach()
 
     def _python_state(self) -> Any:
         """The plain Python state of both copies of the model (:func:`slt.traced.fingerprint`)."""
@@ -622,7 +619,7 @@ class Posterior:
         for module, params in ((self.module, sampled), (self.reference, center)):
             extras = list(fixed_tensors(module, self.names).values())
             run = chain_pass.replayed(self, trace=trace, alone=alone, batched=False,
-                                      eager=self._module_pass(module, params),
+                                      eager=partial(self._eager_pass, module, params),
                                       state=self._python_state)  # fmt: skip
             # detached aliases: the graph's operations then record nothing for autograd
             passes.append((run, [*(p.detach() for p in params), *extras]))
@@ -650,13 +647,12 @@ class Posterior:
             run, tensors = self._replay[0]
             grads, loss = run(batch, *tensors)
         else:
-            loss = self.loss(self.module, batch)
-            grads = self._grads(loss, list(params.values()))
+            grads, loss = self._eager_pass(self.module, list(params.values()), batch)
         if record is not None:
             torch._foreach_copy_(record, grads)
         if correction is not None:
             torch._foreach_sub_(grads, correction)
-        return grads, loss.detach()
+        return grads, loss
 
     def at_center(self, batch: Any, index=None):
         """(L_B(w*) or None, the ``grad_fn`` to use on this batch), per ``control_variate``;
@@ -680,10 +676,9 @@ class Posterior:
             run, tensors = self._replay[1]
             correction, loss = run(batch, *tensors)
         else:
-            loss = self.loss(self.reference, batch)
-            correction = self._grads(loss, list(self.center.values()))
+            correction, loss = self._eager_pass(self.reference, list(self.center.values()), batch)
         torch._foreach_sub_(correction, self.init_grad)  # in place: one parameter set fewer
-        return loss.detach(), partial(self.grad_fn, correction=correction)
+        return loss, partial(self.grad_fn, correction=correction)
 
 
 def batch_mean(table: torch.Tensor, index) -> torch.Tensor:

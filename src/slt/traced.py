@@ -221,24 +221,23 @@ def _random_state_kept(args: tuple):
 
 @contextmanager
 def _attributes_kept(module: torch.nn.Module | None):
-    """Restores every submodule's attributes (its parameters and buffers included) as they
-    were: a forward that stores a tensor on its module (a cache built on first use) would
-    leave a fake tensor of the trace there, and so would ``functional_call`` on a
-    submodule registered under two names, but for :func:`slt.passes.swapped_call`."""
+    """Restores every submodule's attributes (its buffers included) as they were: a
+    forward that stores a tensor on its module (a cache built on first use) would leave a
+    fake tensor of the trace there. (Parameters that ``functional_call`` leaves behind in a
+    shared submodule: :func:`slt.passes.swapped_call`.)"""
     if module is None:
         yield
         return
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in module.modules()]
     try:
         yield
     finally:
-        for m, attributes, parameters, buffers in saved:
+        for m, attributes, buffers in saved:
             for name in [k for k in vars(m) if k not in attributes]:
                 delattr(m, name)
             vars(m).update(attributes)
-            for own, kept in ((m._parameters, parameters), (m._buffers, buffers)):
-                own.clear()
-                own.update(kept)
+            m._buffers.clear()
+            m._buffers.update(buffers)
 
 
 def _drop_no_ops(graph: torch.fx.GraphModule) -> None:
