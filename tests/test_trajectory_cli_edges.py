@@ -421,3 +421,38 @@ def test_help_shows_the_ray_extra(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     out = cli("trajectory", "--help")
     assert "(slt[ray])" in out.output
+
+
+# a run that fails on a bad setting leaves the results file as it was
+
+
+def test_a_run_that_fails_on_a_setting_leaves_the_results_file_as_it_was(tmp_path):
+    ckpts = {0: h.linear().state_dict(), 1: h.linear().state_dict()}
+    path = tmp_path / "r.jsonl"
+    bad = TINY | {"step_size": -1.0}
+    with pytest.raises(ValueError, match="step_size"):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, **bad)
+    assert not path.exists()  # no header-only file to block the corrected rerun
+    good = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, **TINY)
+    before = path.read_bytes()
+    assert len(before.splitlines()) == 3
+    with pytest.raises(ValueError, match="step_size"):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, overwrite=True, **bad)
+    assert path.read_bytes() == before  # overwrite discards the rows only once one is ready
+    again = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, **TINY)
+    assert again.num_reused == 2
+    np.testing.assert_array_equal(again.llc, good.llc)
+
+
+def test_a_header_without_rows_does_not_block_other_settings(tmp_path):
+    # a file an earlier slt left with its header only, from a run that then failed
+    ckpts = {0: h.linear().state_dict()}
+    path = tmp_path / "r.jsonl"
+    llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, **TINY)
+    path.write_bytes(path.read_bytes().splitlines(keepends=True)[0])
+    res = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, results=path, localization=2.0,
+                         **TINY)  # fmt: skip
+    assert res.num_reused == 0
+    contents = read(path)
+    assert contents.header["settings"]["estimate_llc"]["localization"] == 2.0
+    assert len(contents.rows) == 1

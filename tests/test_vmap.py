@@ -112,6 +112,48 @@ def test_auto_falls_back_to_the_loop_for_models_vmap_cannot_run():
     assert res.chain_method == "loop" and "chains loop   " in str(res)
 
 
+class _Dropout(torch.nn.Module):  # always-on dropout: draws from torch's global state
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.l2(torch.nn.functional.dropout(torch.tanh(self.l1(x)), 0.2, training=True))
+
+
+class _RunningMean(torch.nn.Module):  # a buffer its forward updates, in eval mode too
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.register_buffer("mean", torch.zeros(3))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("cls", [_Dropout, _RunningMean])
+def test_auto_that_runs_the_loop_runs_the_loops_numbers(cls):
+    # auto's probes (the activation count, the batched pass's check) run the model too: they
+    # must leave its random draws and buffers where they were
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3, generator=g),
+                                          torch.randn(64, 1, generator=g))  # fmt: skip
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    torch.manual_seed(0)
+    model = cls()
+    kw = dict(num_draws=10, num_burnin=0, step_size=1e-3, progress=False)
+    runs = {
+        (method, chains): slt.estimate_llc(model, loader, slt.gaussian_nll(1.0),
+                                           chain_method=method, num_chains=chains, **kw)
+        for method, chains in [("loop", 4), ("auto", 4), ("auto", 3)]
+    }  # fmt: skip
+    assert runs["auto", 4].chain_method == "loop"
+    np.testing.assert_array_equal(runs["auto", 4].trace, runs["loop", 4].trace)
+    np.testing.assert_array_equal(runs["auto", 3].trace, runs["loop", 4].trace[:3])
+
+
 class _Recurrent(torch.nn.Module):
     def __init__(self):
         super().__init__()

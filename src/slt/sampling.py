@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -32,11 +33,53 @@ from slt.vmapped import (
 MIN_SGLD_ACCEPTANCE = 0.9
 
 
+def _snapshot(posterior: Posterior):
+    """A function that puts back torch's global random state and both model copies'
+    attributes and buffers, their values too, as they are now: after a probe of the model
+    (``"auto"``'s count of activations, the check of the batched pass, a vmapped run that
+    failed) the chains that follow draw what they would have drawn without it (an
+    always-on dropout, a buffer a forward updates), so ``"auto"`` that runs the loop runs
+    ``"loop"``."""
+    cuda = posterior.device.type == "cuda"
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(posterior.device) if cuda else None
+    modules = [m for copy in (posterior.module, posterior.reference) for m in copy.modules()]
+    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in modules]
+    values = [(b, b.detach().clone()) for m in modules for b in m._buffers.values()
+              if b is not None]  # fmt: skip
+
+    def restore() -> None:
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], posterior.device)
+        for m, attributes, buffers in saved:
+            for name in [k for k in vars(m) if k not in attributes]:
+                delattr(m, name)
+            vars(m).update(attributes)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        with torch.no_grad():
+            for buffer, value in values:
+                buffer.copy_(value)
+
+    return restore
+
+
+@contextmanager
+def _untouched(posterior: Posterior):
+    """Runs the block as if it had not run (:func:`_snapshot`)."""
+    restore = _snapshot(posterior)
+    try:
+        yield
+    finally:
+        restore()
+
+
 def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile,
               acceptance_every, num_burnin):  # fmt: skip
     from slt.vmapped import check_batched_gradient, run_chains_vmap, stacked
 
-    check_batched_gradient(posterior)  # under "auto", a model that fails it runs the loop
+    with _untouched(posterior):
+        check_batched_gradient(posterior)  # under "auto", a model that fails it runs the loop
     stepper = None
     if compile:
         from slt.compiled import compiled_step
@@ -113,7 +156,8 @@ def _small_activations(posterior: Posterior, num_chains: int, seed: int) -> bool
     rows = num_chains * (2 if stacks_center(posterior) else 1)  # w* as C more rows?
     try:
         batch = next(iter(posterior.batches.epoch(torch.Generator().manual_seed(seed))))
-        return rows * activations(posterior, batch) <= VMAP_MAX_ACTIVATIONS
+        with _untouched(posterior):
+            return rows * activations(posterior, batch) <= VMAP_MAX_ACTIVATIONS
     except Exception:  # a model the hooks or this batch cannot run: vmap decides as before
         return True
 
@@ -171,12 +215,14 @@ def sample_llc(
         and _small_activations(posterior, num_chains, seed)
     )
     if chain_method == "vmap" or auto_vmap:
+        restore = _snapshot(posterior)
         try:
             trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
                               seed, progress, compile, probe_every, num_burnin)  # fmt: skip
         except Exception:
             if chain_method == "vmap":
                 raise
+            restore()
             trace = None  # the model cannot be vmapped: run the loop
     ran = "loop" if trace is None else "vmap"
     if trace is None:

@@ -141,12 +141,16 @@ class ResultsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._header: dict | None = None  # a header to write with the first row
 
     def open(self, settings: dict, settings_hash: str, *, overwrite: bool, defaults: dict):
         """The rows already in the file, after checking they share this run's settings.
 
         A file written with other settings raises :class:`SettingsChangedError` naming
-        them, unless ``overwrite``, which discards it. A partial last line is cut off.
+        them, unless ``overwrite``, which discards it, or it holds no rows. A partial last
+        line is cut off. A new header is written with the first row (:meth:`append`), so
+        a run that fails before finishing a checkpoint (a bad setting) leaves the file as
+        it was.
         """
         if not self.path.parent.is_dir():
             raise FileNotFoundError(
@@ -159,23 +163,20 @@ class ResultsFile:
             # a file whose only differences are options added since, at their defaults, is
             # resumed
             diff = settings_diff(contents.header["settings"], settings, defaults=defaults)
-        if diff:
+        if diff and contents.rows:
             what = "; ".join(diff)
             raise SettingsChangedError(
                 f"results file {self.path} holds {len(contents.rows)} checkpoint(s) computed "
                 f"with other settings ({what}). Rerun with the settings it was written with, "
                 "write to another results file, or pass overwrite=True to discard it"
             )
-        if contents.header is None:  # new, empty, or discarded: write the header afresh
-            header = {
+        if contents.header is None or diff:  # new, empty, discarded, or no rows of its own
+            self._header = {
                 "slt_trajectory": FORMAT,
                 "settings_hash": settings_hash,
                 "settings": settings,
                 "created_at": _now(),
             }
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(header, default=repr) + "\n", encoding="utf-8")
-            os.replace(tmp, self.path)
             return []
         if contents.partial_tail:
             with open(self.path, "r+b") as f:
@@ -193,8 +194,19 @@ class ResultsFile:
         return contents.rows
 
     def append(self, row: dict) -> None:
-        """Write one row as one line, flushed to disk before returning."""
+        """Write one row as one line, flushed to disk before returning (the first row of a
+        new file together with its header, replacing what was there)."""
         line = (json.dumps(_to_json(row), ensure_ascii=False) + "\n").encode("utf-8")
+        if self._header is not None:
+            head = (json.dumps(self._header, default=repr) + "\n").encode("utf-8")
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(head + line)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._header = None
+            return
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, line)

@@ -53,8 +53,8 @@ class WAICResult(ToDict):
     gibbs_training_loss: float  # (1/n) Σ_i E_w[ℓ_i(w)]
     generalization_loss: float  # -(1/m) Σ_j log E_w[p(Y_j|w)] on held-out data, NaN without
     generalization_loss_se: float
-    waic_per_chain: np.ndarray  # (chain,) from each chain's draws alone
-    singular_fluctuation_per_chain: np.ndarray  # (chain,)
+    waic_per_chain: np.ndarray  # (chain,) from each chain's draws alone, NaN if it diverged
+    singular_fluctuation_per_chain: np.ndarray  # (chain,), NaN if it diverged
     beta: float
     n: int
     n_test: int
@@ -88,11 +88,15 @@ class WAICResult(ToDict):
             f" ± {self.singular_fluctuation_se:.2g}  (d/2 = {self.num_params / 2:g})",
             held,
             f"  {self.sampler} ε {self.step_size:.3g} (accept {self.acceptance:.3f}), "
-            f"{self.num_chains} chains × {self.num_recorded} recorded draws (every "
+            f"{self._chains()} × {self.num_recorded} recorded draws (every "
             f"{self.record_every}), {self.seconds:.1f} s",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def _chains(self) -> str:
+        lost = int(np.isnan(self.waic_per_chain).sum())
+        return f"{self.num_chains} chains" + (f" ({lost} diverged, left out)" if lost else "")
 
 
 class _HeldOut:
@@ -180,6 +184,11 @@ def waic(
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     num_anneal = _checks.integer("num_anneal", num_anneal, minimum=0)
     record_every = _checks.integer("record_every", record_every, minimum=1)
+    if record_every >= num_draws:  # V_n is a variance over draws: it needs two of them
+        raise ValueError(
+            f"record_every={record_every} with num_draws={num_draws} records one draw per "
+            "chain; V_n and ν need at least two: take record_every < num_draws"
+        )
     seed = _checks.integer("seed", seed, minimum=0)
     with private_global_rng(seed):  # what user code draws from it repeats with seed
         gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
@@ -223,6 +232,10 @@ def waic(
         chain_t = -(stats.log_sum_exp_neg - np.log(stats.count)[:, None]).mean(1)
         chain_v = (stats.m2 / np.maximum(stats.count - 1, 1)[:, None]).sum(1)
         chain_waic = chain_t + beta / n_samples * chain_v
+        per_chain_waic = np.full(num_chains, math.nan)  # (chain,), NaN where a chain diverged
+        per_chain_waic[ok] = chain_waic
+        per_chain_nu = np.full(num_chains, math.nan)
+        per_chain_nu[ok] = beta / 2 * chain_v
         root = math.sqrt(len(ok))
         gen, gen_se, n_test = math.nan, math.nan, 0
         if test_loader is not None:
@@ -252,8 +265,8 @@ def waic(
             gibbs_training_loss=float(mean.mean()),
             generalization_loss=gen,
             generalization_loss_se=gen_se,
-            waic_per_chain=chain_waic,
-            singular_fluctuation_per_chain=beta / 2 * chain_v,
+            waic_per_chain=per_chain_waic,
+            singular_fluctuation_per_chain=per_chain_nu,
             beta=beta,
             n=n_samples,
             n_test=n_test,

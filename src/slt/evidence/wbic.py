@@ -184,9 +184,12 @@ def wbic(
                           num_burnin=[num_burnin] * 2, seed=seed, progress=progress)  # fmt: skip
         first, second = rungs
         scale = 1.0 / beta - 1.0 / beta2
-        lam = (first.mean - second.mean) / scale
         lam_chain = (first.chain_means - second.chain_means) / scale
-        ok = np.isfinite(lam_chain)
+        ok = np.isfinite(lam_chain)  # the chains that finished both rungs
+        if ok.all():
+            lam = (first.mean - second.mean) / scale
+        else:  # over matching chains, or a chain lost at one rung would shift the difference
+            lam = float(lam_chain[ok].mean()) if ok.any() else math.nan
 
         def sd_chains(x: np.ndarray) -> float:
             return float(x[ok].std(ddof=1) / math.sqrt(ok.sum())) if ok.sum() > 1 else math.nan
@@ -204,8 +207,14 @@ def wbic(
                 f"effective sample size {first.ess:.0f} < {MIN_ESS}: the standard error is itself "
                 "uncertain; use more draws or chains"
             )
-        if first.diverged.any():
-            notes.append(f"{int(first.diverged.sum())} of {num_chains} chains diverged")
+        for rung, name in ((first, "β"), (second, "β₂")):
+            if rung.diverged.any():
+                notes.append(
+                    f"{int(rung.diverged.sum())} of {num_chains} chains diverged at {name} = "
+                    f"{rung.beta:.4g}"
+                )
+        if not ok.all():
+            notes.append(f"λ̂ is taken over the {int(ok.sum())} chains that finished both rungs")
         for note in gp.warnings:
             warnings.warn(note, UserWarning, stacklevel=2)
         return WBICResult(

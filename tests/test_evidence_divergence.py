@@ -1,0 +1,74 @@
+"""Chains that diverge in the evidence estimators: reported per chain (NaN, in the warnings),
+never averaged in; and what cannot be estimated is refused with the reason."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import slt
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _case_nan_beyond(radius: float):
+    """regular(1), with a loss that is NaN once the weight is ``radius`` from w*: chains
+    that wander that far diverge."""
+    case = slt.zoo.regular(1, n=64)
+    center = next(case.model.parameters()).detach().clone()
+
+    def loss_fn(model, batch):
+        w = next(model.parameters())
+        far = (w - center).abs().max() > radius
+        return case.loss_fn(model, batch) + torch.where(far, math.nan, 0.0)
+
+    return case, loss_fn
+
+
+def test_waic_marks_a_diverged_chain_nan_and_says_so():
+    case, loss_fn = _case_nan_beyond(0.3)
+    res = slt.waic(case.model, case.loader(), loss_fn, prior_std=None, sampler="sgld",
+                   step_scale=0.5, num_chains=4, num_draws=40, num_burnin=10, num_anneal=0,
+                   seed=0, progress=False)  # fmt: skip
+    lost = np.isnan(res.waic_per_chain)
+    assert res.waic_per_chain.shape == res.singular_fluctuation_per_chain.shape == (4,)
+    assert 0 < lost.sum() < 4
+    np.testing.assert_array_equal(np.isnan(res.singular_fluctuation_per_chain), lost)
+    assert f"{lost.sum()} of 4 chains diverged" in res.warnings
+    assert f"4 chains ({lost.sum()} diverged, left out)" in str(res)
+    assert math.isfinite(res.waic) and math.isfinite(res.waic_se)
+
+
+def test_waic_needs_two_recorded_draws_per_chain():
+    case = slt.zoo.regular(1, n=64)
+    with pytest.raises(ValueError, match="record_every=10 with num_draws=10 records one draw"):
+        slt.waic(case.model, case.loader(), case.loss_fn, num_draws=10, record_every=10,
+                 progress=False)  # fmt: skip
+
+
+def test_wbic_reports_divergence_at_the_second_temperature():
+    # β₂ = 0.3 spreads the chains about 1.8x wider than β = 1: some cross the radius there
+    case, loss_fn = _case_nan_beyond(0.5)
+    res = slt.wbic(case.model, case.loader(), loss_fn, prior_std=None, sampler="sgld",
+                   step_scale=0.5, beta=1.0, beta2=0.3, num_chains=4, num_draws=40,
+                   num_burnin=10, num_anneal=0, seed=0, progress=False)  # fmt: skip
+    lost = np.isnan(res.lambda_per_chain)
+    assert np.isfinite(res.wbic_per_chain).all() and 0 < lost.sum() < 4
+    assert f"{lost.sum()} of 4 chains diverged at β₂ = 0.3" in res.warnings
+    assert f"λ̂ is taken over the {4 - lost.sum()} chains that finished both rungs" in res.warnings
+    # over the chains that finished both rungs, not the difference of two other averages
+    assert res.lambda_hat == pytest.approx(res.lambda_per_chain[~lost].mean(), rel=1e-12)
+
+
+def test_free_energy_refuses_a_loss_that_is_not_finite_under_the_prior():
+    case, loss_fn = _case_nan_beyond(2.0)
+    with pytest.raises(ValueError, match=r"the loss is nan at \d+ of 16 draws from the prior"):
+        slt.free_energy(case.model, case.loader(), loss_fn, num_chains=2, num_draws=8,
+                        num_burnin=2, num_rungs=3, num_prior_draws=16, progress=False)  # fmt: skip
