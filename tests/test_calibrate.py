@@ -177,3 +177,22 @@ def test_a_sweep_prints_no_nan_or_inf_percent_and_a_result_with_numpy_scalars_is
     res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=2, num_draws=4,
                            step_size=1e-3, progress=False)  # fmt: skip
     json.dumps(dataclasses.replace(res, llc=np.float32(res.llc)).to_dict())
+
+
+def test_a_parameter_the_loss_does_not_read_is_calibrated_around():
+    # an unused head: its rows of H v are zero, not an autograd error
+    class TwoHeads(torch.nn.Module):
+        def __init__(self, used):
+            super().__init__()
+            self.used, self.unused = used, torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model, data, q = _regression()
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data))
+    posterior = Posterior(TwoHeads(model), loader, slt.gaussian_nll(1.0))
+    assert top_hessian_eigenvalue(posterior, list(data.tensors)) == pytest.approx(q.max(), rel=1e-3)
+    res = slt.estimate_llc(TwoHeads(model), loader, slt.gaussian_nll(1.0), step_size="auto",
+                           num_chains=1, num_draws=40, progress=False)  # fmt: skip
+    assert np.isfinite(res.llc)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from slt.data import BatchStream, batch_size, dataset_size, to_device
+from slt.data import BatchStream, batch_size, copied_to, dataset_size
 
 CPU = torch.device("cpu")
 N = 100  # not a multiple of the batch size: the last batch is partial
@@ -255,7 +255,7 @@ def test_dataset_size():
     assert dataset_size(DataLoader(Unsized(), batch_size=BATCH)) is None
 
 
-# --- batch_size and to_device ------------------------------------------------------------
+# --- batch_size and copied_to ------------------------------------------------------------
 
 
 class Batch(NamedTuple):
@@ -290,8 +290,8 @@ def assert_moved(src, dst, device):
     if isinstance(src, torch.Tensor):
         assert dst.device.type == device.type and dst.shape == src.shape
         assert dst.dtype == src.dtype
-        if device.type == "cpu":
-            assert torch.equal(dst, src)
+        if device.type == "cpu":  # a copy, not the tensor itself
+            assert torch.equal(dst, src) and dst.data_ptr() != src.data_ptr()
     elif isinstance(src, dict):
         assert list(dst) == list(src)
         for k in src:
@@ -305,10 +305,10 @@ def assert_moved(src, dst, device):
 
 
 @pytest.mark.parametrize("device", [torch.device("cpu"), torch.device("meta")])
-def test_to_device_keeps_structure(device):
+def test_copied_to_keeps_structure(device):
     x, y = torch.randn(4, 2), torch.arange(4)
     batch = Batch(x, y, "b")
-    moved = to_device(batch, device)
+    moved = copied_to(batch, device)
     assert isinstance(moved, Batch) and moved._fields == ("x", "y", "name")
     assert_moved(batch, moved, device)
     for nested in [
@@ -320,7 +320,7 @@ def test_to_device_keeps_structure(device):
         "no tensors",
         None,
     ]:
-        assert_moved(nested, to_device(nested, device), device)
+        assert_moved(nested, copied_to(nested, device), device)
 
 
 def test_fast_path_on_meta_device():

@@ -389,3 +389,37 @@ def test_transient_nan_loss_marks_the_chain_diverged():
     assert res.diverged.tolist() == [False, True, False]
     assert res.llc == float(np.mean(res.llc_per_chain[[0, 2]]))
     np.testing.assert_array_equal(res.llc_per_chain[[0, 2]], clean.llc_per_chain[[0, 2]])
+
+
+# --- arguments of the other entry points --------------------------------------------------
+
+
+def test_a_seed_torch_cannot_take_is_named():
+    loader = DataLoader(make_data(), batch_size=BATCH, shuffle=True)
+    with raises_naming(ValueError, "seed", 2**64):
+        slt.estimate_llc(torch.nn.Linear(2, 1), loader, slt.gaussian_nll(1.0), seed=2**64,
+                         progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [("sampler", "foo"), ("sampler", ["sgld"]), ("step_sizes", 1e-4),
+                            ("step_sizes", "auto"), ("step_sizes", []), ("step_sizes", [1e-4, -1])]
+)  # fmt: skip
+def test_calibrate_names_a_bad_argument(argument, value):
+    loader = DataLoader(make_data(), batch_size=BATCH, shuffle=True)
+    with pytest.raises(ValueError, match=re.escape(argument)):
+        slt.calibrate(torch.nn.Linear(2, 1), loader, slt.gaussian_nll(1.0), progress=False,
+                      **{argument: value})  # fmt: skip
+
+
+def test_a_sampler_that_is_not_a_string_is_named():
+    loader = DataLoader(make_data(), batch_size=BATCH, shuffle=True)
+    with raises_naming(ValueError, "sampler", ["sgld"]):
+        slt.estimate_llc(torch.nn.Linear(2, 1), loader, slt.gaussian_nll(1.0), sampler=["sgld"])
+
+
+def test_gaussian_nll_takes_numpy_and_tensor_scalars_but_not_a_bool():
+    for sigma in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert slt.gaussian_nll(sigma).sigma == 0.5
+    with raises_naming(ValueError, "sigma", True):
+        slt.gaussian_nll(True)

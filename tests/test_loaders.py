@@ -6,11 +6,19 @@ same numbers, and nothing of the caller's (data, sampler generator, global RNG) 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 import slt
 from slt.data import BatchStream, dataset_size
@@ -165,3 +173,67 @@ def test_a_complete_pass_includes_the_short_batch_the_loader_drops():
         stream = BatchStream(loader, CPU)
         assert sum(len(b[0]) for b in stream.epoch(torch.Generator().manual_seed(0))) == 8
         assert sum(len(b[0]) for b in stream.complete_pass()) == 10
+
+
+class NumpyAugmented(Augmented):
+    """A random augmentation drawn from numpy's and Python's global generators."""
+
+    def __getitem__(self, i):
+        shift = 0.01 * np.random.randn() + 0.01 * random.random()  # noqa: NPY002
+        return self.x[i] + shift, self.y[i]
+
+
+def test_what_a_dataset_draws_from_numpy_or_random_repeats_with_the_seed():
+    model, x, y = regression()
+    loader = DataLoader(NumpyAugmented(x, y), batch_size=64, shuffle=True)
+    traces = []
+    for global_seed in (1, 2):
+        np.random.seed(global_seed)  # noqa: NPY002
+        random.seed(global_seed)
+        states = np.random.get_state(), random.getstate()  # noqa: NPY002
+        res = slt.estimate_llc(model, loader, slt.gaussian_nll(0.5), chain_method="loop", **KW)
+        after = np.random.get_state(), random.getstate()  # noqa: NPY002
+        assert all(np.array_equal(a, b) for a, b in zip(states[0], after[0], strict=True))
+        assert states[1] == after[1]  # the caller's states are untouched
+        traces.append(res.trace)
+    assert np.array_equal(*traces)  # and the numbers do not depend on them
+    assert not np.array_equal(traces[0][0], traces[0][1])  # each chain its own draws
+
+
+class Pairs(Dataset):
+    """Map-style, not a TensorDataset: slt cannot slice it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("dataset", [TensorDataset, Pairs])
+def test_a_loader_of_batch_sampler_runs_and_leaves_its_generator_alone(dataset):
+    model, x, y = regression()
+    own = torch.Generator().manual_seed(7)
+    batches = BatchSampler(RandomSampler(range(256), generator=own), 64, drop_last=False)
+    loader = DataLoader(dataset(x, y), batch_sampler=batches)
+    before = own.get_state()
+    res = slt.estimate_llc(model, loader, slt.gaussian_nll(0.5), control_variate="loss", **KW)
+    assert torch.equal(own.get_state(), before)
+    assert res.n == 256 and res.init_loss == pytest.approx(full_loss(model, x, y), rel=1e-6)
+    c = res.trace_at_center
+    assert not np.array_equal(c[0], c[1])  # each chain its own order
+    again = slt.estimate_llc(model, loader, slt.gaussian_nll(0.5), control_variate="loss", **KW)
+    assert np.array_equal(again.trace, res.trace)
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+def test_a_model_that_edits_its_input_does_not_edit_a_list_of_batches(one_batch):
+    model, x, y = regression()
+    x0 = x.clone()
+    batches = [(x, y)] if one_batch else [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
+    options = {"sampler": "mala"} if one_batch else {}
+    slt.estimate_llc(InPlace(model), batches, slt.gaussian_nll(0.5), **(KW | options))
+    assert torch.equal(x, x0)

@@ -43,3 +43,16 @@ def test_supervised_cross_entropy_is_mean_nll():
 def test_gaussian_nll_rejects_bad_sigma(sigma):
     with pytest.raises(ValueError, match="sigma"):
         slt.gaussian_nll(sigma)
+
+
+def test_supervised_takes_a_loss_module_and_a_criterion_without_reduction():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    batch = (torch.randn(6, 3), torch.randint(0, 4, (6,)))
+    expected = F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    for criterion in (torch.nn.CrossEntropyLoss(), lambda out, y: F.cross_entropy(out, y)):
+        loss_fn = slt.supervised(criterion)
+        torch.testing.assert_close(loss_fn.per_sample(model, batch), expected)
+        torch.testing.assert_close(loss_fn(model, batch), expected.mean())
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        slt.supervised(torch.nn.CrossEntropyLoss(reduction="sum"))

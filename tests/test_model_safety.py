@@ -369,3 +369,25 @@ def test_a_calibration_grid_leaves_the_global_rng_alone():
                       num_draws=20, num_burnin=10, grid_draws=20, grid_chains=2,
                       num_candidates=2, progress=False)  # fmt: skip
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_an_estimate_called_without_autograd_runs_as_outside_it(mode):
+    # a caller evaluating under no_grad or inference_mode: slt turns autograd on for its
+    # own passes, and the caller's mode is left as it was
+    x, y = make_tensors(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = torch.nn.Linear(3, 1)
+    kw = dict(num_chains=2, num_draws=20, num_burnin=5, progress=False)
+    outside = estimate(model, loader, chain_method="loop")
+    cal = slt.calibrate(model, loader, slt.gaussian_nll(0.5), num_draws=20,
+                        num_candidates=1, progress=False)  # fmt: skip
+    with mode():
+        inside = estimate(model, loader, chain_method="loop")
+        cal_inside = slt.calibrate(model, loader, slt.gaussian_nll(0.5), num_draws=20,
+                                   num_candidates=1, progress=False)  # fmt: skip
+        waic = slt.waic(model, loader, slt.gaussian_nll(0.5), num_anneal=0, **kw)
+        assert not torch.is_grad_enabled()
+    assert np.array_equal(inside.trace, outside.trace)
+    assert cal_inside.step_size == cal.step_size
+    assert np.isfinite(waic.waic)

@@ -101,3 +101,20 @@ def test_per_sample_losses_use_the_attention_the_chains_sample():
     recorder = PerSampleRecorder(posterior, num_chains=1, start=0, every=1)
     posterior.reset()
     assert recorder.losses().mean() == pytest.approx(posterior.init_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("microbatch", [None, 4])
+def test_the_sample_axis_is_the_datasets_order(tmp_path, microbatch):
+    # a shuffled loader's pass is put back in order: column i is sample i, whatever the
+    # micro-batches; the first draw without burn-in is w*, where column i is ℓ_i(w*)
+    case = zoo.regular(3, 1, n=64)
+    path = tmp_path / "ps.h5"
+    loader = torch.utils.data.DataLoader(case.dataset, batch_size=16, shuffle=True)
+    slt.estimate_llc(case.model, loader, case.loss_fn, num_chains=1, num_draws=2, num_burnin=0,
+                     record="per_sample", record_every=1, record_path=str(path),
+                     microbatch=microbatch, chain_method="loop", progress=False)  # fmt: skip
+    with torch.no_grad():
+        exact = per_sample(case.loss_fn)(case.model, case.dataset.tensors).double().numpy()
+    with h5py.File(path) as f:
+        np.testing.assert_allclose(f["per_sample_loss"][0, 0], exact, rtol=1e-6)
+        assert f["per_sample_loss"].attrs["sample_order"] == "dataset"

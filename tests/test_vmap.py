@@ -440,3 +440,37 @@ def test_the_batched_gradient_check_passes_at_a_minimum_on_the_full_batch():
     res = slt.estimate_llc(case.model, loader, case.loss_fn, chain_method="vmap", num_chains=2,
                            num_draws=10, step_size=1e-4, progress=False)  # fmt: skip
     assert res.chain_method == "vmap" and np.isfinite(res.llc)
+
+
+def test_a_loss_of_shape_one_runs_batched_as_a_scalar():
+    case = zoo.regular(3, n=256)
+
+    def loss_fn(model, batch):
+        return case.loss_fn(model, batch).reshape(1)
+
+    kw = dict(num_chains=2, num_draws=20, step_size=1e-3, seed=1, progress=False)
+    loop = slt.estimate_llc(case.model, case.loader(), loss_fn, chain_method="loop", **kw)
+    vm = slt.estimate_llc(case.model, case.loader(), loss_fn, chain_method="vmap", **kw)
+    np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)
+
+
+class _Scaled(torch.nn.Module):  # a 0-d parameter (a learnable scale)
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize("microbatch", [None, 4])
+def test_a_zero_dimensional_parameter_reads_the_tables_at_w_star(microbatch):
+    case = zoo.regular(3, n=256)
+    model = _Scaled()
+    with torch.no_grad():
+        model.lin.weight.copy_(case.model[0].weight)
+    kw = dict(num_chains=2, num_draws=20, step_size=1e-3, microbatch=microbatch, progress=False)
+    loop = slt.estimate_llc(model, case.loader(), case.loss_fn, chain_method="loop", **kw)
+    vm = slt.estimate_llc(model, case.loader(), case.loss_fn, chain_method="vmap", **kw)
+    np.testing.assert_allclose(vm.trace, loop.trace, rtol=1e-5)

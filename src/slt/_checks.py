@@ -34,11 +34,19 @@ def real(
     return value
 
 
-def integer(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int (numpy integers included, bools refused), at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def integer(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int (numpy integers included, bools refused), at least ``minimum``
+    (and at most ``maximum``)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):  # fmt: skip
+        bound = f">= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)
+
+
+def seed(value) -> int:
+    """The ``seed`` argument: an int from 0 to 2⁶⁴ − 1 (what torch's generators take)."""
+    return integer("seed", value, minimum=0, maximum=2**64 - 1)
 
 
 def microbatch(value):
@@ -48,3 +56,21 @@ def microbatch(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f'microbatch must be "auto", None or an integer >= 1, got {value!r}')
     return int(value)
+
+
+def choice(name: str, value, options) -> str:
+    """``value`` if it is one of the strings ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {sorted(options)}, got {value!r}")
+    return value
+
+
+def positive_reals(name: str, value) -> list[float]:
+    """A non-empty sequence of finite numbers > 0, as floats (a lone number or a string is
+    refused, with what is accepted)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of finite numbers > 0, got {value!r}")
+    out = [real(name, v, minimum=0, strict=True) for v in value]
+    if not out:
+        raise ValueError(f"{name} must be a list of finite numbers > 0, got an empty {value!r}")
+    return out

@@ -42,9 +42,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from slt import _checks
+from slt import _checks, _globals
 from slt.curvature import minibatch_gradient_variance, top_hessian_eigenvalue
 from slt.losses import LossFn
+from slt.samplers import SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def calibrate(
     True
     """
     from slt.calibrate_grid import as_grid, calibrate_grid
-    from slt.chains import DivergenceError, private_global_rng
+    from slt.chains import DivergenceError
     from slt.sampling import build_posterior, sample_llc
 
     start = time.perf_counter()
@@ -217,7 +218,10 @@ def calibrate(
         max_pilot_steps = _checks.integer("max_pilot_steps", max_pilot_steps, minimum=1)
     grid_chains = _checks.integer("grid_chains", grid_chains, minimum=1)
     grid_draws = _checks.integer("grid_draws", grid_draws, minimum=4)
-    seed = _checks.integer("seed", seed, minimum=0)
+    seed = _checks.seed(seed)
+    _checks.choice("sampler", sampler, SAMPLERS)
+    if step_sizes is not None:
+        step_sizes = _checks.positive_reals("step_sizes", step_sizes)
     gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)
     if gammas is None and localization is not None:  # one value: numpy scalars as floats
         localization = _checks.real("localization", localization, minimum=0)
@@ -249,7 +253,7 @@ def calibrate(
             except DivergenceError:
                 return None
 
-        with private_global_rng(seed):  # the grid's own runs (sample_at) draw from it too
+        with _globals.private(seed):  # the grid's own runs (sample_at) draw from it too
             res, trials, notes = calibrate_grid(
                 calibrate_at, sample_at, gammas or [localization], nbetas or [nbeta],
                 flat_tolerance=flat_tolerance,
@@ -258,7 +262,7 @@ def calibrate(
                         seconds=time.perf_counter() - start)  # fmt: skip
     if sampler == "mala":
         control_variate = "none"
-    with private_global_rng(seed):  # what user code draws from it repeats with seed
+    with _globals.private(seed):  # what user code draws from it repeats with seed
         posterior = build_posterior(model, loader, loss_fn, n=n, nbeta=nbeta,
                                     localization=localization, control_variate=control_variate,
                                     sampler=sampler, params=params, microbatch=microbatch,

@@ -21,7 +21,6 @@ recorded at every step instead.
 
 from __future__ import annotations
 
-import numbers
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -87,18 +86,6 @@ def flush_denormals():
         yield
     finally:
         torch.set_flush_denormal(was_on)
-
-
-@contextmanager
-def private_global_rng(seed: int):
-    """Run the block on a copy of torch's global (CPU) random state seeded from ``seed``,
-    the caller's restored after: whatever user code draws from it (an always-on dropout in
-    a model) repeats with the seed and leaves the caller's state alone. slt's own draws
-    never use it (:func:`chain_generators`; the data: :mod:`slt.data`)."""
-    with torch.random.fork_rng(devices=[]):
-        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
-            torch.default_generator.manual_seed(int(seed) ^ 0x5EED)
-        yield
 
 
 def chain_generators(seed: int, chain: int, device: torch.device):

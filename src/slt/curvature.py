@@ -25,8 +25,13 @@ def top_hessian_eigenvalue(
         norm = torch.sqrt(sum((x * x).sum() for x in v))
         v = [x / norm for x in v]
         loss = posterior.loss(posterior.module, batch, twice=True)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, allow_unused=True)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        # a parameter the loss does not read, or reads linearly, adds nothing to H v
+        read = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
+        if not read:
+            return 0.0
+        hv = torch.autograd.grad([grads[i] for i in read], params,
+                                 grad_outputs=[v[i] for i in read], allow_unused=True)  # fmt: skip
         hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
         eig = float(torch.sqrt(sum((h * h).sum() for h in hv)))
         v = hv

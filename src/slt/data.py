@@ -5,7 +5,8 @@ from the chain's own generator (so chains do not depend on each other or on the 
 random state); for a ``DataLoader`` over a ``TensorDataset`` with the default collate,
 batches are sliced straight from the tensors, which is what the loader would produce but
 without per-sample collation (and copied, so that a model that edits its input in place
-cannot edit the data). Any other loader is iterated on a global random state of its own,
+cannot edit the data). Any other loader is iterated on global random states of its own
+(torch's, numpy's and Python's: :mod:`slt._globals`),
 seeded from the chain's generator, so that a sampler's order, a ``DataLoader``'s worker
 seed or an augmentation in the dataset differ between chains and epochs, repeat with the
 seed, and leave the caller's global state alone; a generator the loader holds (a sampler's
@@ -29,17 +30,21 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from slt import _globals
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
+
+def copied_to(batch: Any, device: torch.device) -> Any:
+    """A (nested) batch with a copy of every tensor on ``device``: a model that edits its
+    input in place then edits the copy, not the user's data (a list of batches, or a
+    dataset that hands out its own tensors)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return batch.to(device, non_blocking=True, copy=True)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
-        return type(batch)(*(to_device(b, device) for b in batch))
+        return type(batch)(*(copied_to(b, device) for b in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(copied_to(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: copied_to(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -123,6 +128,12 @@ def _private_loader(loader: DataLoader, seed: int, shuffle: bool | None, drop_la
         batches = copy.copy(batches)
         batches.generator = torch.Generator().manual_seed(seed + 2)
         changed = True
+    elif _held_generator(getattr(batches, "sampler", None)):  # batch_sampler=BatchSampler(...)
+        inner = copy.copy(batches.sampler)
+        inner.generator = torch.Generator().manual_seed(seed + 1)
+        batches = copy.copy(batches)
+        batches.sampler = inner
+        changed = True
     if not changed:
         return loader
     if batches is None:
@@ -132,8 +143,11 @@ def _private_loader(loader: DataLoader, seed: int, shuffle: bool | None, drop_la
 
 
 def _shuffles(loader: DataLoader) -> bool | None:
-    """True/False for a loader with a standard random/sequential sampler, else None."""
-    if loader.batch_sampler is None or type(loader.batch_sampler).__name__ != "BatchSampler":
+    """True/False for a loader with a standard random/sequential sampler that it batches
+    itself (``batch_size=``), else None (``batch_sampler=``, a custom sampler, ...)."""
+    batches = loader.batch_sampler
+    if (batches is None or type(batches).__name__ != "BatchSampler"
+            or batches.sampler is not loader.sampler or loader.batch_size is None):  # fmt: skip
         return None
     if isinstance(loader.sampler, RandomSampler):
         if loader.sampler.replacement or loader.sampler._num_samples is not None:
@@ -145,6 +159,10 @@ def _shuffles(loader: DataLoader) -> bool | None:
 
 
 _END = object()
+_NO_BATCHES = (
+    "loader: yielded no batches (is the dataset empty, or does the loader drop its last "
+    "batch, drop_last=True, with batch_size larger than the dataset?)"
+)
 
 
 class NotOneBatch(ValueError):
@@ -245,7 +263,7 @@ class BatchStream:
         bs = self.loader.batch_size
         starts = self._batch_starts()
         if not starts:
-            raise ValueError("loader: yielded no batches (is the dataset empty?)")
+            raise ValueError(_NO_BATCHES)
         while True:
             if self.shuffle:
                 order = torch.stack([self._order(g) for g in generators])
@@ -267,21 +285,20 @@ class BatchStream:
         if isinstance(loader, DataLoader):
             drop_last = loader.drop_last and not complete
             loader = _private_loader(loader, seed, self.shuffle, drop_last)
-        # What the loader draws from torch's global generator (a sampler's order, the
-        # workers' base seed, a random augmentation) it draws from a state of its own,
-        # seeded from ``generator`` and carried from batch to batch
-        state = torch.Generator().manual_seed(seed).get_state()
+        # What the loader draws from the global random states (a sampler's order, the
+        # workers' base seed, a random augmentation by torch, numpy or random) it draws
+        # from states of its own, seeded from ``generator`` and carried from batch to batch
+        states = _globals.seeded(seed)
         batches = None
         while True:
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(state)
+            with _globals.swapped(states) as after:
                 if batches is None:
                     batches = iter(loader)
                 batch = next(batches, _END)
-                state = torch.get_rng_state()
+            states = after[0]
             if batch is _END:
                 return
-            yield to_device(batch, self.device)
+            yield copied_to(batch, self.device)
 
     def complete_pass(self) -> Iterator[Any]:
         """Every sample once, in the loader's order (a fixed one if it shuffles), short last
@@ -320,4 +337,4 @@ class BatchStream:
                 empty = False
                 yield item
             if empty:
-                raise ValueError("loader: yielded no batches (is the dataset empty?)")
+                raise ValueError(_NO_BATCHES)

@@ -17,8 +17,7 @@ import time
 import warnings
 from collections.abc import Iterable
 
-from slt import _checks
-from slt.chains import private_global_rng
+from slt import _checks, _globals
 from slt.losses import LossFn
 from slt.posterior import CONTROL_VARIATES, ControlVariate
 from slt.result import LLCResult
@@ -201,8 +200,7 @@ def estimate_llc(
     >>> 0.5 < res.llc < 1.5   # d/2 = 1 for this regular model
     True
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    _checks.choice("sampler", sampler, SAMPLERS)
     auto = isinstance(step_size, str) and step_size == "auto"
     if not auto:
         if isinstance(step_size, str):
@@ -211,7 +209,7 @@ def estimate_llc(
     num_chains = _checks.integer("num_chains", num_chains, minimum=1)
     num_draws = _checks.integer("num_draws", num_draws, minimum=1)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
-    seed = _checks.integer("seed", seed, minimum=0)
+    seed = _checks.seed(seed)
     acceptance_every = _checks.integer("acceptance_every", acceptance_every, minimum=0)
     if chain_method not in ("auto", "loop", "vmap"):
         raise ValueError(f'chain_method must be "auto", "loop" or "vmap", got {chain_method!r}')
@@ -230,7 +228,7 @@ def estimate_llc(
     full_batch = sampler in FULL_BATCH
     if full_batch and control_variate in CONTROL_VARIATES:
         control_variate = "none"  # the full batch makes both control variates moot
-    with private_global_rng(seed):  # what user code draws from it repeats with seed
+    with _globals.private(seed):  # what user code draws from it repeats with seed
         start = time.perf_counter()
         posterior = build_posterior(
             model, loader, loss_fn, n=n, nbeta=nbeta, localization=localization,

@@ -7,13 +7,17 @@ A loss that is c times the NLL behaves like the temperature c·nβ, so a plain
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
+from slt import _checks
 from slt.attention import plain_attention
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -40,12 +44,20 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the compiled caller sets it (dynamo can't)
-            return self.loss_fn(self.model, batch)
+            return scalar(self.loss_fn(self.model, batch))
         with plain_attention(enabled=self.attention), warnings.catch_warnings():
             # vmap's per-sample fallback for an operation without a batching rule (an
             # LSTM's, say) works and warns "file us an issue": nothing a user can act on
             warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
-            return self.loss_fn(self.model, batch)
+            return scalar(self.loss_fn(self.model, batch))
+
+
+def scalar(loss: Any) -> Any:
+    """A one-element loss (shape (1,), say) as a 0-d tensor; anything else as it is (the
+    loss at w* was checked: :func:`slt.posterior.check_scalar_loss`)."""
+    if isinstance(loss, torch.Tensor) and loss.dim() and loss.numel() == 1:
+        return loss.reshape(())
+    return loss
 
 
 def per_sample(loss_fn: LossFn) -> LossFn:
@@ -67,6 +79,11 @@ def per_sample(loss_fn: LossFn) -> LossFn:
     exact = getattr(loss_fn, "per_sample", None)
     if exact is not None:
         return exact
+    return _by_sample(loss_fn)
+
+
+def _by_sample(loss_fn: LossFn) -> LossFn:
+    """Per-sample values of ``loss_fn``, each sample a batch of one (:func:`per_sample`)."""
 
     def one(model, sample):
         return loss_fn(model, unsqueeze(sample))
@@ -108,13 +125,22 @@ def _batch_size(batch: Any) -> int:
     return batch_size(batch)
 
 
+def _takes_reduction(criterion: Callable) -> bool:
+    try:
+        return "reduction" in inspect.signature(criterion).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
+
+
 class supervised:  # noqa: N801 -- used like a function: slt.supervised(F.cross_entropy)
     """``loss_fn`` for ``(x, y)`` batches: ``criterion(model(x), y)``.
 
     ``criterion`` must return the batch mean of a per-sample NLL, e.g.
-    ``torch.nn.functional.cross_entropy``; ``per_sample`` calls it with
-    ``reduction="none"``. A module-level class, so it pickles (for process pools) when
-    ``criterion`` does.
+    ``torch.nn.functional.cross_entropy`` or ``torch.nn.CrossEntropyLoss()`` (whose
+    ``reduction`` must then be "mean"); ``per_sample`` calls a function with
+    ``reduction="none"`` and a loss module as a copy with that reduction (a criterion that
+    takes no ``reduction`` is evaluated a sample at a time, :func:`per_sample`). A
+    module-level class, so it pickles (for process pools) when ``criterion`` does.
 
     Examples
     --------
@@ -131,14 +157,27 @@ class supervised:  # noqa: N801 -- used like a function: slt.supervised(F.cross_
         if not callable(criterion):
             raise TypeError(f"supervised: criterion must be callable, got {criterion!r}")
         self.criterion = criterion
+        self._unreduced = None  # the criterion per sample, where it says how
+        if isinstance(criterion, torch.nn.modules.loss._Loss):
+            if criterion.reduction != "mean":
+                raise ValueError(
+                    f"supervised: criterion must return the batch mean, got {criterion!r} "
+                    f"with reduction={criterion.reduction!r}; use reduction='mean'"
+                )
+            self._unreduced = copy.copy(criterion)
+            self._unreduced.reduction = "none"
+        elif _takes_reduction(criterion):
+            self._unreduced = partial(criterion, reduction="none")
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         return self.criterion(model(x), y)
 
     def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        if self._unreduced is None:
+            return _by_sample(self)(model, batch)
         x, y = batch
-        losses = self.criterion(model(x), y, reduction="none")
+        losses = self._unreduced(model(x), y)
         return losses.reshape(losses.shape[0], -1).mean(1)
 
     def __repr__(self) -> str:
@@ -163,9 +202,8 @@ class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigm
     """
 
     def __init__(self, sigma: float = 1.0):
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"gaussian_nll: sigma must be a positive finite number, got {sigma!r}")
-        self.sigma = float(sigma)
+        sigma = _checks.real("gaussian_nll: sigma", sigma, minimum=0, strict=True)
+        self.sigma = sigma
         self._inv_two_var = 1.0 / (2.0 * sigma * sigma)
         self._const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
 

@@ -132,9 +132,10 @@ def gradients_of(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.T
     """∇ ``loss`` with respect to ``params``, zeros for a parameter it does not read."""
     if not loss.requires_grad:
         raise ValueError(
-            "loss_fn returned a loss that does not depend on the parameters through "
-            "autograd (detached, made from .item(), or computed under torch.no_grad()); "
-            "return the mean NLL as a tensor computed from the model's output"
+            "loss_fn returned a loss that does not depend on the sampled parameters through "
+            "autograd (detached, made from .item(), or computed under torch.no_grad()), or "
+            "the model's forward reads none of them (params=); return the mean NLL as a "
+            "tensor computed from the model's output"
         )
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -26,7 +26,7 @@ from slt import _checks, attention
 from slt.attention import has_attention, plain_attention
 from slt.data import BatchStream, batch_size
 from slt.factors import LinearFactors, linear_owners, record_factors
-from slt.losses import LossFn, LossModule, unsqueeze
+from slt.losses import LossFn, LossModule, scalar, unsqueeze
 from slt.passes import (
     ChainPass,
     fixed_tensors,
@@ -380,7 +380,7 @@ class Posterior:
         """(..., d) numbers in the sampled parameters' order as views shaped (..., *shape)."""
         lead = flat.shape[:-1]
         pieces = flat.split(self._sizes, -1)
-        return [c.reshape(*lead, *p.shape) for c, p in zip(pieces, self.center.values())]
+        return [c.reshape((*lead, *p.shape)) for c, p in zip(pieces, self.center.values())]
 
     @property
     def cache_loss(self) -> torch.Tensor | None:
@@ -584,7 +584,7 @@ class Posterior:
         second derivative)."""
         before = attention.calls
         with plain_attention(math_backend=twice, enabled=self.attention or twice):
-            loss = self.loss_fn(module, batch)
+            loss = scalar(self.loss_fn(module, batch))
         if self._attention is None:
             self._attention = attention.calls > before
         return loss

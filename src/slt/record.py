@@ -1,7 +1,8 @@
 """Per-sample losses of the full data at recorded draws, streamed so memory stays bounded.
 
 At every ``every``-th post-burn-in step the recorder evaluates the per-sample NLL
-ℓ_i(w_t) of every sample i (one pass over the data in a fixed order) and
+ℓ_i(w_t) of every sample i (one pass over the data; sample i is the dataset's i-th for a
+``DataLoader`` over a ``TensorDataset``, else the i-th of a pass of the loader) and
 
 - folds it into running statistics per sample: the mean and variance of ℓ_i (Welford)
   and log Σ_t exp(-ℓ_i(w_t)) (for the posterior predictive), O(n) memory per chain —
@@ -87,29 +88,46 @@ class PerSampleRecorder:
                 self.data.attrs["description"] = "per-sample NLL at recorded post-burn-in draws"
                 self.data.attrs["record_every"] = every
                 self.data.attrs["burn_in"] = start
+                self.data.attrs["sample_order"] = (
+                    "dataset" if self.in_dataset_order else "one pass of the loader"
+                )
             except BaseException:
                 self._discard()
                 raise
 
     def losses(self) -> np.ndarray:
-        """ℓ_i at the current chain parameters for every sample, (n,) float64."""
-        out = []
+        """ℓ_i at the current chain parameters for every sample, (n,) float64: in the
+        dataset's order where the sample indices are known (a ``DataLoader`` over a
+        ``TensorDataset``: :attr:`in_dataset_order`), else in the order of one pass of
+        the loader (a fixed one if it shuffles)."""
+        out, where = [], []
         batches = (
-            [self.posterior.full_data]
+            [(self.posterior.full_data, None)]
             if self.posterior.full_data is not None
-            else self.posterior.batches.complete_pass()
-        )
+            else self.posterior.batches.indexed_epoch(torch.Generator().manual_seed(0),
+                                                      complete=True)
+        )  # fmt: skip
         # attention as the sampled loss computes it (not PyTorch's no-grad fast path)
         with torch.no_grad(), plain_attention(enabled=self.posterior.attention):
-            for batch in batches:
+            for batch, index in batches:
                 out.append(self.per_sample(self.posterior.module, batch).double().cpu())
-        values = torch.cat(out).numpy()
+                where.append(index)
+        values = torch.cat(out)
         if values.shape[0] != self.mean.shape[1]:
             raise ValueError(
                 f"per-sample losses: one pass gave {values.shape[0]} samples, n is "
                 f"{self.mean.shape[1]}; per-sample losses need n = the number of samples"
             )
-        return values
+        if self.in_dataset_order and where[0] is not None:  # the shuffled pass, put back
+            index = torch.cat([torch.arange(values.shape[0])[i] if isinstance(i, slice)
+                               else i.cpu() for i in where])  # fmt: skip
+            values = torch.empty_like(values).index_copy_(0, index, values)
+        return values.numpy()
+
+    @property
+    def in_dataset_order(self) -> bool:
+        """Whether the sample axis is the dataset's order (else one pass of the loader's)."""
+        return self.posterior.full_data is not None or self.posterior.batches.tensors is not None
 
     def __call__(self, chain: int, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:

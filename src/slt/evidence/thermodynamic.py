@@ -37,8 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slt import _checks
-from slt.chains import private_global_rng
+from slt import _checks, _globals
 from slt.diagnostics import MIN_ESS
 from slt.evidence._ladder import GlobalPosterior, geometric, seeded_generator
 from slt.evidence._result import ToDict
@@ -219,8 +218,8 @@ def free_energy(
     num_draws = _checks.integer("num_draws", num_draws, minimum=4)
     num_burnin = _checks.integer("num_burnin", num_burnin, minimum=0)
     num_prior_draws = _checks.integer("num_prior_draws", num_prior_draws, minimum=num_chains)
-    seed = _checks.integer("seed", seed, minimum=0)
-    with private_global_rng(seed):  # what user code draws from it repeats with seed
+    seed = _checks.seed(seed)
+    with _globals.private(seed):  # what user code draws from it repeats with seed
         gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
                              prior_mean=prior_mean, sampler=sampler,
                              control_variate=control_variate, step_scale=step_scale)  # fmt: skip

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slt import _checks
+from slt import _checks, _globals
 from slt.attention import plain_attention
-from slt.chains import private_global_rng
 from slt.data import BatchStream
 from slt.evidence._ladder import GlobalPosterior, warm_starts
 from slt.evidence._result import ToDict
@@ -189,8 +188,8 @@ def waic(
             f"record_every={record_every} with num_draws={num_draws} records one draw per "
             "chain; V_n and ν need at least two: take record_every < num_draws"
         )
-    seed = _checks.integer("seed", seed, minimum=0)
-    with private_global_rng(seed):  # what user code draws from it repeats with seed
+    seed = _checks.seed(seed)
+    with _globals.private(seed):  # what user code draws from it repeats with seed
         gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
                              prior_mean=prior_mean, sampler=sampler,
                              control_variate=control_variate, step_scale=step_scale)  # fmt: skip
