@@ -48,3 +48,12 @@ def microbatch(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f'microbatch must be "auto", None or an integer >= 1, got {value!r}')
     return int(value)
+
+
+def finite_loss_at_center(value: float) -> float:
+    """L_n(w*), unless it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise ValueError(
+            f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
+        )
+    return value
