@@ -24,7 +24,7 @@ import _common  # benchmarks/ is on sys.path when run as a script
 import cases as bench_cases
 import slt
 import slt.factors
-import slt.posterior
+import slt.tables
 
 WIDTHS = [(20, 100, 80, 1), (100, 300, 300, 1), (256, 1024, 768, 1)]
 
@@ -36,7 +36,7 @@ TABLES: list[int] = []  # bytes of every factor table recorded, in order
 def factors(on: bool, budget: int):
     """Within it, the loop reads ∇L_B(w*) from the factors (``on``; each table's size goes
     to :data:`TABLES`) or runs the pass at w*."""
-    saved = slt.posterior.record_factors, slt.factors.BUDGET
+    saved = slt.tables.record_factors, slt.factors.BUDGET
     slt.factors.BUDGET = budget
 
     def record(*args):
@@ -45,11 +45,11 @@ def factors(on: bool, budget: int):
             TABLES.append(table.table.nbytes)
         return table
 
-    slt.posterior.record_factors = record if on else lambda *args: None
+    slt.tables.record_factors = record if on else lambda *args: None
     try:
         yield
     finally:
-        slt.posterior.record_factors, slt.factors.BUDGET = saved
+        slt.tables.record_factors, slt.factors.BUDGET = saved
 
 
 def estimate(case, kw, budget, on, draws) -> tuple[float, float]:

@@ -64,7 +64,7 @@ def test_no_cache_off_the_fast_path():
 
 
 def test_batch_mean_is_the_mean_of_the_indexed_rows():
-    from slt.posterior import batch_mean
+    from slt.tables import batch_mean
 
     g = torch.Generator().manual_seed(0)
     table, values = torch.randn(50, 7, generator=g), torch.randn(50, generator=g)

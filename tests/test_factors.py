@@ -7,7 +7,7 @@ import torch
 
 import slt
 import slt.factors as factors_module
-import slt.posterior as posterior_module
+import slt.tables as tables_module
 from slt.factors import record_factors
 from slt.sampling import build_posterior
 
@@ -178,7 +178,7 @@ def test_estimates_agree_with_and_without_the_factors(monkeypatch):
     kw = dict(step_size=1e-4, num_chains=2, num_draws=100, num_burnin=20, progress=False,
               chain_method="loop")  # fmt: skip
     with_factors = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
-    monkeypatch.setattr(posterior_module, "record_factors", lambda *args: None)
+    monkeypatch.setattr(tables_module, "record_factors", lambda *args: None)
     direct = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
     np.testing.assert_allclose(with_factors.trace, direct.trace, rtol=1e-4)
     np.testing.assert_allclose(with_factors.llc_trace, direct.llc_trace, rtol=1e-3, atol=1e-3)
@@ -249,7 +249,7 @@ def test_the_activation_cap_counts_no_rows_for_w_star_where_the_factors_stand_in
         monkeypatch.setattr(slt.sampling, "VMAP_MAX_ACTIVATIONS", cap)
         auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)
         np.testing.assert_array_equal(auto.trace, expected.trace)
-    monkeypatch.setattr(posterior_module, "record_factors", lambda *args: None)
+    monkeypatch.setattr(tables_module, "record_factors", lambda *args: None)
     rows = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), chain_method="loop", **kw)
     auto = slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), **kw)  # 2 × 4 rows: the loop
     np.testing.assert_array_equal(auto.trace, rows.trace)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import slt
-import slt.posterior as posterior_module
+import slt.tables as tables_module
 from slt.sampling import build_posterior
 
 
@@ -155,7 +155,7 @@ def test_bad_microbatch_is_refused(kw, match):
 
 
 def test_a_table_over_the_budget_is_refused(monkeypatch):
-    monkeypatch.setattr(posterior_module, "_CACHE_MAX_FLOATS", 1000)
+    monkeypatch.setattr(tables_module, "_CACHE_MAX_FLOATS", 1000)
     with pytest.raises(ValueError, match=r"a table of 30 micro-batches × 41 parameters"):
         _estimate(_mlp((3, 8, 1)), _data(240, 3), microbatch=8)
 
@@ -263,11 +263,11 @@ def _normed(seed=0):
 def test_auto_takes_micro_batches_where_a_pass_at_center_would_run(monkeypatch):
     data = _data(240, 3)
     assert _posterior(_normed(), data, "auto", batch_size=48).microbatch == 2  # the smallest
-    monkeypatch.setattr(posterior_module, "_AUTO_MAX_FLOATS", 240 // 8 * 4609)
+    monkeypatch.setattr(tables_module, "_AUTO_MAX_FLOATS", 240 // 8 * 4609)
     p = _posterior(_normed(), data, "auto", batch_size=48)
     assert p.microbatch == 8 and p.cache_grad.shape == (30, 4609)  # the smallest that fits
     # at least four micro-batches a batch: 48 / 16 = 3 is too few, and nothing else fits
-    monkeypatch.setattr(posterior_module, "_AUTO_MAX_FLOATS", 240 // 16 * 4609)
+    monkeypatch.setattr(tables_module, "_AUTO_MAX_FLOATS", 240 // 16 * 4609)
     assert _posterior(_normed(), data, "auto", batch_size=48).microbatch is None
     assert _posterior(_normed(), data, "auto", batch_size=64).microbatch == 16
 
@@ -327,9 +327,9 @@ def test_large_micro_batches_are_tabled_by_a_pass_each(monkeypatch, cv):
     # from _GROUP_PASS_MIN samples a micro-batch's row comes from a plain pass over it, not
     # from a vmapped one: the same table up to rounding
     data = _data(240, 3)
-    monkeypatch.setattr(posterior_module, "_GROUP_PASS_MIN", 8)
+    monkeypatch.setattr(tables_module, "_GROUP_PASS_MIN", 8)
     passes = _posterior(_normed(), data, microbatch=8, batch_size=48, cv=cv)
-    monkeypatch.setattr(posterior_module, "_GROUP_PASS_MIN", 9)
+    monkeypatch.setattr(tables_module, "_GROUP_PASS_MIN", 9)
     vmapped = _posterior(_normed(), data, microbatch=8, batch_size=48, cv=cv)
     torch.testing.assert_close(passes.cache_loss, vmapped.cache_loss, rtol=1e-5, atol=1e-6)
     if cv == "gradient":

@@ -74,3 +74,12 @@ def positive_reals(name: str, value) -> list[float]:
     if not out:
         raise ValueError(f"{name} must be a list of finite numbers > 0, got an empty {value!r}")
     return out
+
+
+def finite_loss_at_center(value: float) -> float:
+    """L_n(w*), unless it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise ValueError(
+            f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
+        )
+    return value
