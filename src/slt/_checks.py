@@ -83,3 +83,19 @@ def finite_loss_at_center(value: float) -> float:
             f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
         )
     return value
+
+
+def whole_numbers(name: str, value, *, minimum: float = -math.inf) -> list[int]:
+    """A sequence of whole numbers (``2`` or ``2.0``, numpy scalars too) >= ``minimum``, as
+    ints; a string, a lone number or a non-whole entry is refused, naming ``name``."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of whole numbers, got {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        v = entry.item() if getattr(entry, "ndim", None) == 0 and hasattr(entry, "item") else entry
+        if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                or v != int(v) or v < minimum):  # fmt: skip
+            bound = "" if minimum == -math.inf else f" >= {minimum:g}"
+            raise ValueError(f"{name} must be whole numbers{bound}, got {entry!r} at position {i}")
+        out.append(int(v))
+    return out

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from slt import _checks
+
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -59,9 +61,12 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
     for s in sources:
         if not isinstance(s, str | Mapping):
             raise TypeError(f"a checkpoint must be a path or a state dict, got {type(s).__name__}")
-    if steps is None:
-        steps = keys if keys is not None else _steps_from_names(sources)
-    steps = [int(s) for s in steps]
+    if steps is not None:
+        steps = _checks.whole_numbers("steps", steps)
+    elif keys is not None:
+        steps = _checks.whole_numbers("steps (the mapping's keys)", keys)
+    else:
+        steps = _steps_from_names(sources)
     if len(steps) != len(sources):
         raise ValueError(f"steps has {len(steps)} entries for {len(sources)} checkpoints")
     if len(set(steps)) != len(steps):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slt import _checks
+
 
 @dataclass(frozen=True)
 class Transitions:
@@ -88,12 +90,12 @@ def detect_transitions(
     signals : names of (checkpoint,) arrays of ``trajectory``
         ``"llc"`` and ``"loss"`` (L_n(w*)) by default.
     penalty : float, optional
-        Cost of one change point per signal, in units of the squared noise scale;
+        Cost of one change point per signal, in units of the squared noise scale, ≥ 0;
         default 2 log T (T = number of checkpoints).
     min_size : int
-        Fewest checkpoints in a segment.
+        Fewest checkpoints in a segment, ≥ 1.
     min_scale : float
-        Floor of the noise scale, as a fraction of the signal's 5-95% range.
+        Floor of the noise scale, as a fraction of the signal's 5-95% range, ≥ 0.
 
     Returns
     -------
@@ -108,6 +110,10 @@ def detect_transitions(
     >>> t.change_points, t.stages
     ({'llc': (100,), 'loss': (100,)}, ((0, 90), (100, 190)))
     """
+    if penalty is not None:
+        penalty = _checks.real("penalty", penalty, minimum=0)
+    min_size = _checks.integer("min_size", min_size, minimum=1)
+    min_scale = _checks.real("min_scale", min_scale, minimum=0)
     rpt = _ruptures()
     signals = (signals,) if isinstance(signals, str) else tuple(signals)
     if not signals:
@@ -127,7 +133,7 @@ def detect_transitions(
     for k, v in values.items():
         if v.shape != steps.shape or v.ndim != 1:
             raise ValueError(f"signal {k!r} has shape {v.shape}, steps {steps.shape}")
-    if steps.size and not np.all(np.equal(np.mod(steps, 1), 0)):
+    if steps.dtype.kind not in "iuf" or (steps.size and not np.all(np.mod(steps, 1) == 0)):
         raise ValueError(f"steps must be whole numbers, got {steps.tolist()}")
     steps = steps.astype(np.int64)
     if len(np.unique(steps)) != len(steps):
@@ -142,7 +148,7 @@ def detect_transitions(
     T = len(steps)
     if T == 0:
         raise ValueError("no checkpoint has finite values of every signal")
-    pen = 2 * math.log(max(T, 2)) if penalty is None else float(penalty)
+    pen = 2 * math.log(max(T, 2)) if penalty is None else penalty
     scale = {k: noise_scale(v, min_scale) for k, v in values.items()}
     z = {k: (v - np.median(v)) / scale[k] for k, v in values.items()}
 

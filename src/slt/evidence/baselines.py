@@ -199,13 +199,14 @@ def laplace(
     threshold : float, optional
         Eigenvalues with |λ| ≤ threshold count as zero for ``rank`` and ``num_small``.
         Default 1e-6 × max(|λ|_max, 1) (:func:`slt.evidence.spectrum.zero_threshold`).
-    dense_max : int
-        Up to this d the whole Hessian is formed and diagonalized. Above it, the
-        ``num_eigs`` largest eigenvalues come from Lanczos (``eigsh``) on Hessian-vector
-        products; the other d - k are unknown, taken as 0 in ``free_energy`` and as the
-        smallest computed one in ``free_energy_upper`` (for a positive semi-definite H
-        these bound F), ``rank`` becomes a lower bound unless the computed spectrum
-        reaches the threshold, and negative eigenvalues go undetected.
+    dense_max, num_eigs : int
+        Up to d = ``dense_max`` (≥ 0), or when ``num_eigs`` (≥ 1) ≥ d, the whole Hessian is
+        formed and diagonalized. Otherwise the ``num_eigs`` largest eigenvalues come from
+        Lanczos (``eigsh``) on Hessian-vector products; the other d - k are unknown,
+        taken as 0 in ``free_energy`` and as the smallest computed one in
+        ``free_energy_upper`` (for a positive semi-definite H these bound F), ``rank``
+        becomes a lower bound unless the computed spectrum reaches the threshold, and
+        negative eigenvalues go undetected.
 
     Examples
     --------
@@ -217,15 +218,17 @@ def laplace(
     >>> res.rank, res.num_small, res.lambda_bracket
     (1, 1, (0.5, 0.75))
     """
-    flat, n, w, loss, g = _setup(model, loader, loss_fn, n, dtype)
     std = _checks.real("prior_std", prior_std, minimum=0, strict=True)
     mean = _checks.real("prior_mean", prior_mean)
+    if threshold is not None:
+        threshold = _checks.real("threshold", threshold, minimum=0)
+    dense_max = _checks.integer("dense_max", dense_max, minimum=0)
+    num_eigs = _checks.integer("num_eigs", num_eigs, minimum=1)
+    flat, n, w, loss, g = _setup(model, loader, loss_fn, n, dtype)
     d, p = flat.dim, 1.0 / (n * std * std)
     spec, h = hessian_spectrum(flat, w, dense_max=dense_max, num_eigs=num_eigs, seed=seed)
     ev = spec.eigenvalues
-    thr = zero_threshold(ev)
-    if threshold is not None:
-        thr = _checks.real("threshold", threshold, minimum=0)
+    thr = zero_threshold(ev) if threshold is None else threshold
     small = np.abs(ev) <= thr
     with np.errstate(invalid="ignore", divide="ignore"):
         logs = np.where(ev + p > 0, np.log(ev + p), np.nan)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from slt import _checks
 from slt.evidence._result import ToDict
 from slt.evidence.baselines import bic, laplace
 from slt.evidence.quadrature import quadrature_free_energy
@@ -124,6 +125,17 @@ def fit_slope(x: np.ndarray, y: np.ndarray, err: np.ndarray | None = None) -> tu
     return slope, float(math.sqrt(1 / sxx)) if err is not None else 0.0
 
 
+def _sample_sizes(ns) -> list[int]:
+    """``ns`` sorted, as ints: whole numbers >= 3, at least two of them distinct."""
+    sizes = _checks.whole_numbers("ns", ns, minimum=3)
+    if len(set(sizes)) < 2:
+        raise ValueError(
+            f"ns must be sample sizes with at least two distinct (the slopes fit a line in "
+            f"log n), got {ns!r}"
+        )
+    return sorted(sizes)
+
+
 def _zoo_problem(k: Sequence[int], seed: int):
     """(make(n) -> (model, loader, loss_fn, exact_nll), name, λ, m) for ``zoo.potential(k)``."""
     from slt import zoo
@@ -171,6 +183,8 @@ def evidence_curves(
         A user's model at w*, a map-style dataset (n ≤ its length) and the mean per-sample
         NLL ``loss_fn(model, batch)``.
     ns : sequence of int
+        Sample sizes n ≥ 3, at least two distinct (whole floats such as ``1e3`` are taken
+        as ints; anything else is refused).
     potential : sequence of int
         Exponents k of the zoo potential K ∝ Π w_j^{2k_j} when no model is given.
     prior_std : float
@@ -193,9 +207,7 @@ def evidence_curves(
     1.0
     """
     t0 = time.perf_counter()
-    ns = sorted(int(n) for n in ns)
-    if len(ns) < 2 or ns[0] < 3:
-        raise ValueError(f"ns needs at least two sample sizes >= 3, got {ns!r}")
+    ns = _sample_sizes(ns)
     if model is None:
         make, name, lam, m = _zoo_problem(tuple(potential), seed)
     else:

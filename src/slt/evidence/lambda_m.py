@@ -128,7 +128,8 @@ def estimate_lambda_m(
     Parameters
     ----------
     nbeta : array (point,) or :class:`slt.nbeta.NbetaSweep`
-        nβ > 1 of each point; a sweep supplies ``llc`` and ``llc_std`` as well.
+        nβ > 1 of each point, at least ``order + 1`` distinct values; a sweep supplies
+        ``llc`` and ``llc_std`` as well.
     llc, llc_std : array (point,)
         λ̂ at each nβ and its standard error (None: unweighted).
     order : {1, 2}
@@ -171,6 +172,13 @@ def estimate_lambda_m(
     if len(y) < p + (se is None):
         raise ValueError(f"need at least {p + (se is None)} points for order={order}"
                          f"{' without llc_std' if se is None else ''}, got {len(y)}")  # fmt: skip
+    distinct = np.unique(nb)
+    if len(distinct) < p:
+        raise ValueError(
+            f"nbeta needs at least {p} distinct values for order={order} (a fit of {p} "
+            f"coefficients), got {len(distinct)}: {distinct.tolist()}"
+            + (" (after leaving out points with non-finite λ̂)" if not keep.all() else "")
+        )
     x = 1 / np.log(nb)
     design = np.stack([np.ones_like(x), -x, x * x][:p], 1)
     weights = np.ones_like(y) if se is None else 1 / se**2

@@ -65,9 +65,32 @@ class QuadratureResult(ToDict):
 
 
 def _vector(name: str, value, dim: int, *, positive: bool) -> np.ndarray:
-    arr = np.broadcast_to(np.asarray(value, dtype=float), (dim,)).copy()
+    """``value`` as a (dim,) float array: a number, or one number per dimension."""
+    wanted = f"a finite number{' > 0' if positive else ''} or {dim} of them (one per dimension)"
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}") from None
+    if arr.shape not in ((), (dim,)):
+        raise ValueError(f"{name} must be {wanted}, got shape {arr.shape}: {value!r}")
     if not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return np.broadcast_to(arr, (dim,)).copy()
+
+
+def _points(name: str, value, dim: int) -> np.ndarray:
+    """``value`` as a (k, dim) float array of points; one point may be given as (dim,)."""
+    wanted = f"finite points: a ({dim},) array or (k, {dim}) rows"
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}") from None
+    if dim == 1 and arr.ndim == 1:
+        arr = arr[:, None]  # in one dimension, a (k,) array is k points
+    elif arr.shape == (dim,):
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != dim or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be {wanted}, got shape {arr.shape}: {value!r}")
     return arr
 
 
@@ -132,11 +155,12 @@ def quadrature_free_energy(
     bounds : (d, 2) array, optional
         The integration box; default μ ± 10σ (the prior's mass outside is < 10⁻²²).
     breaks : (k, d) array, optional
-        Points where the integrand is sharp, added to the minimizers found.
+        Points where the integrand is sharp, added to the minimizers found; one point may
+        be given as a (d,) array (and for d = 1, k points as a (k,) array).
     rtol : float
         Relative tolerance on the integral (≈ absolute tolerance on F).
     max_evals : int
-        Budget of L_n evaluations; if exhausted, ``converged`` is False and a warning says so.
+        Budget of L_n evaluations (≥ 1); if exhausted, ``converged`` is False and a warning says so.
 
     Examples
     --------
@@ -154,6 +178,10 @@ def quadrature_free_energy(
     n = _checks.integer("n", n, minimum=1)
     beta = _checks.real("beta", beta, minimum=0, strict=True)
     rtol = _checks.real("rtol", rtol, minimum=0, strict=True)
+    max_evals = _checks.integer("max_evals", max_evals, minimum=1)
+    rule = rule or "gk15"
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {tuple(RULES)}, got {rule!r}")
     std = _vector("prior_std", prior_std, dim, positive=True)
     mean = _vector("prior_mean", prior_mean, dim, positive=False)
     box = np.stack([mean - 10 * std, mean + 10 * std], 1) if bounds is None else bounds
@@ -164,6 +192,7 @@ def quadrature_free_energy(
         raise ValueError(
             f"bounds must be finite ({dim}, 2) rows (low, high) with low < high, got {bounds!r}"
         )
+    extra = np.empty((0, dim)) if breaks is None else _points("breaks", breaks, dim)
     nbeta, log_norm = n * beta, float(np.sum(np.log(std * math.sqrt(2 * math.pi))))
     state = {"l_min": math.inf, "l_ref": 0.0, "evals": 0}
 
@@ -199,14 +228,11 @@ def quadrature_free_energy(
     )
     state["l_ref"] = float(loss(minimizers[:1])[0])
     anchors = minimizers
-    if breaks is not None:
-        anchors = np.vstack([minimizers, np.reshape(np.asarray(breaks, dtype=float), (-1, dim))])
-        points = np.vstack([points, anchors[len(minimizers) :]])
-        scales = np.vstack([scales, widths(energy, anchors[len(minimizers) :], std)])
+    if len(extra):
+        anchors = np.vstack([minimizers, extra])
+        points = np.vstack([points, extra])
+        scales = np.vstack([scales, widths(energy, extra, std)])
     edges = [_breaks(box[j], mean[j], anchors[:, j], 8 if dim < 3 else 4) for j in range(dim)]
-    rule = rule or "gk15"
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {tuple(RULES)}, got {rule!r}")
     cub = Cubature(energy, dim, rule=rule, e0=e0)
     cells = graded_cells(edges, points, scales, sharp=std / 32)
     if len(cells[0]) * len(cub.grid) > max_evals:

@@ -1,10 +1,10 @@
 """Eigenvalues of the Hessian of L_n at a point: dense for small d, Lanczos for large d.
 
-Dense (d ≤ ``dense_max``): the full Hessian from d Hessian-vector products, then
-``numpy.linalg.eigvalsh`` — every eigenvalue, to rounding. Above that, the ``num_eigs``
-largest by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``, ARPACK; Lehoucq,
-Sorensen & Yang 1998) on Hessian-vector products; the rest are not computed, and
-:class:`Spectrum` says so.
+Dense (d ≤ ``dense_max``, or ``num_eigs`` ≥ d): the full Hessian from d Hessian-vector
+products, then ``numpy.linalg.eigvalsh`` — every eigenvalue, to rounding. Otherwise the
+``num_eigs`` largest by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``,
+ARPACK; Lehoucq, Sorensen & Yang 1998) on Hessian-vector products; the rest are not
+computed, and :class:`Spectrum` says so.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
+from slt import _checks
 from slt.evidence.functional import FlatLoss
 
 # Eigenvalues with |λ| ≤ 1e-6 × max(|λ|_max, 1) count as zero. Measured on the zoo at its
@@ -61,6 +62,9 @@ def hessian_spectrum(
 ) -> tuple[Spectrum, torch.Tensor | None]:
     """The spectrum of ∇²L_n(w), and the dense Hessian when it was formed (else None).
 
+    Dense when d ≤ ``dense_max`` (an integer ≥ 0) or ``num_eigs`` ≥ d (every eigenvalue is
+    asked for, more than Lanczos finds); else the ``num_eigs`` (≥ 1) largest by ``eigsh``.
+
     Examples
     --------
     >>> import torch, slt
@@ -71,11 +75,12 @@ def hessian_spectrum(
     >>> spec.eigenvalues.round(6).tolist()   # XᵀX / n
     [0.5, 2.0]
     """
+    dense_max = _checks.integer("dense_max", dense_max, minimum=0)
+    k = _checks.integer("num_eigs", num_eigs, minimum=1)
     d = flat.dim
-    if d <= dense_max:
+    if d <= dense_max or k >= d:  # eigsh finds at most d - 1 eigenvalues
         h = flat.hessian(w)
         return Spectrum(np.linalg.eigvalsh(h.double().cpu().numpy()), d, "dense"), h
-    k = min(num_eigs, d - 1)
 
     def matvec(v: np.ndarray) -> np.ndarray:
         u = torch.as_tensor(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 
 
 def as_int(value: object, name: str, *, minimum: int) -> int:
@@ -20,3 +21,9 @@ def as_int(value: object, name: str, *, minimum: int) -> int:
     if result < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {result}")
     return result
+
+
+def as_sequence(value: object, name: str, what: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is a sequence (not a string)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of {what}, got {value!r}")

@@ -7,9 +7,12 @@ so (λ, m) is the whole asymptotic content of a singularity.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+
+from slt.theory._validate import as_int
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,11 @@ class LearningCoefficient:
     Attributes
     ----------
     lam : Fraction
-        λ > 0, exact. Integers are accepted and stored as ``Fraction``.
+        λ > 0, exact. Integers (numpy's too) are accepted and stored as ``Fraction``;
+        floats are refused (pass ``Fraction(1, 2)``, not 0.5).
     m : int
-        Multiplicity (order of the largest pole of the zeta function), m ≥ 1.
+        Multiplicity (order of the largest pole of the zeta function), m ≥ 1; numpy
+        integers are stored as ``int``.
 
     Examples
     --------
@@ -40,14 +45,18 @@ class LearningCoefficient:
 
     def __post_init__(self) -> None:
         lam = self.lam
-        if isinstance(lam, bool) or not isinstance(lam, int | Fraction):
-            raise TypeError(f"lam must be a Fraction or int, got {lam!r}")
+        if isinstance(lam, numbers.Real) and not isinstance(lam, numbers.Rational):
+            raise TypeError(
+                f"lam must be exact, a Fraction or an integer, got the float {lam!r}; pass "
+                "a Fraction, e.g. Fraction(1, 2) or Fraction('0.25')"
+            )
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Rational):
+            raise TypeError(f"lam must be a Fraction or an integer, got {lam!r}")
+        lam = Fraction(int(lam.numerator), int(lam.denominator))
         if lam <= 0:
             raise ValueError(f"lam must be positive, got {lam}")
-        m = self.m
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m must be an integer >= 1, got {m!r}")
-        object.__setattr__(self, "lam", Fraction(lam))
+        object.__setattr__(self, "lam", lam)
+        object.__setattr__(self, "m", as_int(self.m, "m", minimum=1))
 
     def __float__(self) -> float:
         return float(self.lam)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from itertools import combinations
 
-from slt.theory._validate import as_int
+from slt.theory._validate import as_int, as_sequence
 from slt.theory.coefficient import LearningCoefficient
 
 
@@ -54,6 +54,7 @@ def deep_linear(widths: Sequence[int], r: int) -> LearningCoefficient:
     >>> deep_linear([1, 1, 1, 1], 0)  # K ≍ a²b²c²
     LearningCoefficient(lam=1/2, m=3)
     """
+    as_sequence(widths, "widths", "integers >= 1 (layer widths)")
     H = [as_int(h, f"widths[{i}]", minimum=1) for i, h in enumerate(widths)]
     if len(H) < 2:
         raise ValueError(f"widths must have at least 2 entries (input, output), got {H}")

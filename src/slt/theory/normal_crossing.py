@@ -12,7 +12,7 @@ import operator
 from collections.abc import Sequence
 from fractions import Fraction
 
-from slt.theory._validate import as_int
+from slt.theory._validate import as_int, as_sequence
 from slt.theory.coefficient import LearningCoefficient
 
 
@@ -61,10 +61,12 @@ def monomial(k: Sequence[int], h: Sequence[int | Fraction] | None = None) -> Lea
     >>> monomial([1, 1], h=[0, 2])  # a²b² with prior ∝ |b|²
     LearningCoefficient(lam=1/2, m=1)
     """
+    as_sequence(k, "k", "integers >= 0, one per coordinate")
     ks = [as_int(kj, f"k[{j}]", minimum=0) for j, kj in enumerate(k)]
     if h is None:
         hs = [Fraction(0)] * len(ks)
     else:
+        as_sequence(h, "h", "ints or Fractions > -1, one per coordinate")
         hs = [_prior_exponent(hj, f"h[{j}]") for j, hj in enumerate(h)]
         if len(hs) != len(ks):
             raise ValueError(f"h must have one entry per entry of k ({len(ks)}), got {len(hs)}")
