@@ -165,3 +165,17 @@ def test_learning_coefficient_refuses_a_float_lam_saying_to_pass_a_fraction(lam)
 def test_theory_builders_name_an_argument_that_is_not_a_sequence(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+@pytest.mark.parametrize("confidence", ["high", 1.0, 0, float("nan")])
+def test_estimate_lambda_m_names_a_bad_confidence(confidence):
+    nb = np.geomspace(1e2, 1e6, 9)
+    with pytest.raises(ValueError, match="confidence"):
+        estimate_lambda_m(nb, 1.5 - 2 / np.log(nb), order=1, confidence=confidence)
+
+
+@pytest.mark.parametrize("spec", [{"m": 0}, {"m": 0.5}, {"llc_std": -0.1}])
+def test_phase_diagram_refuses_a_multiplicity_below_one_or_a_negative_error(spec):
+    with pytest.raises(ValueError, match="m must be >= 1 and llc_std >= 0"):
+        slt.phase_diagram({"a": {"loss": 0.1, "llc": 1.0} | spec, "b": {"loss": 0.2, "llc": 0.5}},
+                          np.geomspace(10, 1e4, 5))  # fmt: skip

@@ -82,3 +82,5 @@ def test_slt_evidence_command_prints_the_table_and_writes_the_files(tmp_path):
     assert bad.exit_code == 2
     alone = CliRunner().invoke(app, ["evidence", "--model", "a.py:f", "--out", str(out)])
     assert alone.exit_code == 2 and "--data" in alone.output
+    two = CliRunner().invoke(app, ["evidence", "--num-rungs", "2", "--out", str(out)])
+    assert two.exit_code == 2 and "--num-rungs" in two.output  # the ladder needs 3

@@ -298,7 +298,7 @@ _EV_POTENTIAL = typer.Option(
     "1,2", help="Without --model: exponents k of the zoo potential K ∝ Π w_j^(2 k_j) (1,2: a²b⁴)."
 )
 _EV_PRIOR = typer.Option(1.0, help="σ of the prior N(0, σ² I).")
-_EV_RUNGS = typer.Option(11, min=2, help="Temperatures on the thermodynamic-integration ladder.")
+_EV_RUNGS = typer.Option(11, min=3, help="Temperatures on the thermodynamic-integration ladder.")
 _EV_CHAINS = typer.Option(6, min=2, help="Chains per temperature.")
 _EV_DRAWS = typer.Option(200, min=4, help="Draws per chain and temperature.")
 _EV_BURNIN = typer.Option(50, min=0, help="Burn-in steps per chain and temperature.")

@@ -182,6 +182,11 @@ def _candidates(candidates) -> list[Candidate]:
                 raise ValueError(
                     f"candidate {c.name!r}: {field} must be finite, got {getattr(c, field)!r}"
                 )
+        if c.m < 1 or c.llc_std < 0:  # F_n = nL_n + λ log n - (m - 1) log log n
+            raise ValueError(
+                f"candidate {c.name!r}: m must be >= 1 and llc_std >= 0, got m = {c.m!r}, "
+                f"llc_std = {c.llc_std!r}"
+            )
     return items
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from slt import _checks
 from slt.evidence._result import ToDict
 
 
@@ -152,8 +153,8 @@ def estimate_lambda_m(
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     order = int(order)
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    confidence = _checks.real("confidence", confidence, minimum=0, strict=True, maximum=1,
+                              strict_max=True)  # fmt: skip
     nb, y = np.asarray(nbeta, dtype=float).ravel(), np.asarray(llc, dtype=float).ravel()
     se = None if llc_std is None else np.asarray(llc_std, dtype=float).ravel()
     if nb.shape != y.shape or (se is not None and se.shape != y.shape):
