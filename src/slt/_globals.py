@@ -5,8 +5,8 @@
 slt never draws from the global random states itself (one generator per chain:
 :func:`slt.chains.chain_generators`), but a model's always-on dropout, a dataset's random
 augmentation or a loader's sampler may. :func:`private` runs a block on private copies
-seeded from a seed, with autograd on whatever the caller's mode; :func:`seeded` and
-:func:`swapped` let a stream carry states of its own across calls (a chain's batches).
+seeded from a seed, with autograd on whatever the caller's mode. (A chain's batches carry
+a torch state of their own: :mod:`slt.data`.)
 """
 
 from __future__ import annotations
@@ -57,20 +57,6 @@ def seeded(seed: int) -> States:
 
 
 @contextmanager
-def swapped(states: States):
-    """Within the block the global random states are ``states``; after it, what the block
-    left them at is in ``box[0]`` (``with swapped(s) as box``) and the caller's are back."""
-    outer = current()
-    restore(states)
-    box = [states]
-    try:
-        yield box
-    finally:
-        box[0] = current()
-        restore(outer)
-
-
-@contextmanager
 def private(seed):
     """Run the block on private global random states seeded from ``seed`` (torch's as
     ``torch.manual_seed(seed ^ 0x5EED)``), the caller's restored after, and with autograd
@@ -79,6 +65,11 @@ def private(seed):
     it. A ``seed`` that is not an int >= 0 is left to the caller's check (the states are
     then private but unseeded)."""
     valid = isinstance(seed, int | np.integer) and not isinstance(seed, bool) and seed >= 0
-    states = seeded(int(seed) ^ 0x5EED) if valid else current()
-    with swapped(states), torch.inference_mode(False), torch.enable_grad():
-        yield
+    outer = current()
+    if valid:
+        restore(seeded(int(seed) ^ 0x5EED))
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        restore(outer)
