@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from slt import _globals
 from slt.chains import DivergenceError, run_chains
 from slt.data import NotOneBatch
 from slt.diagnostics import diagnose, warnings_for
@@ -34,23 +35,20 @@ MIN_SGLD_ACCEPTANCE = 0.9
 
 
 def _snapshot(posterior: Posterior):
-    """A function that puts back torch's global random state and both model copies'
-    attributes and buffers, their values too, as they are now: after a probe of the model
-    (``"auto"``'s count of activations, the check of the batched pass, a vmapped run that
-    failed) the chains that follow draw what they would have drawn without it (an
-    always-on dropout, a buffer a forward updates), so ``"auto"`` that runs the loop runs
-    ``"loop"``."""
-    cuda = posterior.device.type == "cuda"
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state(posterior.device) if cuda else None
+    """A function that puts back the global random states (:mod:`slt._globals`) and both
+    model copies' attributes and buffers, their values too, as they are now: after a probe
+    of the model (``"auto"``'s count of activations, the check of the batched pass, a
+    vmapped run that failed) the chains that follow draw what they would have drawn
+    without it (an always-on dropout, a buffer a forward updates), so ``"auto"`` that runs
+    the loop runs ``"loop"``."""
+    rng = _globals.current()
     modules = [m for copy in (posterior.module, posterior.reference) for m in copy.modules()]
     saved = [(m, dict(vars(m)), dict(m._buffers)) for m in modules]
     values = [(b, b.detach().clone()) for m in modules for b in m._buffers.values()
               if b is not None]  # fmt: skip
 
     def restore() -> None:
-        torch.set_rng_state(rng[0])
-        if cuda:
-            torch.cuda.set_rng_state(rng[1], posterior.device)
+        _globals.restore(rng)
         for m, attributes, buffers in saved:
             for name in [k for k in vars(m) if k not in attributes]:
                 delattr(m, name)
