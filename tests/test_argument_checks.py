@@ -179,3 +179,9 @@ def test_phase_diagram_refuses_a_multiplicity_below_one_or_a_negative_error(spec
     with pytest.raises(ValueError, match="m must be >= 1 and llc_std >= 0"):
         slt.phase_diagram({"a": {"loss": 0.1, "llc": 1.0} | spec, "b": {"loss": 0.2, "llc": 0.5}},
                           np.geomspace(10, 1e4, 5))  # fmt: skip
+
+
+def test_estimate_lambda_m_says_why_points_were_left_out():
+    nb = np.geomspace(1e2, 1e6, 4)
+    with pytest.raises(ValueError, match=r"got 0 \(4 left out .*llc_std=None"):
+        estimate_lambda_m(nb, 1.5 - 2 / np.log(nb), np.full(4, np.nan), order=2)

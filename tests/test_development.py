@@ -136,7 +136,13 @@ def test_plots(tmp_path):
     ax_llc, ax_loss = fig.axes
     assert ax_llc.get_ylim()[0] > -10  # fitted to the clean estimates
     assert len(ax_loss.patches) == len(t.stages)
+    labels = [x.get_text() for x in ax_llc.get_legend().get_texts()]
+    assert "λ̂ below the axis (warnings)" in labels and not any("above" in x for x in labels)
     fig.savefig(tmp_path / "t.png")
+    llc[0] = 50.0  # far above: the legend says so
+    traj = SimpleNamespace(**{**vars(traj), "llc": llc})
+    labels = [x.get_text() for x in plot_trajectory(traj).axes[0].get_legend().get_texts()]
+    assert "λ̂ above the axis (warnings)" in labels and not any("below" in x for x in labels)
     d = phase_diagram({"a": {"loss": 1.0, "llc": 1.0}, "b": {"loss": 0.99, "llc": 3.0}},
                       np.geomspace(10, 1e5, 100))  # fmt: skip
     fig = plot_phase_diagram(d)

@@ -72,3 +72,53 @@ def test_free_energy_refuses_a_loss_that_is_not_finite_under_the_prior():
     with pytest.raises(ValueError, match=r"the loss is nan at \d+ of 16 draws from the prior"):
         slt.free_energy(case.model, case.loader(), loss_fn, num_chains=2, num_draws=8,
                         num_burnin=2, num_rungs=3, num_prior_draws=16, progress=False)  # fmt: skip
+
+
+class _FirstColumn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.lin(x[:, :1])
+
+
+def test_waic_leaves_out_held_out_passes_that_are_not_finite_and_says_so():
+    # the second column flags held-out samples; their loss is NaN once w leaves a radius,
+    # the training loss never is: no chain diverges, some held-out passes are lost
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, generator=g)
+    y = 0.5 * x + 0.3 * torch.randn(64, 1, generator=g)
+    train = torch.utils.data.TensorDataset(torch.cat([x, torch.zeros_like(x)], 1), y)
+    held = torch.utils.data.TensorDataset(torch.cat([x, torch.ones_like(x)], 1), y)
+    model = _FirstColumn()
+    with torch.no_grad():
+        model.lin.weight.fill_(0.5)
+        model.lin.bias.zero_()
+    center = model.lin.weight.detach().clone()
+    nll = slt.gaussian_nll(0.3)
+
+    def loss_fn(m, batch):
+        far = (m.lin.weight - center).abs().max() > 0.05
+        flagged = batch[0][:, 1].max() > 0
+        return nll(m, batch) + torch.where(far & flagged, math.nan, 0.0)
+
+    loader = torch.utils.data.DataLoader(train, batch_size=64)
+    test_loader = torch.utils.data.DataLoader(held, batch_size=64)
+    res = slt.waic(model, loader, loss_fn, test_loader=test_loader, prior_std=None,
+                   sampler="sgld", step_scale=0.5, num_chains=4, num_draws=40, num_burnin=10,
+                   num_anneal=0, seed=0, progress=False)  # fmt: skip
+    lost = [w for w in res.warnings if "held-out passes gave a NaN or infinite loss" in w]
+    assert len(lost) == 1 and "no G" not in lost[0]
+    assert math.isfinite(res.generalization_loss) and math.isfinite(res.waic)
+    assert not np.isnan(res.waic_per_chain).any()  # no chain diverged
+
+
+@pytest.mark.parametrize("name", ["wbic", "waic"])
+@pytest.mark.parametrize("num_anneal", [0, 2])
+def test_a_loss_not_finite_where_chains_start_is_named(name, num_anneal):
+    # finite at w*, NaN at some prior draws: the error says where, not "at w*" or "nbeta"
+    case, loss_fn = _case_nan_beyond(1.0)
+    with pytest.raises(ValueError, match=r"the loss is nan at \d+ of \d+ draws from the prior"):
+        getattr(slt, name)(case.model, case.loader(), loss_fn, num_chains=8, num_draws=8,
+                           num_burnin=4, num_anneal=num_anneal, progress=False)  # fmt: skip

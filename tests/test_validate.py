@@ -31,6 +31,20 @@ def test_validate_writes_table_and_plot(tmp_path, capsys):
     assert "regular(4,1)" in out and "1/1 passed" in out
 
 
+def test_a_case_whose_chains_diverge_is_a_failing_row_and_the_rest_still_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    s = zoo.Settings(num_chains=2, num_draws=20, num_burnin=5, step_size=50.0)
+    diverging = zoo.regular(3, n=100, settings=s)
+    negative = replace(_tiny(), lam=Fraction(1, 2))  # drawn at the log axis' edge
+    rows = validate_mod.validate([_tiny(), diverging, negative], out=tmp_path, progress=False)
+    assert [r.passed for r in rows] == [True, False, False]
+    assert rows[1].note == "every chain diverged" and rows[1].llc != rows[1].llc  # NaN
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [r["passed"] for r in table["rows"]] == [True, False, False]
+    assert "NO (every chain diverged)" in capsys.readouterr().out
+    assert (tmp_path / "validate.png").stat().st_size > 1000
+
+
 def test_cli_exit_status(monkeypatch, tmp_path):
     runner = CliRunner()
     monkeypatch.setattr(validate_mod, "default_cases", lambda: [_tiny()])
@@ -86,3 +100,24 @@ def test_default_cases_cover_every_family():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "slt", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "validate" in out.stdout
+
+
+def test_the_plot_keeps_a_negative_or_missing_estimate_on_its_log_axes(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    row = validate_mod.Row("a", "regular", 4, 2.0, 1, 2.0, "λ", 1.9, 0.1, 50.0, 1.0, {})
+    rows = [row, replace(row, name="b", llc=-3.0), replace(row, name="c", llc=float("nan"))]
+    shown = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        shown.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", keep)
+        validate_mod.plot(rows, tmp_path / "v.png")
+    left = shown[0].axes[0]
+    assert 0 < left.get_xlim()[0] and 0 < left.get_ylim()[0]  # log limits that hold
+    crosses = [line for line in left.get_lines() if line.get_marker() == "x"]
+    assert sum(len(line.get_xdata()) for line in crosses) == 2  # b and c, at the edge
+    assert "λ̂ ≤ 0 or none (at the edge)" in [t.get_text() for t in left.get_legend().get_texts()]

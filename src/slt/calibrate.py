@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from slt import _checks, _globals
+from slt._text import right
 from slt.curvature import minibatch_gradient_variance, top_hessian_eigenvalue
 from slt.losses import LossFn
 from slt.samplers import SAMPLERS
@@ -88,8 +89,8 @@ class CalibrationResult:
 
     def __str__(self) -> str:
         head = (
-            f"{'step_size':>10} {'λ̂ ± se':>18} {'accept':>7} {'noise':>7} {'εP/4':>6} {'stat.':>5} "
-            f"{'flat':>5} {'ok':>3}  reasons"
+            f"{'step_size':>10} {right('λ̂ ± se', 18)} {'accept':>7} {'noise':>7} {'εP/4':>6} "
+            f"{'stat.':>5} {'flat':>5} {'ok':>3}  reasons"
         )
         lines = [
             f"Calibration: step_size = {self.step_size:.3g}  (nβ {self.nbeta:.4g}, "

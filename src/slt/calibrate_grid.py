@@ -32,6 +32,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from slt._text import right
+
 
 @dataclass(frozen=True)
 class SettingTrial:
@@ -174,8 +176,8 @@ def calibrate_grid(
 def grid_table(trials: Sequence[SettingTrial]) -> list[str]:
     """The lines of the (γ, nβ) table for :class:`slt.calibrate.CalibrationResult`."""
     lines = [
-        f"{'γ':>8} {'nβ':>9} {'step_size':>10} {'compared at':>11} {'λ̂ ± mcse':>18} {'ok':>3}"
-        "  reasons"
+        f"{'γ':>8} {'nβ':>9} {'step_size':>10} {'compared at':>11} {right('λ̂ ± mcse', 18)} "
+        f"{'ok':>3}  reasons"
     ]
     for t in trials:
         lines.append(

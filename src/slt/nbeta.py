@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slt._text import right
 from slt.llc import LLCResult, estimate_llc
 from slt.losses import LossFn
 
@@ -39,7 +40,7 @@ class NbetaSweep:
     def __str__(self) -> str:
         lines = [
             f"λ̂ against nβ (n = {self.n})",
-            f"{'nβ':>10} {'step_size':>10} {'λ̂ ± se':>20} {'Δ':>8}",
+            f"{'nβ':>10} {'step_size':>10} {right('λ̂ ± se', 20)} {'Δ':>8}",
         ]
         for i, (nb, eps, v, se) in enumerate(
             zip(self.nbeta, self.step_size, self.llc, self.llc_std)

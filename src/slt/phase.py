@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
+from slt._text import right
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -86,7 +88,7 @@ class PhaseDiagram:
     def __str__(self) -> str:
         lines = [
             "Free energy F(n) ≈ n L + λ log n - (m - 1) log log n",
-            f"{'candidate':>12} {'L':>10} {'λ̂':>8} {'± se':>6} {'m':>4}",
+            f"{'candidate':>12} {'L':>10} {right('λ̂', 8)} {'± se':>6} {'m':>4}",
         ]
         for c in self.candidates:
             lines.append(f"{c.name:>12} {c.loss:>10.5g} {c.llc:>8.4g} {c.llc_std:>6.2g} {c.m:>4g}")

@@ -91,9 +91,11 @@ def _clip_to_clean(axis: Axes, steps, llc, half, warned) -> None:
         return
     axis.set_ylim(lo, hi)
     edge = 0.04 * (hi - lo)
-    axis.plot(steps[below], np.full(below.sum(), lo + edge), "v", mfc="white", mec="k", ms=6,
-              label="λ̂ below the axis (warnings)")  # fmt: skip
-    axis.plot(steps[above], np.full(above.sum(), hi - edge), "^", mfc="white", mec="k", ms=6)
+    for outside, y, marker, where in ((below, lo + edge, "v", "below"),
+                                      (above, hi - edge, "^", "above")):  # fmt: skip
+        if outside.any():
+            axis.plot(steps[outside], np.full(outside.sum(), y), marker, mfc="white", mec="k",
+                      ms=6, label=f"λ̂ {where} the axis (warnings)")  # fmt: skip
 
 
 def _shade_stages(axis: Axes, transitions, steps: np.ndarray) -> None:

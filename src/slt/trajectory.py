@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from slt import executors
+from slt._text import right
 from slt.checkpoint_jobs import (  # noqa: F401  (make_jobs and Job are public here too)
     CHECKPOINT_SUFFIXES,
     Job,
@@ -101,8 +102,8 @@ class Trajectory:
         lines = [
             f"λ̂ trajectory: {len(self.steps)} checkpoints ({self.num_computed} computed, "
             f"{self.num_reused} reused{where})",
-            f"{'step':>10} {'L_n(w*)':>12} {'λ̂':>10} {'± se':>8} {'MCSE':>8} {'R̂':>6} "
-            f"{'ESS':>6}  warnings",
+            f"{'step':>10} {'L_n(w*)':>12} {right('λ̂', 10)} {'± se':>8} {'MCSE':>8} "
+            f"{right('R̂', 6)} {'ESS':>6}  warnings",
         ]
         for i, step in enumerate(self.steps):
             lines.append(

@@ -20,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from slt import zoo
+from slt._text import right
+from slt.chains import DivergenceError
 from slt.llc import estimate_llc
 
 TOLERANCE = 0.10
@@ -63,6 +65,7 @@ class Row:
     nbeta: float
     seconds: float
     settings: dict
+    note: str = ""  # "every chain diverged": λ̂ and se are NaN, the case fails
 
     @property
     def rel_error(self) -> float:
@@ -97,8 +100,17 @@ def run_case(
     "auto" calibrates it; ``microbatch`` is passed to :func:`slt.estimate_llc`)."""
     s = case.settings
     kwargs = s.estimate_kwargs() | ({} if step_size is None else {"step_size": step_size})
-    res = estimate_llc(case.model, case.loader(), case.loss_fn, seed=seed, progress=False,
-                       microbatch=microbatch, **kwargs)  # fmt: skip
+    start = time.perf_counter()
+    try:
+        res = estimate_llc(case.model, case.loader(), case.loss_fn, seed=seed, progress=False,
+                           microbatch=microbatch, **kwargs)  # fmt: skip
+    except DivergenceError:  # a row that fails, and the other cases still run
+        nbeta = case.n / math.log(case.n)  # estimate_llc's default, which the cases keep
+        target, kind = target_for(case, nbeta, s.localization)
+        return Row(case.name, case.family, case.num_params, float(case.lam), case.m, target,
+                   kind, math.nan, math.nan, nbeta, time.perf_counter() - start,
+                   asdict(s) | {"step_size": kwargs["step_size"], "microbatch": microbatch},
+                   note="every chain diverged")  # fmt: skip
     target, kind = target_for(case, res.nbeta, res.localization)
     return Row(
         name=case.name,
@@ -120,7 +132,7 @@ def format_table(rows: list[Row]) -> str:
     """The table as aligned text."""
     head = (
         f"{'case':<28} {'d':>6} {'d/2':>7} {'λ':>8} {'m':>2} {'target':>9} "
-        f"{'λ̂ ± se':>18} {'λ̂/λ-1':>8} {'time':>6}  ok"
+        f"{right('λ̂ ± se', 18)} {right('λ̂/λ-1', 8)} {'time':>6}  ok"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -129,6 +141,7 @@ def format_table(rows: list[Row]) -> str:
             f"{r.name:<28} {r.d:>6} {r.d / 2:>7g} {r.lam:>8.4g} {r.m:>2} "
             f"{r.target:>8.4g}{mark or ' '} {r.llc:>9.4g} ± {r.llc_std:<6.2g} "
             f"{r.rel_error:>+8.1%} {r.seconds:>5.1f}s  {'yes' if r.passed else 'NO'}"
+            + (f" ({r.note})" if r.note else "")
         )
     lines.append(
         f"target: λ for m = 1; * exact finite-nβ value by quadrature, ~ λ - (m-1)/log nβ, "
@@ -146,14 +159,21 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 3.2))
-    lo = min(min(r.lam, r.llc, r.target) for r in rows) / 1.5
-    hi = max(max(r.lam, r.llc) for r in rows) * 1.5
+    # log axes: the limits from the positive values; a λ̂ ≤ 0 or NaN (a case that failed
+    # badly) is drawn as a red cross at the bottom edge, not left off the plot
+    values = [v for r in rows for v in (r.lam, r.llc, r.target) if v > 0]
+    lo, hi = min(values) / 1.5, max(values) * 1.5
     left.plot([lo, hi], [lo, hi], color="0.6", lw=1, label="λ̂ = λ")
     for r in rows:
         color = "tab:blue" if r.m == 1 else "tab:orange"
-        left.errorbar(r.lam, r.llc, yerr=2 * r.llc_std, fmt="o", color=color, capsize=3)
+        if r.llc > 0:
+            left.errorbar(r.lam, r.llc, yerr=2 * r.llc_std, fmt="o", color=color, capsize=3)
+        else:
+            left.plot(r.lam, lo * 1.1, "x", color="tab:red", ms=9, mew=2)
         if r.m > 1:
             left.plot(r.lam, r.target, marker="_", ms=14, color="k")
+    if any(not r.llc > 0 for r in rows):
+        left.plot([], [], "x", color="tab:red", ms=9, mew=2, label="λ̂ ≤ 0 or none (at the edge)")
     left.plot([], [], "o", color="tab:blue", label="m = 1")
     left.plot([], [], "o", color="tab:orange", label="m > 1")
     left.plot([], [], marker="_", ls="", ms=14, color="k", label="finite-nβ target (m > 1)")
@@ -167,6 +187,10 @@ def plot(rows: list[Row], path: Path) -> None:
     for i, r in enumerate(rows):
         color = "tab:blue" if r.passed else "tab:red"
         err = 100 * (r.llc / r.target - 1)
+        if not math.isfinite(err):  # no λ̂: say why where its point would be
+            right.text(0, i, r.note or "no λ̂", color="tab:red", ha="center", va="center",
+                       fontsize=8)  # fmt: skip
+            continue
         right.errorbar(err, i, xerr=200 * r.llc_std / r.target, fmt="o", color=color, capsize=3)
     right.set_yticks(list(y), [f"{r.name} ({r.target_kind})" for r in rows], fontsize=8)
     right.invert_yaxis()

@@ -170,6 +170,20 @@ class GlobalPosterior:
         stream = BatchStream(self.loader, self.center[self.names[0]].device)
         return self.n * mean_loss(module, stream, self.loss_fn)
 
+    def nll_at_prior_draws(self, draws: list[dict[str, torch.Tensor]]) -> np.ndarray:
+        """n L_n(w) at each prior draw, (draw,); raises where it is NaN or infinite (the
+        chains start at prior draws, and thermodynamic integration averages over them)."""
+        values = np.array([self.full_nll(s) for s in draws])
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise ValueError(
+                f"the loss is {values[bad][0]} at {int(bad.sum())} of {len(draws)} draws from "
+                f"the prior N({self.prior_mean:g}, {self.prior_std:g}² I), where chains start: "
+                "the model and loss_fn must be finite there; take a prior_std (or prior_mean) "
+                "under which they are"
+            )
+        return values
+
     def _probe_batch(self, posterior: Posterior):
         if posterior.full_data is not None:
             return posterior.full_data
@@ -303,8 +317,9 @@ def warm_starts(
     draws = gp.prior_draws(max(num_chains, 32), seeded_generator(seed, 2**31))
     starts = draws[:num_chains]
     if num_anneal == 0 or num_burnin == 0:
+        gp.nll_at_prior_draws(starts)
         return starts, time.perf_counter() - t0
-    spread = float(np.std([gp.full_nll(s) for s in draws], ddof=1))
+    spread = float(np.std(gp.nll_at_prior_draws(draws), ddof=1))
     low = 0.03 / max(spread, 1e-12)
     if low >= beta:
         return starts, time.perf_counter() - t0

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from slt import _checks
+from slt._text import right
 from slt.evidence._result import ToDict
 from slt.evidence.baselines import bic, laplace
 from slt.evidence.quadrature import quadrature_free_energy
@@ -61,7 +62,7 @@ class EvidenceCurves(ToDict):
         known = "" if self.lam is None else f"   λ = {self.lam:g}, m = {self.m}"
         head = (
             f"{'n':>7} {'exact':>9} {'TI':>16} {'WBIC':>16} {'BIC':>9} {'Laplace':>9}"
-            f"  {'λ̂ (WBIC, 2 temps)':>18}"
+            f"  {right('λ̂ (WBIC, 2 temps)', 18)}"
         )
         lines = [
             f"Free energy F_n - n L_n(w*) over n: {self.name}   d = {d} (BIC's d/2 = {d / 2:g})"

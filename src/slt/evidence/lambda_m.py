@@ -171,8 +171,14 @@ def estimate_lambda_m(
         raise ValueError(f"llc_std must be > 0 (or None for an unweighted fit), got {se.tolist()}")
     p = order + 1
     if len(y) < p + (se is None):
+        dropped = "" if keep.all() else (
+            f" ({int((~keep).sum())} left out for a non-finite λ̂ or llc_std; one-chain "
+            "estimates have no llc_std: pass llc_std=None for an unweighted fit, or run more "
+            "chains)"
+        )  # fmt: skip
         raise ValueError(f"need at least {p + (se is None)} points for order={order}"
-                         f"{' without llc_std' if se is None else ''}, got {len(y)}")  # fmt: skip
+                         f"{' without llc_std' if se is None else ''}, got {len(y)}"
+                         f"{dropped}")  # fmt: skip
     distinct = np.unique(nb)
     if len(distinct) < p:
         raise ValueError(

@@ -224,15 +224,7 @@ def free_energy(
                              prior_mean=prior_mean, sampler=sampler,
                              control_variate=control_variate, step_scale=step_scale)  # fmt: skip
         draws = gp.prior_draws(num_prior_draws, seeded_generator(seed, 2**31))
-        prior_values = np.array([gp.full_nll(s) for s in draws])
-        bad = ~np.isfinite(prior_values)
-        if bad.any():  # the β = 0 end of the integral, E_prior[n L_n], is then undefined
-            raise ValueError(
-                f"the loss is {prior_values[bad][0]} at {int(bad.sum())} of {num_prior_draws} "
-                f"draws from the prior N({gp.prior_mean:g}, {prior_std:g}² I): thermodynamic "
-                "integration needs n L_n finite under the prior; take a prior_std (or "
-                "prior_mean) under which the model and loss_fn are finite"
-            )
+        prior_values = gp.nll_at_prior_draws(draws)  # E_prior[n L_n]: the integral at β = 0
         starts = draws[:num_chains]
         if betas is None:
             num_rungs = _checks.integer("num_rungs", num_rungs, minimum=3)

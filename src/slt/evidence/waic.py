@@ -107,6 +107,7 @@ class _HeldOut:
         self.start, self.every = start, every
         self.lse: np.ndarray | None = None
         self.count = 0
+        self.non_finite = 0  # passes left out: a NaN or infinite held-out loss
 
     def __call__(self, chain: int, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:
@@ -116,6 +117,9 @@ class _HeldOut:
                 self.per_sample(self.posterior.module, batch).double().cpu()
                 for batch in self.stream.complete_pass()
             ]).numpy()  # fmt: skip
+        if not np.isfinite(values).all():
+            self.non_finite += 1
+            return
         self.lse = -values if self.lse is None else np.logaddexp(self.lse, -values)
         self.count += 1
 
@@ -237,13 +241,22 @@ def waic(
         per_chain_nu[ok] = beta / 2 * chain_v
         root = math.sqrt(len(ok))
         gen, gen_se, n_test = math.nan, math.nan, 0
-        if test_loader is not None:
-            lses = np.stack([held[c].lse - math.log(held[c].count) for c in ok])
-            n_test = lses.shape[1]
-            pooled = np.logaddexp.reduce(lses, axis=0) - math.log(len(ok))
-            gen = float(-pooled.mean())
-            gen_se = float((-lses.mean(1)).std(ddof=1) / root)
         notes = list(gp.warnings)
+        if test_loader is not None:
+            seen = [c for c in ok if held[c].count]  # chains with a finite held-out pass
+            lost = sum(held[c].non_finite for c in ok)
+            if lost:
+                notes.append(
+                    f"{lost} of {lost + sum(held[c].count for c in ok)} held-out passes gave a "
+                    f"NaN or infinite loss and were left out of G" + ("" if seen else ": no G")
+                )
+            if seen:
+                lses = np.stack([held[c].lse - math.log(held[c].count) for c in seen])
+                n_test = lses.shape[1]
+                pooled = np.logaddexp.reduce(lses, axis=0) - math.log(len(seen))
+                gen = float(-pooled.mean())
+                gen_se = (float((-lses.mean(1)).std(ddof=1) / math.sqrt(len(seen)))
+                          if len(seen) > 1 else math.nan)  # fmt: skip
         if rung.diverged.any():
             notes.append(f"{int(rung.diverged.sum())} of {num_chains} chains diverged")
         if gp.sampler == "sgld" and rung.acceptance < 0.9:
