@@ -41,6 +41,16 @@ def needs_args(width):
     return torch.nn.Linear(width, 1)
 
 not_a_model = 3
+
+def raises():
+    raise RuntimeError("boom in the factory")
+
+def wider_data():
+    x = torch.randn(32, 3)
+    return torch.utils.data.TensorDataset(x, x[:, :1])
+
+def empty_data():
+    return torch.utils.data.TensorDataset(torch.empty(0, 2), torch.empty(0, 1))
 """
 TINY = ["--num-chains", "2", "--num-draws", "20", "--num-burnin", "5", "--no-progress"]
 
@@ -246,3 +256,31 @@ def test_microbatch_runs_and_is_recorded(user, tmp_path):
         ran = invoke(*spec, "--microbatch", word, "--out", str(out), *TINY)
         assert ran.exit_code == 0, ran.output
         assert slt.load(out).microbatch is None and "micro-batches" not in ran.output
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "option", "message"),
+    [
+        ("raises", "dataset", "--model", "raises() raised RuntimeError: boom in the factory"),
+        ("make_model", "wider_data", "--model, --data, --loss",
+         "the loss on the first batch raised RuntimeError: mat1 and mat2 shapes"),
+        ("make_model", "empty_data", "--data", "the dataset is empty"),
+    ],
+)  # fmt: skip
+def test_what_the_users_code_raises_is_one_line_naming_the_option(user, tmp_path, model, data,
+                                                                  option, message):  # fmt: skip
+    _, file = user
+    ran = invoke("--model", f"{file}:{model}", "--data", f"{file}:{data}",
+                 "--out", tmp_path / "llc.nc", *TINY)  # fmt: skip
+    assert ran.exit_code == 2 and "Traceback" not in ran.output
+    text = " ".join(ran.output.replace("│", " ").split())
+    assert f"Invalid value for {option}" in text and message in text
+    assert not (tmp_path / "llc.nc").exists()
+
+
+def test_a_model_file_that_fails_to_load_is_named(user, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def make(:\n")
+    ran = invoke("--model", f"{broken}:make", "--data", f"{user[1]}:dataset", *TINY)
+    text = " ".join(ran.output.replace("│", " ").split())
+    assert ran.exit_code == 2 and "raised SyntaxError" in text and "--model" in text

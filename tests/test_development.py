@@ -198,3 +198,46 @@ def test_cli_trajectory(tmp_path, monkeypatch):
     grouped = CliRunner().invoke(app, [*args, "--results", "mb.jsonl", "--microbatch", "8"])
     assert grouped.exit_code == 0, grouped.output
     assert read(tmp_path / "mb.jsonl").header["settings"]["estimate_llc"]["microbatch"] == 8
+
+
+def test_cli_trajectory_outputs_and_failures(tmp_path, monkeypatch):
+    pytest.importorskip("typer")
+    pytest.importorskip("matplotlib").use("Agg")
+    import torch
+    from typer.testing import CliRunner
+
+    from slt.cli import app
+    from slt.trajectory_file import read
+
+    (tmp_path / "user_spec.py").write_text(USER)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (0, 5):
+        torch.save(torch.nn.Linear(3, 1).state_dict(), folder / f"model_{step}.pt")
+    monkeypatch.chdir(tmp_path)
+    args = ["trajectory", str(folder), "--model", "user_spec.py:make_model", "--data",
+            "user_spec.py:dataset", "--num-chains", "2", "--num-draws", "10", "--num-burnin",
+            "2", "--no-progress"]  # fmt: skip
+
+    def run(*more):
+        out = CliRunner().invoke(app, [*args, *more])
+        return out.exit_code, " ".join(out.output.replace("│", " ").split())
+
+    # results named .png: the plot goes beside it, not over it; the file resumes
+    assert run("--results", "r.png")[0] == 0
+    assert len(read(tmp_path / "r.png").rows) == 2 and (tmp_path / "r.png.png").is_file()
+    code, text = run("--results", "s.svg", "--plot", "s.svg")
+    assert code == 2 and "is the results file" in text and not (tmp_path / "s.svg").exists()
+    (tmp_path / "plots").mkdir()
+    code, text = run("--results", "t.jsonl", "--plot", "plots")
+    assert code == 2 and "plots is a folder" in text
+    # the same file spelled another way is the same model: the rows are reused
+    code, text = run("--results", "r.png", "--model", f"{tmp_path / 'user_spec.py'}:make_model")
+    assert code == 0 and "(0 computed, 2 reused" in text
+    # a results file that is not one, binary or text, is named as such
+    (tmp_path / "weights.jsonl").write_bytes(b"\x80\x02binary")
+    code, text = run("--results", "weights.jsonl")
+    assert code == 2 and "is not an slt trajectory results file" in text
+    # no λ̂ at any checkpoint: exit 1, as `slt llc` when every chain diverges
+    code, text = run("--results", "u.jsonl", "--step-size", "1e6")
+    assert code == 1 and "no λ̂ at any of the 2 checkpoints" in text

@@ -73,7 +73,7 @@ def test_slt_evidence_command_prints_the_table_and_writes_the_files(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "slope in log n" in result.output and "n = 200" in result.output
-    table = json.loads((out / "table.json").read_text())
+    table = json.loads((out / "table.json").read_text(), parse_constant=_refuse)  # strict
     assert table["ns"] == [50, 200]
     assert table["slopes"]["bic"] == pytest.approx([1.0, 0.0], abs=1e-9)
     if (out / "evidence.png").exists():
@@ -84,3 +84,13 @@ def test_slt_evidence_command_prints_the_table_and_writes_the_files(tmp_path):
     assert alone.exit_code == 2 and "--data" in alone.output
     two = CliRunner().invoke(app, ["evidence", "--num-rungs", "2", "--out", str(out)])
     assert two.exit_code == 2 and "--num-rungs" in two.output  # the ladder needs 3
+    (tmp_path / "w.pt").write_bytes(b"")
+    for option, value in (("--checkpoint", tmp_path / "w.pt"), ("--loss", "x.py:f"),
+                          ("--sigma", "2")):  # fmt: skip
+        alone = CliRunner().invoke(app, ["evidence", option, str(value), "--out", str(out)])
+        text = " ".join(alone.output.replace("│", " ").split())
+        assert alone.exit_code == 2 and f"{option} applies to your model" in text
+
+
+def _refuse(constant: str):
+    raise ValueError(f"{constant} is not JSON")

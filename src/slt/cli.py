@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import typer
 
+from slt import _json
 from slt.cli_inputs import (
     _build,
     _is_dataset,
@@ -19,7 +21,10 @@ from slt.cli_inputs import (
     _parse_microbatch,
     _parse_step_size,
     _plot_file,
+    first_loss,
 )
+
+_FITS = "--model, --data, --loss"  # what the first batch's loss checks fit together
 
 app = typer.Typer(
     help="slt: singular learning theory, measured on PyTorch models.",
@@ -166,6 +171,7 @@ def llc(
     loss_fn = _loss(loss, sigma)
     if checkpoint is not None:
         _load_checkpoint(net, checkpoint)
+    first_loss(net, dataset, loss_fn, batch_size, _FITS)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
     try:
         res = slt.estimate_llc(
@@ -250,11 +256,16 @@ def trajectory(
 
     step = _parse_step_size(step_size)
     _output_file(results, "--results")
-    plot = _plot_file(plot if plot is not None else results.with_suffix(".png"), "--plot")
+    if plot is None:  # beside the results; never the results file itself (--results r.png)
+        plot = results.with_suffix(".png")
+        plot = plot if plot != results else results.with_name(results.name + ".png")
+    plot = _plot_file(plot, "--plot")
+    if plot.resolve() == results.resolve():
+        raise typer.BadParameter(f"{plot} is the results file; give another", param_hint="--plot")
     factory = _ModelSpec(model)
-    factory()  # a bad --model fails here, named, before any sampling
+    net = factory()  # a bad --model fails here, named, before any sampling
     dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
-    _loss(loss, sigma)
+    first_loss(net, dataset, _loss(loss, sigma), batch_size, _FITS)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
     try:
         traj = llc_trajectory(
@@ -271,6 +282,9 @@ def trajectory(
         typer.echo(f"Error: {text}", err=True)
         raise typer.Exit(2) from err
     typer.echo(str(traj))
+    if not np.isfinite(traj.llc).any():  # as `slt llc` exits 1 when every chain diverged
+        typer.echo(f"Error: no λ̂ at any of the {len(traj.steps)} checkpoints", err=True)
+        raise typer.Exit(1)
     transitions = None
     try:
         from slt.transitions import detect_transitions
@@ -308,6 +322,7 @@ _EV_PROGRESS = typer.Option(False, help="Progress bars (one per method and n).")
 
 @app.command()
 def evidence(
+    ctx: typer.Context,
     model: str | None = _EV_MODEL,
     data: str | None = _EV_DATA,
     checkpoint: Path | None = _CHECKPOINT,
@@ -326,8 +341,6 @@ def evidence(
     progress: bool = _EV_PROGRESS,
 ) -> None:
     """F_n (thermodynamic integration, and exactly for the zoo), WBIC, BIC and Laplace over n."""
-    import json
-
     import slt
     from slt.evidence import evidence_curves
 
@@ -335,7 +348,16 @@ def evidence(
     _output_folder(out, "--out")
     exponents = _int_list(potential, "--potential")
     net = dataset = loss_fn = None
-    if model is not None or data is not None:
+    if model is None and data is None:  # the zoo's potential: options of a model are refused
+        given = [f"--{name.replace('_', '-')}" for name in ("checkpoint", "loss", "sigma")
+                 if ctx.get_parameter_source(name).name != "DEFAULT"]  # fmt: skip
+        if given:
+            raise typer.BadParameter(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to your "
+                "model: give --model and --data too",
+                param_hint=given[0],
+            )
+    else:
         if model is None or data is None:
             raise typer.BadParameter("give --model and --data together", param_hint="--model")
         net = _build(model, "--model", _is_module, "a torch.nn.Module")
@@ -343,6 +365,7 @@ def evidence(
         loss_fn = _loss(loss, sigma)
         if checkpoint is not None:
             _load_checkpoint(net, checkpoint)
+        first_loss(net, dataset, loss_fn, batch_size, _FITS)
     try:
         curves = evidence_curves(
             net, dataset, loss_fn, ns=sizes, potential=exponents, prior_std=prior_std,
@@ -355,7 +378,7 @@ def evidence(
         raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
     typer.echo("\n" + str(curves))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps(curves.to_dict(), indent=1))
+    (out / "table.json").write_text(_json.dumps(curves.to_dict(), indent=1))
     try:
         import matplotlib
 

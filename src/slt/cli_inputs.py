@@ -22,8 +22,8 @@ class _ModelSpec:
 
         return copy.deepcopy(_build(self._absolute, "--model", _is_module, "a torch.nn.Module"))
 
-    def __repr__(self) -> str:
-        return f"--model {self.spec}"
+    def __repr__(self) -> str:  # the resolved file: one file however it was spelled
+        return f"--model {self._absolute}"
 
 
 class _LossSpec:
@@ -42,7 +42,7 @@ class _LossSpec:
         return self._fn(model, batch)
 
     def __repr__(self) -> str:
-        return f"--loss {self.loss} --sigma {self.sigma:g}"
+        return f"--loss {self._absolute} --sigma {self.sigma:g}"
 
 
 def _parse_step_size(text: str) -> float | str:
@@ -100,11 +100,15 @@ def _resolve(spec: str, option: str):
     if _is_file(where):
         file = Path(where).resolve()
         if not file.is_file():
-            raise typer.BadParameter(f"file {where} does not exist", param_hint=option)
+            what = "is a folder, not a file" if file.is_dir() else "does not exist"
+            raise typer.BadParameter(f"file {where} {what}", param_hint=option)
         name = "_slt_cli_" + "".join(c if c.isalnum() else "_" for c in str(file))
         # --model and --data from one file share one module; process-pool workers load it
         # too and Ray tasks get it by value, so a Dataset class defined in the file unpickles
-        module = load_file_module(name, file)
+        try:
+            module = load_file_module(name, file)
+        except Exception as err:  # the file's own code: named, one line
+            raise typer.BadParameter(_raised(f"loading {where}", err), param_hint=option) from err
     else:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `python -m` would
@@ -118,6 +122,8 @@ def _resolve(spec: str, option: str):
                 "PYTHONPATH, or give a file: path/to/file.py:attr)",
                 param_hint=option,
             ) from None
+        except Exception as err:  # the module's own code
+            raise typer.BadParameter(_raised(f"importing {where}", err), param_hint=option) from err
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -146,13 +152,38 @@ def _build(spec: str, option: str, accept, what: str):
         ) from None
     except ValueError:
         pass  # no signature to inspect (a builtin): just call it
-    built = obj()
+    try:
+        built = obj()
+    except Exception as err:  # the user's factory: named, one line
+        raise typer.BadParameter(_raised(f"{spec}()", err), param_hint=option) from err
     if not accept(built):
         raise typer.BadParameter(
             f"{spec}() returned an object of type {type(built).__name__}, not {what}",
             param_hint=option,
         )
     return built
+
+
+def _raised(what: str, err: BaseException) -> str:
+    return f"{what} raised {type(err).__name__}: {err}"
+
+
+def first_loss(net, dataset, loss_fn, batch_size: int, options: str) -> None:
+    """Evaluate ``loss_fn`` on the first batch before any sampling: an empty dataset, or a
+    model, data and loss that do not fit together, get a one-line error naming
+    ``options`` instead of a traceback from inside the run."""
+    import torch
+
+    if len(dataset) == 0:
+        raise typer.BadParameter("the dataset is empty", param_hint="--data")
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size)))
+    try:
+        with torch.no_grad():
+            loss_fn(net, batch)
+    except Exception as err:
+        raise typer.BadParameter(
+            _raised("the loss on the first batch", err), param_hint=options
+        ) from err
 
 
 def _is_module(obj) -> bool:
@@ -229,6 +260,8 @@ def _writable_folder(folder: Path, option: str, *, exists: bool) -> None:
 def _plot_file(path: Path, option: str) -> Path:
     """``path`` with ``.png`` added where it has no suffix (as matplotlib writes it), checked
     as an output file; a suffix matplotlib cannot write is refused."""
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
     if not path.suffix:
         path = path.with_name(path.name + ".png")
     try:

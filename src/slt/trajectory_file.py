@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slt import _json
+
 FORMAT = 1
 
 
@@ -51,10 +53,16 @@ def read(path: str | os.PathLike) -> Contents:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if out.header is None:  # a binary file, or text that is not ours
+                raise ValueError(
+                    f"{path} is not an slt trajectory results file (no header); use another "
+                    "file, or pass overwrite=True to replace it"
+                ) from None
             raise ValueError(
-                f"{path}, line {number}: not valid JSON ({err.msg}); the results file is "
-                "corrupt (only a killed write's last line is repaired automatically)"
+                f"{path}, line {number}: not valid JSON ({getattr(err, 'msg', err)}); the "
+                "results file is corrupt (only a killed write's last line is repaired "
+                "automatically)"
             ) from None
         if out.header is None:
             if not isinstance(record, dict) or record.get("slt_trajectory") is None:
@@ -196,7 +204,7 @@ class ResultsFile:
     def append(self, row: dict) -> None:
         """Write one row as one line, flushed to disk before returning (the first row of a
         new file together with its header, replacing what was there)."""
-        line = (json.dumps(_to_json(row), ensure_ascii=False) + "\n").encode("utf-8")
+        line = (_json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         if self._header is not None:
             head = (json.dumps(self._header, default=repr) + "\n").encode("utf-8")
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -217,17 +225,6 @@ class ResultsFile:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
-
-
-def _to_json(value):
-    """NaN and ±inf become null (plain JSON); lists and dicts recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_json(v) for v in value]
-    return value
 
 
 _FLOATS = {"llc", "llc_std", "mcse", "rhat", "ess_bulk", "ess_tail", "init_loss", "nbeta",

@@ -8,7 +8,6 @@ asymptotic λ - (m - 1)/log nβ; it passes if within 10% of that target.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slt import zoo
+from slt import _json, zoo
 from slt._text import right
 from slt.chains import DivergenceError
 from slt.llc import estimate_llc
@@ -247,7 +246,7 @@ def validate(
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (out / "table.json").write_text(
-            json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2)
+            _json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2)
         )
         try:
             plot(rows, out / "validate.png")
