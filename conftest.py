@@ -11,6 +11,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts with one thread and leaves one, whatever it set (the trajectory
+    tests compare with workers that run one)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def no_cache(monkeypatch):
     """Posteriors built in the test keep no per-sample cache: the passes at w* run."""

@@ -14,3 +14,16 @@ class SharedBlock(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(x))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style and not a ``TensorDataset``: the DataLoader path, not slt's fast path."""
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)

@@ -5,13 +5,18 @@ their structure when moved to a device.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from slt.data import BatchStream, batch_size, copied_to, dataset_size
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import PairDataset  # noqa: E402
 
 CPU = torch.device("cpu")
 N = 100  # not a multiple of the batch size: the last batch is partial
@@ -40,19 +45,6 @@ def assert_batches_equal(got, expected):
         assert type(a) is type(b) and len(a) == len(b)
         for s, t in zip(a, b):
             assert s.dtype == t.dtype and s.shape == t.shape and torch.equal(s, t)
-
-
-class PairDataset(Dataset):
-    """Map-style and not a ``TensorDataset``: the DataLoader path, not the fast path."""
-
-    def __init__(self, *tensors):
-        self.tensors = tensors
-
-    def __len__(self):
-        return len(self.tensors[0])
-
-    def __getitem__(self, i):
-        return tuple(t[i] for t in self.tensors)
 
 
 # --- the TensorDataset fast path --------------------------------------------------------

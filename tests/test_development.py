@@ -162,24 +162,30 @@ def dataset():
 """
 
 
-def test_cli_trajectory(tmp_path, monkeypatch):
+def _cli_folder(tmp_path, monkeypatch, steps, draws: int) -> list[str]:
+    """A user's spec file and a folder of checkpoints at ``steps``; the command's args."""
     pytest.importorskip("typer")
     pytest.importorskip("matplotlib").use("Agg")
     import torch
+
+    (tmp_path / "user_spec.py").write_text(USER)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in steps:
+        torch.save(torch.nn.Linear(3, 1).state_dict(), folder / f"model_{step}.pt")
+    monkeypatch.chdir(tmp_path)
+    return ["trajectory", str(folder), "--model", "user_spec.py:make_model", "--data",
+            "user_spec.py:dataset", "--num-chains", "2", "--num-draws", str(draws),
+            "--num-burnin", "5", "--no-progress"]  # fmt: skip
+
+
+def test_cli_trajectory(tmp_path, monkeypatch):
+    args = [*_cli_folder(tmp_path, monkeypatch, (0, 5, 10), 30), "--results", "r.jsonl"]
     from typer.testing import CliRunner
 
     from slt.cli import app
     from slt.trajectory_file import read
 
-    (tmp_path / "user_spec.py").write_text(USER)
-    folder = tmp_path / "ckpts"
-    folder.mkdir()
-    for step in (0, 5, 10):
-        torch.save(torch.nn.Linear(3, 1).state_dict(), folder / f"model_{step}.pt")
-    monkeypatch.chdir(tmp_path)
-    args = ["trajectory", str(folder), "--model", "user_spec.py:make_model", "--data",
-            "user_spec.py:dataset", "--num-chains", "2", "--num-draws", "30", "--num-burnin",
-            "5", "--no-progress", "--results", "r.jsonl"]  # fmt: skip
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "3 checkpoints (3 computed, 0 reused" in out.output
@@ -201,23 +207,11 @@ def test_cli_trajectory(tmp_path, monkeypatch):
 
 
 def test_cli_trajectory_outputs_and_failures(tmp_path, monkeypatch):
-    pytest.importorskip("typer")
-    pytest.importorskip("matplotlib").use("Agg")
-    import torch
+    args = _cli_folder(tmp_path, monkeypatch, (0, 5), 10)
     from typer.testing import CliRunner
 
     from slt.cli import app
     from slt.trajectory_file import read
-
-    (tmp_path / "user_spec.py").write_text(USER)
-    folder = tmp_path / "ckpts"
-    folder.mkdir()
-    for step in (0, 5):
-        torch.save(torch.nn.Linear(3, 1).state_dict(), folder / f"model_{step}.pt")
-    monkeypatch.chdir(tmp_path)
-    args = ["trajectory", str(folder), "--model", "user_spec.py:make_model", "--data",
-            "user_spec.py:dataset", "--num-chains", "2", "--num-draws", "10", "--num-burnin",
-            "2", "--no-progress"]  # fmt: skip
 
     def run(*more):
         out = CliRunner().invoke(app, [*args, *more])

@@ -10,14 +10,6 @@ import torch
 import slt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _case_nan_beyond(radius: float):
     """regular(1), with a loss that is NaN once the weight is ``radius`` from w*: chains
     that wander that far diverge."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from torch.utils.data import (
 
 import slt
 from slt.data import BatchStream, dataset_size
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import PairDataset  # noqa: E402
 
 CPU = torch.device("cpu")
 KW = dict(step_size=1e-4, num_chains=3, num_draws=12, num_burnin=0, progress=False)
@@ -200,20 +205,7 @@ def test_what_a_dataset_draws_from_numpy_or_random_repeats_with_the_seed():
     assert not np.array_equal(traces[0][0], traces[0][1])  # each chain its own draws
 
 
-class Pairs(Dataset):
-    """Map-style, not a TensorDataset: slt cannot slice it."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
-@pytest.mark.parametrize("dataset", [TensorDataset, Pairs])
+@pytest.mark.parametrize("dataset", [TensorDataset, PairDataset])
 def test_a_loader_of_batch_sampler_runs_and_leaves_its_generator_alone(dataset):
     model, x, y = regression()
     own = torch.Generator().manual_seed(7)

@@ -5,27 +5,23 @@ or the global random state, and the same seed gives bit-identical numbers.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 import slt
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import PairDataset  # noqa: E402
 
 N, BATCH = 256, 64
 SAMPLERS = ("sgld", "rmsprop_sgld")
 CONTROL_VARIATES = ("loss", "gradient", "none")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny BatchNorm ops are ~100x slower with two intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_tensors(n: int = N):
@@ -168,19 +164,6 @@ def test_train_mode_is_evaluated_as_eval_mode():
 
 
 # --- the data -------------------------------------------------------------------------
-
-
-class PairDataset(Dataset):
-    """A map-style dataset that is not a ``TensorDataset``."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def loaders(x, y):

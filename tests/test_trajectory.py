@@ -24,14 +24,6 @@ import _trajectory_helpers as h  # noqa: E402
 SETTINGS = dict(num_chains=2, num_draws=60, num_burnin=10, step_size=1e-3, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; and the same thread count as the workers
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def ckpts(tmp_path):
     folder = tmp_path / "ckpts"

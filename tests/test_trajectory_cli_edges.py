@@ -24,14 +24,6 @@ import _trajectory_helpers as h  # noqa: E402
 TINY = dict(num_chains=2, num_draws=20, num_burnin=5, step_size=1e-3, seed=3, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save_linears(folder, names):
     folder.mkdir(exist_ok=True)
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from slt.diagnostics import diagnose, warnings_for
 from slt.posterior import Posterior
 from slt.result import LLCResult
 from slt.samplers import FULL_BATCH, SAMPLERS
+from slt.traced import attributes_restorer
 from slt.vmapped import (
     VMAP_MAX_ACTIVATIONS,
     VMAP_MAX_PARAMS,
@@ -43,18 +44,13 @@ def _snapshot(posterior: Posterior):
     the loop runs ``"loop"``."""
     rng = _globals.current()
     modules = [m for copy in (posterior.module, posterior.reference) for m in copy.modules()]
-    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in modules]
+    attributes = attributes_restorer(modules)
     values = [(b, b.detach().clone()) for m in modules for b in m._buffers.values()
               if b is not None]  # fmt: skip
 
     def restore() -> None:
         _globals.restore(rng)
-        for m, attributes, buffers in saved:
-            for name in [k for k in vars(m) if k not in attributes]:
-                delattr(m, name)
-            vars(m).update(attributes)
-            m._buffers.clear()
-            m._buffers.update(buffers)
+        attributes()
         with torch.no_grad():
             for buffer, value in values:
                 buffer.copy_(value)

@@ -37,7 +37,7 @@ import functools
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
@@ -228,16 +228,28 @@ def _attributes_kept(module: torch.nn.Module | None):
     if module is None:
         yield
         return
-    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in module.modules()]
+    restore = attributes_restorer(module.modules())
     try:
         yield
     finally:
+        restore()
+
+
+def attributes_restorer(modules: Iterable[torch.nn.Module]) -> Callable[[], None]:
+    """A function that puts every attribute of ``modules`` (their buffers' entries too)
+    back as it is now: new ones deleted, replaced ones restored (not values changed in
+    place)."""
+    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in modules]
+
+    def restore() -> None:
         for m, attributes, buffers in saved:
             for name in [k for k in vars(m) if k not in attributes]:
                 delattr(m, name)
             vars(m).update(attributes)
             m._buffers.clear()
             m._buffers.update(buffers)
+
+    return restore
 
 
 def _drop_no_ops(graph: torch.fx.GraphModule) -> None:
