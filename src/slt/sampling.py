@@ -176,7 +176,7 @@ def sample_llc(
     compile: bool = False,
 ) -> LLCResult:
     """Run the chains on a built ``posterior`` and summarise them (arguments checked by
-    :func:`estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
+    :func:`slt.estimate_llc`). Afterwards ``posterior.params`` hold the last chain's final draw."""
     start = time.perf_counter() if start is None else start
     control_variate = posterior.control_variate
     kernel = SAMPLERS[sampler](

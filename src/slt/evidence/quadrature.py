@@ -135,7 +135,7 @@ def quadrature_free_energy(
     peak that no node and no minimizer found comes near: pass its location in ``breaks``.
 
     Cost: d ≤ 2 takes 0.7–2.5 × 10⁵ evaluations of L_n (0.1 s for a closed-form L_n; 30–40
-    s through :func:`module_nll` at n = 4096 on 2 cores). d = 3 takes 2 × 10⁶ (regular)
+    s through :func:`slt.evidence.module_nll` at n = 4096 on 2 cores). d = 3 takes 2 × 10⁶ (regular)
     to 3.4 × 10⁷ (a²b²c² at n = 10⁴, 5 s closed-form): use a closed-form or cheap L_n there.
 
     Parameters
