@@ -448,3 +448,92 @@ def test_a_header_without_rows_does_not_block_other_settings(tmp_path):
     contents = read(path)
     assert contents.header["settings"]["estimate_llc"]["localization"] == 2.0
     assert len(contents.rows) == 1
+
+
+# failures, concurrent runs and identities (an audit)
+
+
+def test_record_paths_are_the_callers_and_a_failed_one_names_no_file(tmp_path, monkeypatch):
+    pytest.importorskip("h5py")
+    torch.manual_seed(0)
+    good, bad = h.linear().state_dict(), h.linear().state_dict()
+    bad["weight"][0, 0] = float("nan")
+    monkeypatch.chdir(tmp_path)
+    traj = llc_trajectory({0: good, 10: bad}, h.linear, h.loader(), h.nll, record="per_sample",
+                          record_every=5, record_path="ps.h5", **TINY)  # fmt: skip
+    assert traj.rows[0]["per_sample_path"] == str(tmp_path / "ps.step0.h5")  # absolute
+    assert "per_sample_path" not in traj.rows[1]  # no λ̂, no file
+    with pytest.raises(ValueError, match="record_path=.* is a folder"):
+        slt.estimate_llc(h.linear(), h.loader(), h.nll, record="per_sample",
+                         record_path=str(tmp_path), **TINY)  # fmt: skip
+
+
+def test_one_file_at_two_steps_is_two_checkpoints(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(h.linear().state_dict(), path)
+    jobs = make_jobs({0: str(path), 10: str(path)})
+    assert [j.step for j in jobs] == [0, 10] and len({j.label for j in jobs}) == 2
+    traj = llc_trajectory({0: str(path), 10: str(path)}, h.linear, h.loader(), h.nll, **TINY)
+    assert traj.steps.tolist() == [0, 10]
+
+
+class _ScaledNLL:  # a callable object with the default repr (a memory address)
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, model, batch):
+        return self.scale * h.nll(model, batch)
+
+
+def test_a_callable_object_is_identified_by_its_state_not_its_address():
+    from slt.checkpoint_jobs import describe
+
+    a, b = describe(_ScaledNLL(1.0)), describe(_ScaledNLL(1.0))
+    assert a == b and "0x" not in a and "scale=1.0" in a
+    assert describe(_ScaledNLL(2.0)) != a
+
+
+def test_two_runs_creating_one_results_file_keep_both_rows(tmp_path):
+    from slt.trajectory_file import ResultsFile, SettingsChangedError
+
+    path = tmp_path / "r.jsonl"
+    first, second = ResultsFile(path), ResultsFile(path)
+    for file in (first, second):  # both open it while it does not exist yet
+        assert file.open({"a": 1}, "hash1", overwrite=False, defaults={}) == []
+    first.append({"label": "x", "settings_hash": "hash1"})
+    second.append({"label": "y", "settings_hash": "hash1"})
+    contents = read(path)
+    assert [r["label"] for r in contents.rows] == ["x", "y"]
+    other = ResultsFile(tmp_path / "s.jsonl")
+    other.open({"a": 2}, "hash2", overwrite=False, defaults={})
+    ResultsFile(tmp_path / "s.jsonl").open({"a": 1}, "hash1", overwrite=False, defaults={})
+    late = ResultsFile(tmp_path / "s.jsonl")
+    late.open({"a": 1}, "hash1", overwrite=False, defaults={})
+    other.append({"label": "x", "settings_hash": "hash2"})
+    with pytest.raises(SettingsChangedError, match="created by another run meanwhile"):
+        late.append({"label": "y", "settings_hash": "hash1"})
+
+
+def test_a_process_pool_keeps_the_rows_of_jobs_running_when_another_fails(tmp_path):
+    counter = tmp_path / "calls"
+    good, corrupt = tmp_path / "step_0.pt", tmp_path / "step_10.pt"
+    torch.save(h.linear().state_dict(), good)
+    corrupt.write_bytes(b"not a checkpoint")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(HERE)!r})
+        import _trajectory_helpers as h
+        from slt.trajectory import llc_trajectory
+        try:
+            llc_trajectory([{str(good)!r}, {str(corrupt)!r}], h.counting_linear, h.loader(),
+                           h.nll, results={str(tmp_path / "r.jsonl")!r}, executor="process",
+                           max_workers=2, num_chains=2, num_draws=20, num_burnin=5,
+                           progress=False)
+        except ValueError as err:
+            print("raised", err)
+    """)
+    env = {**os.environ, "SLT_TEST_COUNTER": str(counter), "SLT_TEST_SLEEP": "1.0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0 and "raised" in proc.stdout, proc.stderr[-2000:]
+    assert [r["label"] for r in read(tmp_path / "r.jsonl").rows] == ["step_0.pt"]

@@ -115,7 +115,10 @@ def _labels(sources: list, steps: list[int]) -> list[str]:
     names = [Path(s).name if isinstance(s, str) else None for s in sources]
     if None not in names and len(set(names)) == len(names):
         return names
-    return [s if isinstance(s, str) else f"step {step}" for s, step in zip(sources, steps)]
+    labels = [s if isinstance(s, str) else f"step {step}" for s, step in zip(sources, steps)]
+    if len(set(labels)) < len(labels):  # one file at two steps: the step tells them apart
+        labels = [f"{label} (step {step})" for label, step in zip(labels, steps)]
+    return labels
 
 
 def _sha256(source) -> str:
@@ -144,18 +147,33 @@ def _hash_state(digest, state: Mapping) -> None:
 
 
 def describe(obj) -> str:
-    """A readable identity of a callable: ``module.qualname``, partials and objects too."""
+    """A readable identity of a callable: ``module.qualname``, partials and objects too
+    (their state, never a memory address, which changes from run to run)."""
     import functools
 
     if isinstance(obj, functools.partial):
-        args = [repr(a) for a in obj.args] + [f"{k}={v!r}" for k, v in obj.keywords.items()]
+        args = [_shown(a) for a in obj.args] + [f"{k}={_shown(v)}" for k, v in obj.keywords.items()]
         return f"partial({describe(obj.func)}, {', '.join(args)})"
     qualname = getattr(obj, "__qualname__", None)
     if qualname is not None and "(" in qualname:  # slt's adapters name their parameters
         return qualname
     if qualname is not None:
         return f"{getattr(obj, '__module__', '?')}.{qualname}"
-    return f"{type(obj).__module__}.{type(obj).__qualname__}: {obj!r}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__}: {_shown(obj, called=True)}"
+
+
+def _shown(value, *, called: bool = False) -> str:
+    """``repr(value)`` without addresses; an object with the default repr as its class
+    and attributes; a callable (unless ``called``: the object being described) by
+    :func:`describe`."""
+    if callable(value) and not called:
+        return describe(value)
+    if type(value).__repr__ is object.__repr__:
+        state = sorted(getattr(value, "__dict__", {}).items())
+        return (
+            f"{type(value).__qualname__}(" + ", ".join(f"{k}={_shown(v)}" for k, v in state) + ")"
+        )
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def data_fingerprint(loader) -> dict:

@@ -19,7 +19,10 @@ count splits sums differently and changes λ̂ in its last digits (float32 round
   not import it by name). Each task asks for one GPU when the cluster has any.
 
 Results are handed to ``on_result(job, result)`` in the calling process as each job
-finishes, in completion order. The first job that raises stops the others and re-raises.
+finishes, in completion order. The first job that raises (or an interrupt) stops the jobs
+not yet started and re-raises; Ray cancels the running ones too, while a process pool's
+running jobs cannot be stopped: the pool waits for them, and what they return still goes to
+``on_result`` before the error is re-raised (a trajectory keeps their rows).
 """
 
 from __future__ import annotations
@@ -154,12 +157,19 @@ def _run_process(function, shared, jobs, on_result, max_workers, threads):
         initargs=(payload, threads, _live_file_modules()),
     ) as pool:  # fmt: skip
         futures = {pool.submit(_call_in_worker, function, job): job for job in jobs}
+        handled = set()
         try:
             for future in cf.as_completed(futures):
+                handled.add(future)
                 on_result(futures[future], future.result())
         except BaseException:
             for future in futures:
                 future.cancel()
+            # the running ones finish regardless (a worker cannot be stopped mid-job): keep
+            # what they return, then re-raise
+            for future in cf.as_completed([f for f in futures if not f.cancelled()]):
+                if future not in handled and future.exception() is None:
+                    on_result(futures[future], future.result())
             raise
 
 

@@ -13,6 +13,7 @@ B_t is drawn independently of w_t, so this is unbiased for the same quantity.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -225,6 +226,8 @@ def estimate_llc(
     record_every = _checks.integer("record_every", record_every, minimum=1)
     if record == "per_sample" and record_path is None:
         raise ValueError('record="per_sample" streams to a file: pass record_path="....h5"')
+    if record == "per_sample" and os.path.isdir(record_path):
+        raise ValueError(f"record_path={str(record_path)!r} is a folder; give a file name")
     full_batch = sampler in FULL_BATCH
     if full_batch and control_variate in CONTROL_VARIATES:
         control_variate = "none"  # the full batch makes both control variates moot

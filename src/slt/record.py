@@ -154,7 +154,11 @@ class PerSampleRecorder:
             else:
                 self.file.close()
                 self.file = None
-                os.replace(self.tmp, self.path)
+                try:
+                    os.replace(self.tmp, self.path)
+                except OSError:
+                    self.tmp.unlink(missing_ok=True)  # nothing left beside the path
+                    raise
         return PerSampleStats(self.count.copy(), self.mean.copy(), self.m2.copy(), self.lse.copy())
 
     def _discard(self) -> None:

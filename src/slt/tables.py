@@ -189,8 +189,9 @@ class Tables:
 
         Only for the ``TensorDataset`` fast path (sample indices known) and a loss that is a
         mean of per-sample terms (checked on a batch); otherwise nothing is cached and the
-        passes at w* run. Built on first use (the loop's :meth:`slt.posterior.Posterior.at_center`, the vmapped
-        step's factors), not by the constructor."""
+        passes at w* run. Built on first use (the loop's
+        :meth:`slt.posterior.Posterior.at_center`, the vmapped step's factors), not by the
+        constructor."""
         self._cache_built = True
         self._cache_loss = self._cache_grad = self._factors = None
         tensors = self.batches.tensors

@@ -228,6 +228,8 @@ def llc_trajectory(
     settings_hash = hashlib.sha256(
         json.dumps(numbers_normalised(identity), sort_keys=True).encode()
     ).hexdigest()[:16]
+    if settings.get("record_path") is not None:  # the caller's folder, not a worker's
+        settings = {**settings, "record_path": os.path.abspath(settings["record_path"])}
     shared = Shared(model_factory, loader, loss_fn, settings, settings_hash, device)
     if executor == "process":
         executors.check_picklable(
@@ -318,6 +320,7 @@ def run_job(shared: Shared, job: Job) -> dict:
         row.update(llc=math.nan, llc_std=math.nan, mcse=math.nan, rhat=math.nan,
                    ess_bulk=math.nan, ess_tail=math.nan, init_loss=loss, llc_per_chain=[],
                    warnings=[str(err)], error=str(err))  # fmt: skip
+        row.pop("per_sample_path", None)  # a failed estimate keeps no file
     else:
         row.update(
             llc=res.llc, llc_std=res.llc_std, mcse=res.mcse, rhat=res.rhat,

@@ -150,6 +150,7 @@ class ResultsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._header: dict | None = None  # a header to write with the first row
+        self._new = False  # and the file did not exist: created, not replaced
 
     def open(self, settings: dict, settings_hash: str, *, overwrite: bool, defaults: dict):
         """The rows already in the file, after checking they share this run's settings.
@@ -179,6 +180,7 @@ class ResultsFile:
                 "write to another results file, or pass overwrite=True to discard it"
             )
         if contents.header is None or diff:  # new, empty, discarded, or no rows of its own
+            self._new = not self.path.exists()
             self._header = {
                 "slt_trajectory": FORMAT,
                 "settings_hash": settings_hash,
@@ -205,6 +207,8 @@ class ResultsFile:
         """Write one row as one line, flushed to disk before returning (the first row of a
         new file together with its header, replacing what was there)."""
         line = (_json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        if self._header is not None and self._new and self._created(line):
+            return
         if self._header is not None:
             head = (json.dumps(self._header, default=repr) + "\n").encode("utf-8")
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -221,6 +225,30 @@ class ResultsFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _created(self, line: bytes) -> bool:
+        """Create the new file with its header and ``line``; False if another run created
+        it meanwhile with this run's settings (then ``line`` is appended to it as to any:
+        its rows stay), an error if with other settings."""
+        head = (json.dumps(self._header, default=repr) + "\n").encode("utf-8")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            header = read(self.path).header
+            if header is None or header["settings_hash"] != self._header["settings_hash"]:
+                raise SettingsChangedError(
+                    f"results file {self.path} was created by another run meanwhile, with "
+                    "other settings; use another results file"
+                ) from None
+            self._header = None
+            return False
+        try:
+            os.write(fd, head + line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._header = None
+        return True
 
 
 def _now() -> str:

@@ -186,8 +186,8 @@ def free_energy(
         batch (a ``DataLoader`` over a ``TensorDataset``), else SGLD.
     step_scale : float, optional
         ε_β = step_scale / (nβ q + 1/σ²) (MALA: also / d^(1/3)), q the largest |Hessian
-        eigenvalue| of L_n at each rung's starting points and at w*. Default 0.04 for SGLD (1% variance inflation in the stiffest
-        direction), 2.5 for MALA.
+        eigenvalue| of L_n at each rung's starting points and at w*. Default 0.04 for SGLD
+        (1% variance inflation in the stiffest direction), 2.5 for MALA.
     control_variate : {"gradient", "loss", "none"}
         As for :func:`slt.estimate_llc`, with each chain's starting point of the rung as
         the reference; ignored (full batch) for MALA.
