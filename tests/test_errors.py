@@ -423,3 +423,12 @@ def test_gaussian_nll_takes_numpy_and_tensor_scalars_but_not_a_bool():
         assert slt.gaussian_nll(sigma).sigma == 0.5
     with raises_naming(ValueError, "sigma", True):
         slt.gaussian_nll(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_refused_with_what_to_do(dtype):
+    # its SGLD moves and loss differences round away (bfloat16 read λ̂ 4x too large)
+    loader = DataLoader(make_data(), batch_size=BATCH, shuffle=True)
+    model = torch.nn.Linear(2, 1).to(dtype)
+    with pytest.raises(ValueError, match=rf"{dtype}.*model\.float\(\)"):
+        slt.estimate_llc(model, loader, slt.gaussian_nll(1.0), progress=False)

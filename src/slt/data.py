@@ -240,13 +240,15 @@ class BatchStream:
                 yield batch, None
             return
         bs = self.loader.batch_size
-        order = self._order(generator) if self.shuffle else None
+        # the epoch's order moved to the device once, not a batch's rows at every step (a
+        # blocking host-to-device copy each step would wait for the device's queue)
+        order = self._order(generator).to(self.device) if self.shuffle else None
         for start in self._batch_starts(complete):
             if order is None:  # a copy: a view would let the model edit the user's tensors
                 rows = slice(start, start + bs)
                 yield [t[rows].clone() for t in self.tensors], rows
             else:
-                rows = order[start : start + bs].to(self.device)
+                rows = order[start : start + bs]
                 yield [t[rows] for t in self.tensors], rows
 
     def chain_indices(self, generators: list[torch.Generator]) -> Iterator[torch.Tensor]:

@@ -33,6 +33,7 @@ from slt.traced import fingerprint
 
 ControlVariate = Literal["loss", "gradient", "none"]
 CONTROL_VARIATES = ("loss", "gradient", "none")
+_HALF = {str(torch.float16), str(torch.bfloat16)}
 
 _STOCHASTIC_IN_TRAIN = (
     torch.nn.modules.batchnorm._BatchNorm,
@@ -213,6 +214,14 @@ class Posterior(Tables):
         self.params = {name: own[name] for name in self.names}
         first = self.params[self.names[0]]
         self.device, self.dtype = first.device, first.dtype
+        half = sorted({str(p.dtype) for p in self.params.values()} & _HALF)
+        if half:
+            raise ValueError(
+                f"model: sampled parameters in {', '.join(half)}: an SGLD move smaller than "
+                "half a step of that format is lost and the loss differences nβ(L(w) - "
+                "L(w*)) round away (bfloat16 read λ̂ 4x too large in a test, MALA 0); sample "
+                "a float32 copy: estimate_llc(model.float(), ...) with float32 inputs"
+            )
         self.loss_fn = loss_fn
         self.batches = BatchStream(loader, self.device)
         self.full_data = self.batches.full_batch() if full_batch else None
