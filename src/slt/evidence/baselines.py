@@ -207,6 +207,8 @@ def laplace(
         ``free_energy_upper`` (for a positive semi-definite H these bound F), ``rank``
         becomes a lower bound unless the computed spectrum reaches the threshold, and
         negative eigenvalues go undetected.
+    seed : int
+        Seed of Lanczos' starting vector (the eigsh path only).
 
     Examples
     --------

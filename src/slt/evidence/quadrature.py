@@ -160,7 +160,11 @@ def quadrature_free_energy(
     rtol : float
         Relative tolerance on the integral (≈ absolute tolerance on F).
     max_evals : int
-        Budget of L_n evaluations (≥ 1); if exhausted, ``converged`` is False and a warning says so.
+        Budget of L_n evaluations (≥ 1); if exhausted, ``converged`` is False and a warning
+        says so.
+    rule : {"gk15", "gk7"}, optional
+        The rule per dimension: 15-point Kronrod with its 7-point Gauss rule (default), or
+        the 7-point Kronrod with its 3-point Gauss rule (fewer evaluations per box).
 
     Examples
     --------
