@@ -196,3 +196,33 @@ def test_a_parameter_the_loss_does_not_read_is_calibrated_around():
     res = slt.estimate_llc(TwoHeads(model), loader, slt.gaussian_nll(1.0), step_size="auto",
                            num_chains=1, num_draws=40, progress=False)  # fmt: skip
     assert np.isfinite(res.llc)
+
+
+def test_auto_never_samples_with_a_step_its_pilot_saw_diverge():
+    # a²b⁴ is flat at w*: the first candidate, set by γ alone, diverges, and the budget of
+    # a fifth of the estimate holds only it
+    case = zoo.potential([1, 2], n=1024)
+    with pytest.raises(slt.DivergenceError, match="every candidate step size diverged"):
+        slt.estimate_llc(case.model, case.loader(), case.loss_fn, step_size="auto",
+                         progress=False)  # fmt: skip
+
+
+def test_mala_is_not_held_to_minibatch_noise_it_does_not_have():
+    case = zoo.regular(3, n=512)
+    cal = slt.calibrate(case.model, case.loader(), case.loss_fn, sampler="mala", nbeta=5000,
+                        num_candidates=2, progress=False)  # fmt: skip
+    assert not any("noise" in r for c in cal.candidates for r in c.reasons)
+
+
+def test_a_first_pilot_over_the_budget_is_said_and_repeats_are_refused():
+    case = zoo.regular(3, n=512)
+    cal = slt.calibrate(case.model, case.loader(), case.loss_fn, max_pilot_steps=100,
+                        num_candidates=2, progress=False)  # fmt: skip
+    assert any("over the budget of 100" in w for w in cal.warnings)
+    with pytest.raises(ValueError, match="step_sizes must be distinct"):
+        slt.calibrate(case.model, case.loader(), case.loss_fn, step_sizes=[3e-4, 3e-4],
+                      progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="nbetas must be distinct"):
+        slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, nbetas=[20, 80, 20])
+    with pytest.raises(ValueError, match="step_size='auto': llc_vs_nbeta takes a number"):
+        slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, step_size="auto")

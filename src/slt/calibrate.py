@@ -5,15 +5,14 @@ eigenvalue of the Hessian of L_n at w* (power iteration on Hessian-vector produc
 Full-batch SGLD on a Gaussian direction of precision P has stationary variance
 1/(P(1 - εP/4)) (exact; see tests/test_llc_statistics.py), so the grid starts where
 that inflation is ``max_stiff_bias`` in the stiffest direction, ε₀ = 4·max_stiff_bias/P_max,
-and halves (or drops at once below the stiffness the pilot chains found, see 3). From
-the largest ε down, each candidate runs a short pilot and must pass:
+and halves. From the largest ε down, each candidate runs a short pilot and must pass:
 
 1. no diverged chain;
 2. a stationary post-burn-in λ̂ trace (no significant trend: slt.diagnostics' drift test,
    about 1% false alarms on pilots; with one pilot chain it sees only gross drift);
 3. the stiffness where the pilot chains went, ε(nβ q + γ)/4 with q the top Hessian
    eigenvalue at the pilot's last draw, within 1.5 × ``max_stiff_bias`` (a singular model
-   is flat at w* and stiff away from it; the next candidate jumps below that limit);
+   is flat at w* and stiff away from it);
 4. MALA acceptance of the SGLD moves ≥ ``min_acceptance`` (Furman & Lau 2024,
    arXiv 2402.03698): a move MALA would often reject is a move SGLD makes with bias;
 5. minibatch gradient noise small against the injected noise: the ratio
@@ -46,7 +45,7 @@ from slt import _checks, _globals
 from slt._text import right
 from slt.curvature import minibatch_gradient_variance, top_hessian_eigenvalue
 from slt.losses import LossFn
-from slt.samplers import SAMPLERS
+from slt.samplers import FULL_BATCH, SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -316,18 +315,24 @@ def calibrate_posterior(
 
     if step_sizes is None:
         if not math.isfinite(stiff_limit(q_max)):
-            raise ValueError("calibrate: L_n is flat at w* and localization is 0; pass step_sizes")
+            raise ValueError(
+                "calibrate: L_n is flat at w* and localization is 0, so there is no stiffness "
+                "to start the grid from; pass step_sizes (estimate_llc: a number as step_size)"
+            )
         grid = None
         eps = stiff_limit(q_max)
     else:
         grid = sorted((float(e) for e in step_sizes), reverse=True)
         if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
             raise ValueError(f"step_sizes must be finite numbers > 0, got {step_sizes!r}")
+        if len(set(grid)) < len(grid):  # a candidate would confirm itself (criterion 6)
+            raise ValueError(f"step_sizes must be distinct, got {step_sizes!r}")
         eps = grid[0]
     first = eps
     if num_burnin is None:  # the stiff directions relax 20 e-folds at the first candidate
         num_burnin = max(50, math.ceil(20 * scale / (eps * (nb * q_max + gamma))))
-    check_noise = control_variate != "gradient"
+    # full-batch samplers (MALA) have no minibatch noise to check
+    check_noise = control_variate != "gradient" and sampler not in FULL_BATCH
 
     def trial(eps: float, stretch: int) -> tuple[Candidate, float]:
         noise = eps * nb**2 * grad_var / 4
@@ -445,13 +450,28 @@ def _search(
                 break
         tried.append(cand)
     notes = []
+    if max_pilot_steps is not None and spent > max_pilot_steps:  # the first always runs
+        notes.append(
+            f"the first candidate's pilot took {spent:,} chain-steps, over the budget of "
+            f"{max_pilot_steps:,} (max_pilot_steps; with step_size='auto' a fifth of the "
+            "estimate's steps): it runs whatever the budget"
+        )
     confirmed = chosen is not None
     if chosen is None:
         # Without a confirmed pair (the budget ran out), the smallest candidate that passed
         # 1-5 is the safe choice: every pilot covers the same diffusion time.
         passing = [c for c in tried if c.passed]
         usable = [c for c in tried if not c.diverged]
-        chosen = (passing[-1] if passing else usable[-1] if usable else tried[-1]).step_size
+        if not usable:  # never a step its own pilot saw diverge
+            from slt.chains import DivergenceError
+
+            raise DivergenceError(
+                f"calibration: every candidate step size diverged in its pilot "
+                f"({', '.join(f'{c.step_size:.3g}' for c in tried)}; the pilot budget held "
+                f"{len(tried)}); pass a step size below {tried[-1].step_size / 2:.3g}, more "
+                "pilot steps (max_pilot_steps, or a longer estimate), or a larger localization"
+            )
+        chosen = (passing[-1] if passing else usable[-1]).step_size
         if not passing:
             notes.append(
                 f"no step size passed the criteria; using {chosen:.3g} — treat the estimate "

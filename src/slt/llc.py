@@ -78,7 +78,8 @@ def estimate_llc(
     step_size : float or "auto"
         ε of the SGLD step Δw = (ε/2)(-nβ∇L_B - γ(w - w*)) + N(0, ε). "auto" first runs
         :func:`slt.calibrate` with short pilot chains (one per candidate, within a budget
-        of a fifth of this estimate's steps, with this call's nβ, γ, sampler and control
+        of a fifth of this estimate's steps, which the first candidate's pilot may exceed,
+        with this call's nβ, γ, sampler and control
         variate, on the posterior this call then samples, so the pass over the data at w*
         is made once) and uses the step size it picks; the result's ``calibration``
         records every candidate and why.

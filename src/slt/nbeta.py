@@ -112,6 +112,13 @@ def llc_vs_nbeta(
     if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
         raise ValueError(f"nbetas must be a sequence of finite numbers > 0, got {nbetas!r}")
     grid = np.sort(grid)
+    if np.any(np.diff(grid) == 0):
+        raise ValueError(f"nbetas must be distinct, got {nbetas!r}")
+    if isinstance(step_size, str):  # "auto" would calibrate each nβ apart; the sweep holds ε·nβ
+        raise ValueError(
+            f"step_size={step_size!r}: llc_vs_nbeta takes a number, rescaled as ε·nβ constant "
+            "across the sweep; calibrate it at one nβ first (slt.calibrate(...).step_size)"
+        )
     reference = n / math.log(n)
     results = []
     for nb in grid:
