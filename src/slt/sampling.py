@@ -209,7 +209,7 @@ def sample_llc(
         and _small_activations(posterior, num_chains, seed)
     )
     if chain_method == "vmap" or auto_vmap:
-        restore = _snapshot(posterior)
+        restore = _snapshot(posterior) if auto_vmap else None  # the loop may follow
         try:
             trace = _run_vmap(posterior, sampler, step_size, num_chains, num_burnin + num_draws,
                               seed, progress, compile, probe_every, num_burnin)  # fmt: skip

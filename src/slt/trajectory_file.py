@@ -205,20 +205,21 @@ class ResultsFile:
 
     def append(self, row: dict) -> None:
         """Write one row as one line, flushed to disk before returning (the first row of a
-        new file together with its header, replacing what was there)."""
+        new file together with its header: created, or replacing what was there)."""
         line = (_json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-        if self._header is not None and self._new and self._created(line):
-            return
         if self._header is not None:
             head = (json.dumps(self._header, default=repr) + "\n").encode("utf-8")
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(head + line)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            self._header = None
-            return
+            header_hash, self._header = self._header["settings_hash"], None
+            if not self._new:
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(head + line)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                return
+            if self._created(head + line, header_hash):
+                return
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, line)
@@ -226,28 +227,24 @@ class ResultsFile:
         finally:
             os.close(fd)
 
-    def _created(self, line: bytes) -> bool:
-        """Create the new file with its header and ``line``; False if another run created
-        it meanwhile with this run's settings (then ``line`` is appended to it as to any:
-        its rows stay), an error if with other settings."""
-        head = (json.dumps(self._header, default=repr) + "\n").encode("utf-8")
+    def _created(self, data: bytes, settings_hash: str) -> bool:
+        """Create the new file with ``data``; False if another run created it meanwhile
+        with these settings (append to it then: its rows stay), an error if with others."""
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             header = read(self.path).header
-            if header is None or header["settings_hash"] != self._header["settings_hash"]:
+            if header is None or header["settings_hash"] != settings_hash:
                 raise SettingsChangedError(
                     f"results file {self.path} was created by another run meanwhile, with "
                     "other settings; use another results file"
                 ) from None
-            self._header = None
             return False
         try:
-            os.write(fd, head + line)
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._header = None
         return True
 
 
