@@ -222,6 +222,8 @@ def calibrate(
     _checks.choice("sampler", sampler, SAMPLERS)
     if step_sizes is not None:
         step_sizes = _checks.positive_reals("step_sizes", step_sizes)
+        if len(set(step_sizes)) < len(step_sizes):  # a candidate would confirm itself (6)
+            raise ValueError(f"step_sizes must be distinct, got {step_sizes!r}")
     gammas, nbetas = as_grid("localization", localization), as_grid("nbeta", nbeta)
     if gammas is None and localization is not None:  # one value: numpy scalars as floats
         localization = _checks.real("localization", localization, minimum=0)
@@ -322,11 +324,7 @@ def calibrate_posterior(
         grid = None
         eps = stiff_limit(q_max)
     else:
-        grid = sorted((float(e) for e in step_sizes), reverse=True)
-        if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
-            raise ValueError(f"step_sizes must be finite numbers > 0, got {step_sizes!r}")
-        if len(set(grid)) < len(grid):  # a candidate would confirm itself (criterion 6)
-            raise ValueError(f"step_sizes must be distinct, got {step_sizes!r}")
+        grid = sorted(step_sizes, reverse=True)  # checked by calibrate
         eps = grid[0]
     first = eps
     if num_burnin is None:  # the stiff directions relax 20 e-folds at the first candidate

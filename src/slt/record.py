@@ -118,7 +118,7 @@ class PerSampleRecorder:
                 f"per-sample losses: one pass gave {values.shape[0]} samples, n is "
                 f"{self.mean.shape[1]}; per-sample losses need n = the number of samples"
             )
-        if self.in_dataset_order and where[0] is not None:  # the shuffled pass, put back
+        if where[0] is not None:  # sample indices known: the shuffled pass, put back
             index = torch.cat([torch.arange(values.shape[0])[i] if isinstance(i, slice)
                                else i.cpu() for i in where])  # fmt: skip
             values = torch.empty_like(values).index_copy_(0, index, values)
