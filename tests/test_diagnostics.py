@@ -14,7 +14,15 @@ from scipy import stats
 from scipy.signal import lfilter
 
 import slt
-from slt.diagnostics import MAX_DRIFT_Z, MIN_ESS, RHAT_MAX, diagnose, warnings_for
+from slt.diagnostics import (
+    BOUND_SLACK,
+    MAX_DRIFT_Z,
+    MIN_ESS,
+    RHAT_MAX,
+    above_bound,
+    diagnose,
+    warnings_for,
+)
 
 array_stats = pytest.importorskip("arviz_stats.base").array_stats
 
@@ -270,3 +278,31 @@ def test_chains_that_never_move_are_reported_not_warned_by_numpy():
         diag = diagnose(trace)
         notes = warnings_for(diag)
     assert diag.rhat == math.inf and any("R̂ = inf" in note for note in notes)
+
+
+def test_above_bound_needs_both_the_slack_and_three_mcse():
+    d, per_chain = 10, np.full(4, 5.0)
+    assert above_bound(per_chain, 5.0 * (1 + BOUND_SLACK) - 1e-9, 1e-6, d) == []  # within slack
+    assert above_bound(per_chain, 6.0, 0.4, d) == []  # 1 over, 2.5 MCSE: could be noise
+    (note,) = above_bound(per_chain, 6.0, 0.3, d)
+    assert "λ̂ = 6 is above d/2 = 5" in note and "d = 10 sampled parameters" in note
+    assert "chain(s)" not in note and "step size is too large" in note
+    assert above_bound(per_chain, math.nan, math.nan, d) == []
+
+
+def test_above_bound_names_chains_above_d_even_without_an_mcse():
+    per_chain = np.array([math.nan, 4.0, 1.8e34])  # chain 0 diverged
+    (note,) = above_bound(per_chain, 1.8e34, math.nan, 10)
+    assert "chain(s) 2 (λ̂ 1.8e+34) are above even d" in note
+
+
+@pytest.mark.parametrize("step_size, high", [(6e-3, "0, 1, 2, 3"), (8e-3, "3")])
+def test_estimate_far_above_the_bound_says_so(step_size, high):
+    # zoo.regular(10), λ = d/2 = 5. At ε = 6e-3 SGLD is stable but inflated (λ̂ 23-28 per
+    # chain); at 8e-3 three chains overflow and the fourth reaches λ̂ ≈ 1e34 with a finite
+    # loss: before, neither was said to be above what any 10-parameter model can have.
+    case = slt.zoo.regular(10, 1)
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, step_size=step_size,
+                           num_chains=4, num_draws=300, num_burnin=100, progress=False)  # fmt: skip
+    (note,) = [w for w in res.warnings if "above d/2 = 5" in w]
+    assert f"chain(s) {high} (λ̂" in note

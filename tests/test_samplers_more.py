@@ -398,6 +398,17 @@ def test_acceptance_is_recorded_every_k_steps_and_in_range():
     assert "MALA acceptance" in str(res) and "every 7 steps" in str(res)
 
 
+def test_no_probe_among_the_draws_is_said():
+    # draws are steps 10-49: with acceptance_every=60 every probe (step 0) is in the burn-in,
+    # and the SGLD bias check silently did not happen
+    res = _run(acceptance_every=60)
+    assert math.isnan(res.mala_acceptance)
+    assert "no probe among the draws; acceptance_every=60" in str(res)
+    (note,) = [w for w in res.warnings if "no MALA-acceptance probe" in w]
+    assert "acceptance_every <= 40" in note
+    assert not any("no MALA-acceptance probe" in w for w in _run(acceptance_every=0).warnings)
+
+
 def test_acceptance_off_and_undefined_samplers_record_nan():
     off = _run(acceptance_every=0)
     assert np.isnan(off.acceptance).all() and math.isnan(off.mala_acceptance)

@@ -83,7 +83,9 @@ class LLCResult:
         if self.sampler != "sgld":
             return f"n/a (not defined for {self.sampler} moves)"
         if math.isnan(self.mala_acceptance):
-            return f"n/a (acceptance_every={self.acceptance_every})"
+            if not self.acceptance_every:
+                return "n/a (acceptance_every=0)"
+            return f"n/a (no probe among the draws; acceptance_every={self.acceptance_every})"
         return f"{self.mala_acceptance:.3g} of SGLD moves (every {self.acceptance_every} steps)"
 
     def __str__(self) -> str:

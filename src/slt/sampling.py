@@ -15,7 +15,7 @@ import torch
 from slt import _globals
 from slt.chains import DivergenceError, run_chains
 from slt.data import NotOneBatch
-from slt.diagnostics import diagnose, warnings_for
+from slt.diagnostics import above_bound, diagnose, warnings_for
 from slt.posterior import Posterior
 from slt.result import LLCResult
 from slt.samplers import FULL_BATCH, SAMPLERS
@@ -256,7 +256,14 @@ def sample_llc(
     diag = diagnose(posterior.nbeta * (loss - at_center), diverged=trace.diverged,
                     nbeta=posterior.nbeta)  # fmt: skip
     notes += warnings_for(diag)
+    notes += above_bound(per_chain, diag.llc, diag.mcse, posterior.num_params)
     mala_acceptance = float(computed.mean()) if computed.size else math.nan
+    if probe_every and not computed.size:
+        notes.append(
+            f"no MALA-acceptance probe fell among the {num_draws} draws of a usable chain "
+            f"(acceptance_every={acceptance_every}): whether step_size={step_size:g} is small "
+            f"enough for an unbiased λ̂ went unchecked; use acceptance_every <= {num_draws}"
+        )
     if sampler == "sgld" and mala_acceptance < MIN_SGLD_ACCEPTANCE:
         notes.append(
             f"SGLD moves would have MALA acceptance {mala_acceptance:.2f} "
