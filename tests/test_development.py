@@ -119,6 +119,89 @@ def test_phase_diagram_rejects_bad_input():
         phase_diagram({"a": {"loss": 1, "llc": math.nan}}, [10.0])
 
 
+def test_every_crossing_of_a_pair_gets_its_own_range():
+    # with m = 2, a and b cross three times (a -> b -> a -> b); the ranges were all searched
+    # from n[0], so each was the first crossing's (5.11 to 5.11 for all three)
+    a = Candidate("a", loss=0.10002, llc=1.0, llc_std=0.01)
+    b = Candidate("b", loss=0.1, llc=1.3, m=2)
+    d = phase_diagram([a, b], np.geomspace(3, 1e5, 400))
+    assert [(c.before, c.after) for c in d.crossings] == [("a", "b"), ("b", "a"), ("a", "b")]
+    se = 2 * 0.01
+    for c in d.crossings:
+        assert c.n_low < c.n < c.n_high
+        after, before = (b, a) if c.after == "b" else (a, b)
+        for end, shift in ((c.n_low, -se), (c.n_high, se)):  # F_before = F_after there
+            moved = Candidate(after.name, after.loss, after.llc + shift, after.m)
+            assert before.free_energy(end) == pytest.approx(moved.free_energy(end), rel=1e-9)
+    # 2 se of 0.05 make the middle crossing and its neighbours' inner ends vanish: "none"
+    wide = phase_diagram([Candidate("a", 0.10002, 1.0, llc_std=0.05), b], d.n)
+    first, middle, last = wide.crossings
+    assert math.isnan(first.n_high) and math.isnan(middle.n_low) and math.isnan(middle.n_high)
+    assert math.isnan(last.n_low) and first.n_low < first.n < last.n < last.n_high
+    assert "λ̂ ± 2 se: none to none" in str(wide)
+    assert str(wide).count("no range: llc_std is 0") == 0
+    no_se = phase_diagram([Candidate("a", 0.10002, 1.0), b], d.n)
+    assert str(no_se).count("no range: llc_std is 0") == 3
+
+
+def test_phase_diagram_names_and_values_are_checked():
+    n = np.geomspace(10, 1e4, 50)
+    twice = [{"name": "a", "loss": 0.1, "llc": 1.0}, {"name": "a", "loss": 0.09, "llc": 3.0}]
+    with pytest.raises(ValueError, match=r"names must be distinct; \['a'\]"):
+        phase_diagram(twice, n)
+    with pytest.raises(TypeError, match=r"candidates\[0\] must be a Candidate or a mapping"):
+        phase_diagram([{"loss": 0.1, "llc": 1.0}], n)  # no name: was named "None"
+    for bad in ("ab", [("a", 0.1, 1.0)]):  # were AttributeError: 'str' has no 'get'
+        with pytest.raises(TypeError, match="candidates"):
+            phase_diagram(bad, n)
+    with pytest.raises(ValueError, match="candidate 'a': loss must be a real number, got 'x'"):
+        phase_diagram({"a": {"loss": "x", "llc": 1.0}}, n)
+    with pytest.raises(ValueError, match="finite sample sizes > e.*inf"):  # inf made a winner
+        phase_diagram({"a": {"loss": 0.1, "llc": 1.0}}, [10, 100, np.inf])
+
+
+def test_noise_scale_of_a_signal_with_no_jitter_is_in_its_own_units():
+    # an exact step with min_scale=0 (or in the outer 5% of the values) fell back to a scale
+    # of 1 in the signal's units: found ×1000, missed ×1
+    steps = np.arange(0, 300, 10)
+    loss = np.where(steps < 100, 0.5, np.where(steps < 200, 0.3, 0.1))
+    late = np.where(np.arange(100) < 96, 0.5, 0.2)
+    for unit in (1.0, 1000.0):
+        t = detect_transitions({"steps": steps, "loss": loss * unit}, signals="loss", min_scale=0)
+        assert t.change_points["loss"] == (100, 200)
+        t = detect_transitions({"steps": np.arange(100), "loss": late * unit}, signals="loss")
+        assert t.change_points["loss"] == (96,)
+        assert t.scale["loss"] == pytest.approx(0.05 * 0.3 * unit)
+
+
+def test_any_mapping_is_a_trajectory():
+    from collections import UserDict
+    from types import MappingProxyType
+
+    signals = _signals(np.arange(0, 400, 10))
+    for kind in (UserDict, MappingProxyType):  # refused: "trajectory has no array 'steps'"
+        assert detect_transitions(kind(signals)).boundaries == (100, 250)
+
+
+def test_phase_plot_shades_a_removed_end_to_the_edge():
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg")
+    from slt.plots_development import plot_phase_diagram
+
+    # the docstring's example with se 2: at λ̂ - 2 se "complex" wins from the start, so n_low
+    # is NaN; the band was drawn from the crossing (1457) up, as if more certain below
+    n = np.geomspace(10, 1e4, 50)
+    d = phase_diagram({"simple": {"loss": 0.10, "llc": 1.0, "llc_std": 2.0},
+                       "complex": {"loss": 0.09, "llc": 3.0}}, n)  # fmt: skip
+    (c,) = d.crossings
+    assert math.isnan(c.n_low) and c.n_high > c.n
+    fig = plot_phase_diagram(d)
+    (band,) = fig.axes[0].patches
+    left = band.get_x()
+    assert left == pytest.approx(10) and left + band.get_width() == pytest.approx(c.n_high)
+    assert "λ̂ ± 2 se: none to" in str(d)
+
+
 def test_plots(tmp_path):
     mpl = pytest.importorskip("matplotlib")
     mpl.use("Agg")

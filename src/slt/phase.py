@@ -47,8 +47,16 @@ class Crossing:
     n: float  # F_before(n) = F_after(n)
     before: str  # dominant just below n
     after: str  # dominant just above n
-    n_low: float  # the crossing with λ_after - λ_before lowered by 2 se (NaN if none)
-    n_high: float  # ... raised by 2 se (NaN if none in range)
+    n_low: float  # the crossing with λ_after - λ_before lowered by 2 se (NaN: gone, see below)
+    n_high: float  # ... raised by 2 se (NaN: gone)
+
+    def range_text(self) -> str:
+        """The ± 2 se range in words; "none" for an end where 2 se remove the crossing."""
+        if self.n_low == self.n_high == self.n:
+            return "no range: llc_std is 0"
+        low = "none" if math.isnan(self.n_low) else f"{self.n_low:.3g}"
+        high = "none" if math.isnan(self.n_high) else f"{self.n_high:.3g}"
+        return f"λ̂ ± 2 se: {low} to {high}"
 
 
 @dataclass(frozen=True)
@@ -99,10 +107,7 @@ class PhaseDiagram:
         for (a, b), name in zip(zip(edges[:-1], edges[1:]), winners):
             lines.append(f"  {a:>10.4g} - {b:<10.4g} {name}")
         for c in self.crossings:
-            lines.append(
-                f"  crossing {c.before} -> {c.after} at n = {c.n:.4g} "
-                f"(λ̂ ± 2 se: {c.n_low:.3g} to {c.n_high:.3g})"
-            )
+            lines.append(f"  crossing {c.before} -> {c.after} at n = {c.n:.4g} ({c.range_text()})")
         return "\n".join(lines)
 
 
@@ -130,9 +135,17 @@ def phase_diagram(candidates, n) -> PhaseDiagram:
     [('simple', 'complex', 1457)]
     """
     cands = _candidates(candidates)
-    n = np.atleast_1d(np.asarray(n, dtype=np.float64))
-    if n.ndim != 1 or n.size < 1 or not np.all(n > math.e) or np.any(np.diff(n) <= 0):
-        raise ValueError("n must be an ascending array of sample sizes > e (log log n > 0)")
+    given = n
+    try:
+        n = np.atleast_1d(np.asarray(n, dtype=np.float64))
+    except (TypeError, ValueError):
+        n = np.array([math.nan])
+    if (n.ndim != 1 or n.size < 1 or not np.all(np.isfinite(n)) or not np.all(n > math.e)
+            or np.any(np.diff(n) <= 0)):  # fmt: skip
+        raise ValueError(
+            "n must be an ascending array of finite sample sizes > e (log log n > 0), "
+            f"got {given!r}"
+        )
     free = np.stack([c.free_energy(n) for c in cands])
     dominant = np.argmin(free, axis=0)
     crossings = []
@@ -140,10 +153,23 @@ def phase_diagram(candidates, n) -> PhaseDiagram:
         a, b = cands[dominant[k]], cands[dominant[k + 1]]
         at = _crossing(a, b, n[k], n[k + 1])
         se = 2 * math.hypot(a.llc_std, b.llc_std)
-        low = _crossing(a, _shift(b, -se), n[0], n[-1] * 1e6)
-        high = _crossing(a, _shift(b, se), n[0], n[-1] * 1e6)
+        # F_a - F_b rises through 0 at ``at``; lowering λ_b by se moves this root down until
+        # it meets the pair's previous root (the two then vanish), raising it moves it up
+        # toward the next one: each end is searched between ``at`` and that neighbour
+        roots = _roots(a, b, LOWEST_N, n[-1] * SEARCH_ABOVE)
+        below = max((r for r in roots if r < at * (1 - 1e-9)), default=LOWEST_N)
+        above = min((r for r in roots if r > at * (1 + 1e-9)), default=n[-1] * SEARCH_ABOVE)
+        low = _last_root(a, _shift(b, -se), below, at) if se else at
+        high = _crossing(a, _shift(b, se), at, above) if se else at
         crossings.append(Crossing(at, a.name, b.name, low, high))
     return PhaseDiagram(tuple(cands), n, free, dominant, tuple(crossings))
+
+
+LOWEST_N = math.e * (1 + 1e-9)
+"""The smallest n searched for a crossing's range (log log n must be defined)."""
+
+SEARCH_ABOVE = 1e6
+"""A crossing's range is searched up to this many times the largest n of the grid."""
 
 
 def _shift(c: Candidate, delta: float) -> Candidate:
@@ -152,32 +178,61 @@ def _shift(c: Candidate, delta: float) -> Candidate:
 
 def _crossing(a: Candidate, b: Candidate, lo: float, hi: float) -> float:
     """Root of F_a - F_b in log n over [lo, hi] (the first sign change on a grid); NaN if none."""
+    roots = _roots(a, b, lo, hi, first=True)
+    return roots[0] if roots else math.nan
+
+
+def _last_root(a: Candidate, b: Candidate, lo: float, hi: float) -> float:
+    """The largest root of F_a - F_b over [lo, hi]; NaN if none."""
+    roots = _roots(a, b, lo, hi)
+    return roots[-1] if roots else math.nan
+
+
+def _roots(a: Candidate, b: Candidate, lo: float, hi: float, first: bool = False) -> list:
+    """Roots of F_a - F_b in log n over [lo, hi], ascending: sign changes on a grid of 200
+    points, each refined by Brent's method (only the first if ``first``)."""
     grid = np.geomspace(lo, hi, 200)
     diff = a.free_energy(grid) - b.free_energy(grid)
-    change = np.flatnonzero(np.sign(diff[1:]) != np.sign(diff[:-1]))
     if diff[0] == 0:
-        return float(grid[0])
-    if change.size == 0:
-        return math.nan
-    i = change[0]
+        return [float(grid[0])]
 
     def f(log_n):
         return float(a.free_energy(math.exp(log_n)) - b.free_energy(math.exp(log_n)))
 
-    return math.exp(brentq(f, math.log(grid[i]), math.log(grid[i + 1]), xtol=1e-12))
+    out = []
+    for i in np.flatnonzero(np.sign(diff[1:]) != np.sign(diff[:-1])):
+        out.append(math.exp(brentq(f, math.log(grid[i]), math.log(grid[i + 1]), xtol=1e-12)))
+        if first:
+            break
+    return out
 
 
 def _candidates(candidates) -> list[Candidate]:
     if isinstance(candidates, Mapping):
         items = [_make(name, spec) for name, spec in candidates.items()]
-    elif isinstance(candidates, Sequence):
-        items = [c if isinstance(c, Candidate) else _make(c.get("name"), c) for c in candidates]
+    elif isinstance(candidates, Sequence) and not isinstance(candidates, (str, bytes)):
+        items = []
+        for i, c in enumerate(candidates):
+            if isinstance(c, Candidate):
+                items.append(c)
+            elif isinstance(c, Mapping) and "name" in c:
+                items.append(_make(c["name"], c))
+            else:
+                raise TypeError(
+                    f"candidates[{i}] must be a Candidate or a mapping with 'name', 'loss' "
+                    f"and 'llc', got {c!r}"
+                )
     else:
         raise TypeError(
-            f"candidates must be a mapping or a sequence, got {type(candidates).__name__}"
+            "candidates must be a mapping name -> {'loss', 'llc', ...} or a sequence of "
+            f"Candidate, got {type(candidates).__name__} {candidates!r}"
         )
     if not items:
         raise ValueError("candidates is empty")
+    names = [c.name for c in items]
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ValueError(f"candidate names must be distinct; {twice} occur more than once")
     for c in items:
         for field in ("loss", "llc", "m", "llc_std"):
             if not math.isfinite(getattr(c, field)):
@@ -197,5 +252,13 @@ def _make(name, spec) -> Candidate:
         return spec
     if not isinstance(spec, Mapping) or "loss" not in spec or "llc" not in spec:
         raise ValueError(f"candidate {name!r} needs 'loss' and 'llc', got {spec!r}")
-    return Candidate(str(name), float(spec["loss"]), float(spec["llc"]), float(spec.get("m", 1.0)),
-                     float(spec.get("llc_std", 0.0)))  # fmt: skip
+    values = {}
+    for field, default in (("loss", None), ("llc", None), ("m", 1.0), ("llc_std", 0.0)):
+        value = spec.get(field, default)
+        try:
+            values[field] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"candidate {name!r}: {field} must be a real number, got {value!r}"
+            ) from None
+    return Candidate(str(name), **values)

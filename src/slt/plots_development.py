@@ -118,7 +118,8 @@ def plot_phase_diagram(diagram, *, ax: Axes | None = None,
 
     The candidate at 0 dominates the posterior at that n. The y-axis shows up to 2.5 times
     the largest gap at the smallest n; curves leaving it lose for good. Each crossing is a
-    dotted line with its ± 2 se range (from the λ̂ standard errors) shaded.
+    dotted line with its ± 2 se range (from the λ̂ standard errors) shaded; an end that
+    2 se remove (NaN) is shaded to the edge of the axes.
     """
     plt = _pyplot()
     if ax is None:
@@ -131,8 +132,10 @@ def plot_phase_diagram(diagram, *, ax: Axes | None = None,
     top = 2.5 * float(np.nanmax(gap[:, 0])) or float(np.nanpercentile(gap, 60)) or 1.0
     for cross in diagram.crossings:
         ax.axvline(cross.n, color="k", ls=":", lw=1)
-        lo, hi = np.nan_to_num(cross.n_low, nan=cross.n), np.nan_to_num(cross.n_high, nan=cross.n)
-        ax.axvspan(min(lo, hi), max(lo, hi), color="k", alpha=0.08, lw=0)
+        # a NaN end is a crossing that 2 se remove: the range runs off that side of the axes
+        lo = np.nan_to_num(cross.n_low, nan=diagram.n[0])
+        hi = np.nan_to_num(cross.n_high, nan=diagram.n[-1])
+        ax.axvspan(lo, hi, color="k", alpha=0.08, lw=0)
         ax.text(cross.n, top * 0.95, f" n≈{cross.n:.3g}\n {cross.before}→{cross.after}",
                 fontsize=7, va="top")  # fmt: skip
     ax.set(xscale="log", ylim=(-0.02 * top, top), xlabel="sample size n",

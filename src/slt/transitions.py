@@ -15,17 +15,30 @@ The noise scale of a signal is the larger of
 - ``min_scale`` (default 5%) of its 5-95% range, so that an exact signal (the loss) or a
   slow drift within a plateau does not split into many stages.
 
+If both are 0 (no jitter, and ``min_scale=0`` or every change in the outer 5% of the
+values), ``FALLBACK_SCALE`` of the signal's full range; 1 for a constant signal.
+
+What it is not: a test. Pieces of constant mean cut a smooth trend with no transition
+into stages (an exponential decay over 30 checkpoints: 7 of them), and the standard errors
+of λ̂ are not used, so a jump well inside them can still be a change point. On i.i.d.
+noise of 30 checkpoints, 20% of runs found at least one change point (9% with the true
+noise scale; on AR(1) noise with φ = 0.7, 93%). Read the stages against the error bars.
+
 Needs ``ruptures``: ``pip install 'slt[transitions]'``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from slt import _checks
+
+FALLBACK_SCALE = 0.05
+"""The noise scale, as a fraction of max - min, of a signal with no jitter and no floor."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,7 @@ def detect_transitions(
     signals = (signals,) if isinstance(signals, str) else tuple(signals)
     if not signals:
         raise ValueError('signals is empty; give at least one name, e.g. ("llc", "loss")')
-    names = set(trajectory) if isinstance(trajectory, dict) else None
+    names = set(trajectory) if isinstance(trajectory, Mapping) else None
 
     def get(key):
         if names is None and hasattr(trajectory, key):
@@ -186,7 +199,12 @@ def noise_scale(values: np.ndarray, min_scale: float = 0.05) -> float:
     )
     lo, hi = np.percentile(values, [5, 95])
     scale = max(float(jitter), min_scale * float(hi - lo))
-    return scale if scale > 0 else 1.0  # a constant signal: any scale, no change points
+    if scale > 0:
+        return scale
+    # no jitter and no floor (min_scale=0, or every change in the outer 5%): exact steps,
+    # which any scale finds, but one in the signal's own units, so as not to depend on them
+    spread = float(np.max(values) - np.min(values)) if values.size else 0.0
+    return FALLBACK_SCALE * spread if spread > 0 else 1.0  # a constant signal: no change
 
 
 def _ruptures():
