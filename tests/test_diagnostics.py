@@ -43,6 +43,8 @@ def _kinds(diag, **kw):
         "drift": "not stationary",
         "ess": "low effective sample size",
         "rhat": "R̂ =",
+        "few": "draw(s) per chain",
+        "still": "never moved",
     }
     found = warnings_for(diag, **kw)
     kinds = {k for k, p in phrases.items() if any(p in w for w in found)}
@@ -136,7 +138,7 @@ def test_bad_shapes_name_the_argument():
 def test_too_few_draws_give_nan_not_errors():
     d = diagnose(np.ones((2, 3)))
     assert d.llc == 1.0 and math.isnan(d.rhat) and math.isnan(d.drift_z)
-    assert _kinds(d) == set()
+    assert _kinds(d) == {"few"}  # was no warning at all
 
 
 # --- each warning fires on a trace built to trigger it, and not on a healthy one --------
@@ -306,3 +308,36 @@ def test_estimate_far_above_the_bound_says_so(step_size, high):
                            num_chains=4, num_draws=300, num_burnin=100, progress=False)  # fmt: skip
     (note,) = [w for w in res.warnings if "above d/2 = 5" in w]
     assert f"chain(s) {high} (λ̂" in note
+
+
+def test_fewer_than_four_draws_are_warned_not_passed():
+    # R̂, ESS and MCSE are NaN below 4 draws; NaN compared false, so no check fired
+    case = slt.zoo.regular(2, 1, n=256)
+    res = slt.estimate_llc(case.model, case.loader(64), case.loss_fn, num_chains=4,
+                           num_draws=3, num_burnin=20, step_size=1e-3, progress=False)  # fmt: skip
+    assert math.isnan(res.rhat) and any("only 3 draw(s) per chain" in w for w in res.warnings)
+
+
+def test_non_finite_values_in_an_unmarked_chain_are_an_error():
+    x = np.random.default_rng(0).normal(1.0, 0.3, size=(4, 200))
+    x[2, 150:] = np.nan  # chain 2 diverged; all NaN with no warning when diverged= was left out
+    with pytest.raises(ValueError, match=r"chain\(s\) 2, which diverged does not mark"):
+        diagnose(x)
+    assert diagnose(x, diverged=np.arange(4) == 2).num_usable == 3
+
+
+def test_chains_that_never_move_have_no_effective_draws():
+    # MALA at a huge step rejects every proposal: λ̂ = 0 ± 0 with "ESS 400, MCSE 0" and no
+    # word about the chains (arviz gives a constant chain an ESS of its length)
+    case = slt.zoo.regular(2, 1, n=256)
+    res = slt.estimate_llc(case.model, case.loader(64), case.loss_fn, sampler="mala",
+                           step_size=10.0, num_chains=4, num_draws=100, num_burnin=20,
+                           progress=False)  # fmt: skip
+    assert (res.llc_trace == 0).all()
+    assert math.isnan(res.ess_bulk) and math.isnan(res.mcse)
+    assert any("chain(s) 0, 1, 2, 3 never moved" in w for w in res.warnings)
+    mixed = np.random.default_rng(1).normal(size=(3, 50))
+    mixed[1] = 2.0  # one chain stuck among moving ones: named, its own ESS NaN
+    d = diagnose(mixed)
+    assert d.constant.tolist() == [False, True, False] and math.isnan(d.ess_bulk_per_chain[1])
+    assert any("chain(s) 1 never moved" in w for w in warnings_for(d))

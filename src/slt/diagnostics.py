@@ -97,6 +97,7 @@ class Diagnostics:
     diverged: np.ndarray  # (chain,) bool
     num_draws: int
     nbeta: float | None  # nβ behind the trace, if given (used to phrase warnings)
+    constant: np.ndarray  # (chain,) bool: usable chains whose trace never changes
 
     @property
     def num_usable(self) -> int:
@@ -183,16 +184,28 @@ def diagnose(
         )
     ok = ~diverged
     good = trace[ok]
+    unmarked = np.flatnonzero(ok & ~np.isfinite(trace).all(axis=1))
+    if unmarked.size:
+        raise ValueError(
+            f"llc_trace has non-finite values in chain(s) {', '.join(map(str, unmarked))}, "
+            "which diverged does not mark; pass diverged=res.diverged (or a (chain,) mask "
+            "of the chains to leave out)"
+        )
     nan = math.nan
     per_chain = np.full(num_chains, nan)
     third = num_draws // 3
     if good.size == 0 or num_draws < 4:
         mean = float(good.mean()) if good.size else nan
+        none = np.zeros(num_chains, dtype=bool)
         return Diagnostics(mean, nan, nan, nan, nan, nan, per_chain, nan, nan, nan, nan,
-                           diverged, num_draws, nbeta)  # fmt: skip
+                           diverged, num_draws, nbeta, none)  # fmt: skip
     stats = _stats()
-    # a chain that never moves (a constant trace) divides by zero inside R̂ and ESS: the
-    # inf/NaN they return is reported by check_diagnostics, not as numpy's warning
+    # a chain that never moves (a constant trace) divides by zero inside R̂: the inf/NaN is
+    # warned about by warnings_for, not by numpy. Its ESS comes back as its number of
+    # draws; it has no effective draws at all, so its ESS is NaN, and with every chain
+    # constant so are the totals and the MCSE
+    still = np.zeros(num_chains, dtype=bool)
+    still[ok] = np.ptp(good, axis=1) == 0
     with np.errstate(divide="ignore", invalid="ignore"):
         per_chain[ok] = stats.ess(good[:, None, :], method="bulk")
         mcse = float(stats.mcse(good, method="mean"))
@@ -200,6 +213,9 @@ def diagnose(
         ess = [float(stats.ess(good, method="bulk")),
                float(stats.ess(good, method="tail", prob=TAIL_PROB)),
                float(stats.ess(good, method="mean"))]  # fmt: skip
+    per_chain[still] = nan
+    if still[ok].all():
+        ess, mcse = [nan, nan, nan], nan
     slope, drift_z = _trend(good) if num_draws >= 12 else (nan, nan)
     return Diagnostics(
         llc=float(good.mean()),
@@ -216,6 +232,7 @@ def diagnose(
         diverged=diverged,
         num_draws=num_draws,
         nbeta=nbeta,
+        constant=still,
     )
 
 
@@ -228,8 +245,9 @@ def warnings_for(
 ) -> list[str]:
     """Warnings, each with advice, for what ``diag`` shows to be wrong; ``[]`` if nothing.
 
-    In order: diverged chains; a single usable chain; λ̂ < 0 (w* is not a local minimum);
-    drift (|drift_z| > ``max_drift_z``); bulk ESS < ``min_ess``; R̂ > ``rhat_max``.
+    In order: diverged chains; fewer than 4 draws; chains that never moved; a single
+    usable chain; λ̂ < 0 (w* is not a local minimum); drift (|drift_z| > ``max_drift_z``);
+    bulk ESS < ``min_ess``; R̂ > ``rhat_max``.
     """
     out = []
     if diag.diverged.any():
@@ -237,6 +255,19 @@ def warnings_for(
         out.append(
             f"chain(s) {bad} diverged (non-finite loss) and are excluded from llc; "
             "the step size is probably too large: try one 3-10x smaller"
+        )
+    if diag.num_usable and diag.num_draws < 4:
+        out.append(
+            f"only {diag.num_draws} draw(s) per chain: no R̂, ESS or MCSE (they need at least "
+            "4), so nothing checks that the chains mixed; run more draws"
+        )
+    if diag.constant.any():
+        still = ", ".join(str(c) for c in np.flatnonzero(diag.constant))
+        out.append(
+            f"chain(s) {still} never moved: their λ̂ trace is constant (every MALA proposal "
+            "rejected, or steps too small to change the loss), so they sampled nothing and "
+            "say nothing about the posterior; use a smaller step size for MALA, a larger one "
+            "otherwise"
         )
     if diag.num_usable == 1:
         out.append(
