@@ -53,6 +53,42 @@ def test_no_cache_for_a_loss_that_is_not_a_per_sample_mean():
     assert _posterior(case).cache_grad is not None
 
 
+def _masked(n_full):
+    """A regression whose loss averages over masked-in targets, not samples, on data sorted
+    so that the first ``n_full`` rows are all masked in (as text bucketed by length)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, generator=gen)
+    y = x.sum(1, keepdim=True) + 0.5 * torch.randn(512, 1, generator=gen)
+    mask = torch.ones(512, 1)
+    mask[n_full:] = (torch.rand(512 - n_full, 1, generator=gen) < 0.5).float()
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+
+    def loss_fn(model, batch):  # a mean over masked-in targets: not a per-sample mean
+        x, y, m = batch
+        return ((model(x) - y) ** 2 * m).sum() / m.sum()
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, mask),
+                                         batch_size=64, shuffle=True)  # fmt: skip
+    return model, loader, loss_fn
+
+
+@pytest.mark.parametrize("chain_method", ["loop", "vmap"])
+def test_no_cache_for_a_non_per_sample_mean_hidden_after_the_first_rows(chain_method):
+    # the check compared the table with the loss on the first 64 rows only: all masked in,
+    # so it passed, and L_B(w*) came from the table while L_B(w) came from loss_fn. With
+    # chains that cannot move λ̂ must be 0; it read nβ × (the mismatch) in the loop
+    model, loader, loss_fn = _masked(64)
+    res = slt.estimate_llc(model, loader, loss_fn, step_size=1e-12, num_chains=2,
+                           num_draws=20, num_burnin=0, control_variate="loss",
+                           chain_method=chain_method, progress=False)  # fmt: skip
+    assert abs(res.llc) < 1e-3
+    p = build_posterior(model, loader, loss_fn, n=None, nbeta=None, localization=1.0,
+                        control_variate="gradient", sampler="sgld")  # fmt: skip
+    assert p.cache_loss is None
+
+
 def test_no_cache_off_the_fast_path():
     case = zoo.regular(3, n=256)
     x, y = case.dataset.tensors

@@ -11,6 +11,8 @@ whole micro-batches (``microbatch``), and otherwise the factors of ``nn.Linear``
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from slt._checks import finite_loss_at_center
@@ -211,20 +213,30 @@ class Tables:
             losses, grads = self._per_sample_at_center(tensors, want_grad, groups)
         except Exception:  # the model or loss cannot be vmapped: keep the passes at w*
             return
+        table_loss = float(losses.double().mean())
         if self.init_loss is None:  # the table stands for the pass over the data
-            finite_loss_at_center(float(losses.double().mean()))
-        rows = 64 if groups is None else min(4, groups.shape[0])  # samples, or micro-batches
-        probe = [t[:rows].clone() if groups is None else t[groups[:rows].reshape(-1)]
-                 for t in tensors]  # fmt: skip
+            finite_loss_at_center(table_loss)
+        elif not math.isclose(table_loss, self.init_loss, rel_tol=1e-4, abs_tol=1e-6):
+            return  # the pass over the data is not the mean of the per-sample losses
+        # a mean of per-sample terms? On rows spread over the dataset (the first rows alone
+        # missed a loss averaged over tokens on data sorted by length)
+        total = losses.shape[0]
+        rows = min(total, 64 if groups is None else 4)  # samples, or micro-batches
+        picked = torch.linspace(0, total - 1, rows, dtype=torch.float64).round().long()
+        if groups is not None:
+            picked = picked.to(groups.device)
+            samples = groups[picked].reshape(-1)
+        probe = [t[(picked if groups is None else samples).to(t.device)] for t in tensors]
+        picked = picked.to(losses.device)
         with torch.set_grad_enabled(want_grad):
             loss = self.loss(self.reference, probe)
-            if not torch.allclose(losses[:rows].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
+            if not torch.allclose(losses[picked].mean(), loss.detach(), rtol=1e-4, atol=1e-6):
                 return  # not a mean of per-sample terms
             if want_grad:
                 flat = torch.cat(
                     [g.reshape(-1) for g in self._grads(loss, list(self.center.values()))]
                 )
-                if not torch.allclose(grads[:rows].mean(0), flat, rtol=1e-3, atol=1e-5):
+                if not torch.allclose(grads[picked].mean(0), flat, rtol=1e-3, atol=1e-5):
                     return
         self._cache_loss, self._factors = losses, factors
         if want_grad:
