@@ -584,3 +584,20 @@ def test_a_submodule_registered_twice_is_traced_and_left_as_it_was(loop_tracing,
                                         **(LOOP | dict(chain_method=method)))  # fmt: skip
     assert new == 1
     _same(fast, slow)
+
+
+@pytest.mark.parametrize("keys", [8, 16])
+def test_the_loops_graph_of_attention_over_many_keys_is_used(loop_tracing, keys):
+    # past 12 keys the loop's graph was traced on the math backend and checked against the
+    # eager pass on PyTorch's own kernel: they round differently, so it was always dropped
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                             batch_first=True).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, keys, 8, generator=gen), torch.randn(32, keys, 8, generator=gen)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                         shuffle=True)  # fmt: skip
+    fast, slow, new = _traced_and_eager(model, loader, slt.gaussian_nll(1.0),
+                                        control_variate="none", **LOOP)  # fmt: skip
+    assert new >= 1 and traced._CACHE and all(g is not None for g in traced._CACHE.values())
+    _same(fast, slow)

@@ -62,14 +62,17 @@ def private(seed):
     ``torch.manual_seed(seed ^ 0x5EED)``), the caller's restored after, and with autograd
     on (outside ``torch.no_grad`` and ``torch.inference_mode``): what user code draws from
     them repeats with the seed, and an estimate called under ``no_grad`` runs as outside
-    it. A ``seed`` that is not an int >= 0 is left to the caller's check (the states are
+    it (and without vmap's "file us an issue" warning: :func:`slt.losses.quiet_vmap_fallback`).
+    A ``seed`` that is not an int >= 0 is left to the caller's check (the states are
     then private but unseeded)."""
+    from slt.losses import quiet_vmap_fallback
+
     valid = isinstance(seed, int | np.integer) and not isinstance(seed, bool) and seed >= 0
     outer = current()
     if valid:
         restore(seeded(int(seed) ^ 0x5EED))
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), quiet_vmap_fallback():
             yield
     finally:
         restore(outer)

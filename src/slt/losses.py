@@ -12,6 +12,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -34,22 +35,34 @@ class LossModule(torch.nn.Module):
     PyTorch's attention set up for ``torch.func`` (:func:`slt.attention.plain_attention`):
     without it an eval-mode ``nn.MultiheadAttention`` takes a fused kernel that vmap cannot
     run, and short sequences hit PyTorch's slow CPU softmax. (Setting it up costs ~10 µs a
-    call, ~10% of an untraced vmapped step of a 10-parameter regression.)"""
+    call, ~10% of an untraced vmapped step of a 10-parameter regression.)
+    ``math_backend=False`` keeps PyTorch's own kernel for longer sequences, as the
+    unbatched eager pass does."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, *, attention: bool = True):
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, *, attention: bool = True,
+                 math_backend: bool = True):  # fmt: skip
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.attention = attention
+        self.math_backend = math_backend  # False: PyTorch's own kernel (unbatched passes)
 
     def forward(self, batch: Any) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the compiled caller sets it (dynamo can't)
             return scalar(self.loss_fn(self.model, batch))
-        with plain_attention(enabled=self.attention), warnings.catch_warnings():
-            # vmap's per-sample fallback for an operation without a batching rule (an
-            # LSTM's, say) works and warns "file us an issue": nothing a user can act on
-            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+        with (plain_attention(math_backend=self.math_backend, enabled=self.attention),
+              quiet_vmap_fallback()):  # fmt: skip
             return scalar(self.loss_fn(self.model, batch))
+
+
+@contextmanager
+def quiet_vmap_fallback():
+    """Without vmap's warning for an operation with no batching rule (an LSTM's, a sparse
+    embedding's gradient, say): its per-sample fallback works, and the warning ("file us an
+    issue") is nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+        yield
 
 
 def scalar(loss: Any) -> Any:

@@ -8,6 +8,7 @@ taken out of it, be replayed from a traced graph (:mod:`slt.traced`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,11 @@ class ChainPass:
 
     def __init__(self, posterior: Posterior):
         module = LossModule(posterior.module, posterior.loss_fn, attention=posterior.attention)
+        # unbatched, attention runs as in the loop's eager pass (Posterior.loss): on PyTorch's
+        # own kernel past the short sequences done by parts, so a traced graph of it matches
+        # that pass bit for bit (on the math backend it did not, past 12 keys, and was dropped)
+        unbatched = LossModule(posterior.module, posterior.loss_fn,
+                               attention=posterior.attention, math_backend=False)  # fmt: skip
         names = posterior.names
         fixed = fixed_tensors(posterior.module, names)
         self.keys = [f"model.{n}" for n in [*names, *fixed]]
@@ -40,13 +46,14 @@ class ChainPass:
         self.sampled = len(names)
         keys, tied, shared = self.keys, self.tied, has_shared_modules(posterior.module)
 
-        def loss(batch: Any, *tensors: torch.Tensor) -> torch.Tensor:
+        def loss(batch: Any, *tensors: torch.Tensor, module=module) -> torch.Tensor:
             # parameters as positional tensors: vmap flattens a tuple faster than a dict, and
             # functional_call skips its tied-weights bookkeeping where nothing is tied
             return swapped_call(module, dict(zip(keys, tensors)), (batch,), tie_weights=tied,
                                 shared=shared)  # fmt: skip
 
         self.loss = loss
+        self._unbatched_loss = partial(loss, module=unbatched)
         self.forward = vmap(loss, in_dims=(0, *[0] * len(names), *[None] * len(self.extras)))
 
     def gradients(self, batch, *tensors: torch.Tensor):
@@ -67,7 +74,7 @@ class ChainPass:
         params, rest = tensors[: self.sampled], tensors[self.sampled :]
         leaves = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
-            value = self.loss(batch, *leaves, *rest)
+            value = self._unbatched_loss(batch, *leaves, *rest)
             grads = gradients_of(value, leaves)
         return grads, value.detach()
 
@@ -138,7 +145,11 @@ def gradients_of(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.T
             "tensor computed from the model's output"
         )
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    # nn.Embedding(sparse=True) gives sparse gradients; the samplers update in place, dense
+    return [
+        torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
+        for g, p in zip(grads, params)
+    ]
 
 
 def _has_tied_parameters(module: torch.nn.Module) -> bool:
