@@ -226,6 +226,38 @@ def test_compile_with_the_loop_is_refused_by_name(user):
     assert ran.exit_code == 2 and "compile=True needs chain_method" in ran.output
 
 
+def test_compile_with_a_sampler_it_cannot_run_names_the_options(user):
+    _, file = user
+    spec = ["--model", f"{file}:make_model", "--data", f"{file}:dataset"]
+    ran = invoke(*spec, "--compile", "--sampler", "sgnht", *TINY)  # was "chain_method=..."
+    assert ran.exit_code == 2
+    assert "--compile runs the batched step, which supports --sampler sgld" in ran.output
+
+
+def test_a_step_compile_cannot_compile_is_one_line_in_the_commands_words(user):
+    # a model whose forward breaks the graph: torch.compile(fullgraph=True) refuses it. It
+    # was a ~180-line traceback ending in "pass compile=False"
+    _, file = user
+    file.write_text(
+        file.read_text()
+        + """
+class Breaks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1, bias=False)
+
+    def forward(self, x):
+        torch._dynamo.graph_break()  # nothing in eager mode
+        return self.lin(x)
+"""
+    )
+    ran = invoke("--model", f"{file}:Breaks", "--data", f"{file}:dataset", "--compile", *TINY)
+    assert ran.exit_code == 1, ran.output
+    (line,) = [x for x in ran.output.splitlines() if x.startswith("Error:")]
+    assert line.startswith("Error: --compile: torch.compile could not compile")
+    assert line.endswith("drop --compile") and "Traceback" not in ran.output
+
+
 def _accepts_auto() -> bool:
     doc = inspect.getdoc(slt.estimate_llc) or ""
     hint = str(inspect.signature(slt.estimate_llc).parameters["step_size"].annotation)

@@ -95,13 +95,38 @@ def test_compiled_equals_eager_for_each_sampler_and_control_variate(sampler, con
     _assert_same(_estimate(case, **kw), _estimate(case, compile=True, **kw))
 
 
-def test_a_loss_with_other_constants_recompiles_rather_than_reuse():
+@pytest.fixture
+def low_recompile_limit():
+    """torch's recompile limit at 1 (default 8), so that hitting it takes one recompile."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        yield
+
+
+def test_a_loss_with_other_constants_compiles_afresh_rather_than_reuse(low_recompile_limit):
+    # a σ sweep shared one entry, recompiled under torch's guards up to their limit (8), and
+    # then every new σ was a hard FailOnRecompileLimitHit; the limit at 1 shows it at once
     case = zoo.deep_linear((3, 2, 2), 1, n=256)
     _estimate(case, compile=True)
     before = compiled.compilations
-    other = slt.gaussian_nll(2.0)  # same type, so the same cache entry: torch's guards see σ
+    other = slt.gaussian_nll(2.0)  # the same type: its σ is in the key
     _assert_same(_estimate(case, loss_fn=other), _estimate(case, loss_fn=other, compile=True))
     assert compiled.compilations == before + 1
+    _estimate(case, loss_fn=slt.gaussian_nll(2.0), compile=True)  # an equal σ: reused
+    assert compiled.compilations == before + 1
+
+
+def test_an_entry_at_the_recompile_limit_is_compiled_afresh(low_recompile_limit):
+    # closures cannot be summarized: they share an entry, which torch recompiles per value
+    case = zoo.deep_linear((3, 2, 2), 1, n=256)
+
+    def scaled(sigma):
+        return lambda model, batch: case.loss_fn(model, batch) / sigma**2
+
+    _estimate(case, loss_fn=scaled(1.5), compile=True)
+    other = scaled(2.5)
+    _assert_same(_estimate(case, loss_fn=other), _estimate(case, loss_fn=other, compile=True))
 
 
 def test_compile_refuses_what_it_cannot_do(tmp_path):
@@ -136,7 +161,7 @@ def test_compiled_step_probes_the_acceptance_as_the_eager_step_does():
 def test_compiled_reads_the_tables_the_eager_step_reads(control_variate, monkeypatch):
     # micro-batches: ∇L_B(w*) and L_B(w*) from their table; the loss control variate: L_B(w*)
     # from the per-sample losses. The graph then has no pass at w*.
-    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_COMPILED", type(compiled._COMPILED)())
     case = zoo.deep_linear((3, 2, 2), 1, n=256)
     kw = dict(control_variate=control_variate, microbatch=16)
     _assert_same(_estimate(case, **kw), _estimate(case, compile=True, **kw))

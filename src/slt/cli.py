@@ -23,6 +23,7 @@ from slt.cli_inputs import (
     _plot_file,
     first_loss,
 )
+from slt.compiled import CompileError
 
 _FITS = "--model, --data, --loss"  # what the first batch's loss checks fit together
 
@@ -124,10 +125,27 @@ _MICROBATCH = typer.Option(
 _LLC_OUT = typer.Option(Path("llc.nc"), help="netCDF file for the result (slt.load reads it).")
 
 
-def _chain_method(chain_method: str, compile: bool) -> str:
+def _chain_method(chain_method: str, compile: bool, sampler: str) -> str:
     """--compile means the batched step: "auto" becomes "vmap" (an explicit "loop" is left
-    for estimate_llc to refuse, by name)."""
+    for estimate_llc to refuse, by name); a sampler it does not run is refused here, by the
+    options' names."""
+    from slt.vmapped import VMAP_SAMPLERS
+
+    if compile and sampler not in VMAP_SAMPLERS:
+        raise ValueError(
+            f"--compile runs the batched step, which supports --sampler "
+            f"{' or '.join(VMAP_SAMPLERS)}, got {sampler!r}; drop --compile"
+        )
     return "vmap" if compile and chain_method == "auto" else chain_method
+
+
+def _compile_error(err: Exception) -> str:
+    """A :class:`slt.compiled.CompileError`'s message in the command's words."""
+    return (
+        str(err)
+        .replace("compile=True: ", "--compile: ")
+        .replace("pass compile=False", "drop --compile")
+    )
 
 
 @app.command()
@@ -187,7 +205,7 @@ def llc(
             sampler=sampler,
             control_variate=control_variate,
             seed=seed,
-            chain_method=_chain_method(chain_method, compile),
+            chain_method=_chain_method(chain_method, compile, sampler),
             compile=compile,
             microbatch=_parse_microbatch(microbatch),
             progress=progress,
@@ -195,6 +213,9 @@ def llc(
     except (ValueError, TypeError, slt.DivergenceError) as err:
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
+    except CompileError as err:
+        typer.echo(f"Error: {_compile_error(err)}", err=True)
+        raise typer.Exit(1) from err
     typer.echo(str(res))
     out.parent.mkdir(parents=True, exist_ok=True)
     io.save(res, out)
@@ -274,11 +295,12 @@ def trajectory(
             progress=progress, nbeta=nbeta, localization=localization, step_size=step,
             num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
             sampler=sampler, control_variate=control_variate, seed=seed,
-            chain_method=_chain_method(chain_method, compile), compile=compile,
+            chain_method=_chain_method(chain_method, compile, sampler), compile=compile,
             microbatch=_parse_microbatch(microbatch),
         )  # fmt: skip
-    except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError) as err:
-        text = str(err).replace("overwrite=True", "--overwrite")
+    except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError,
+            CompileError) as err:  # fmt: skip
+        text = _compile_error(err).replace("overwrite=True", "--overwrite")
         typer.echo(f"Error: {text}", err=True)
         raise typer.Exit(2) from err
     typer.echo(str(traj))

@@ -18,12 +18,14 @@ start, whose plain gradient the fused step does not keep).
 
 The compiled function is cached for the life of the process, keyed by what fixes its
 graph: the model's class and the names, shapes, dtypes and device of its parameters and
-buffers, the loss function's type, the sampler, the control variate, the number of chains
-and the batch shapes. Everything else — the values of w*, of the frozen parameters and
-buffers, ε, nβ and γ — enters as a tensor argument, so the next checkpoint of the same
-model, or another step size, reuses the compiled code without recompiling. Should an
-entry still need a new graph (torch's guards see a different Python attribute of the
-model or the loss, say), torch recompiles it rather than reuse a wrong one; ``compilations``
+buffers, the loss function's type, the plain Python state of both where it can be summarized
+(:func:`slt.traced.fingerprint`: a loss's σ, a layer's ε), the sampler, the control variate,
+the number of chains and the batch shapes. Everything else — the values of w*, of the
+frozen parameters and buffers, ε, nβ and γ — enters as a tensor argument, so the next
+checkpoint of the same model, or another step size, reuses the compiled code without
+recompiling. Should an entry still need a new graph (torch's guards see a different Python
+value the key could not summarize, a closure's, say), torch recompiles it rather than reuse
+a wrong one, and at torch's recompile limit the entry is compiled afresh; ``compilations``
 counts every graph compiled.
 
 Measured on one CPU thread (benchmarks/README.md, "torch.compile"): on a 10-parameter and
@@ -46,6 +48,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +61,7 @@ from slt.passes import ChainPass, has_shared_modules, swapped_call
 from slt.posterior import Posterior
 from slt.samplers import rmsprop_sgld
 from slt.samplers.base import ChainGenerators
+from slt.traced import fingerprint
 from slt.vmapped import (
     VMAP_SAMPLERS,
     Stepper,
@@ -70,7 +74,10 @@ _RMSPROP = inspect.signature(rmsprop_sgld).parameters  # its defaults, as SAMPLE
 _ALPHA, _EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
 
 compilations = 0  # graphs compiled so far in this process (a test counts recompiles with it)
-_COMPILED: dict[tuple, Callable] = {}
+_COMPILED: OrderedDict[tuple, Callable] = OrderedDict()
+MAX_COMPILED = 64
+"""Compiled steps kept (least recently used dropped): a sweep over many loss settings
+compiles one per setting."""
 
 
 def _inductor(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -118,13 +125,37 @@ def _step(module, w, square_avg, batch, noise, center, anchor, init_grad, hyper,
     return new_w, new_avg, value, center_loss
 
 
+class CompileError(RuntimeError):
+    """torch.compile could not compile (or run) the batched step of a model and loss."""
+
+
+def _compile(key: tuple) -> None:
+    """A fresh compiled step for ``key``, the least recently used dropped past
+    ``MAX_COMPILED``. A fresh code object per key: torch caches compiled graphs (and caps
+    their number) per code object, so keys must not share one."""
+    fresh = types.FunctionType(_step.__code__.replace(), _step.__globals__)
+    _COMPILED[key] = torch.compile(fresh, backend=_inductor, fullgraph=True, dynamic=False)
+    while len(_COMPILED) > MAX_COMPILED:
+        _COMPILED.popitem(last=False)
+
+
+def _recompile_limit(err: Exception) -> bool:
+    """Whether ``err`` is torch's hard failure at its recompile limit (fullgraph=True)."""
+    return type(err).__name__ == "FailOnRecompileLimitHit" or "recompile_limit" in str(err)
+
+
 def _key(posterior: Posterior, sampler: str, num_chains: int, control_variate: str) -> tuple:
-    """What fixes the graph, but for the batch shapes (added per step)."""
+    """What fixes the graph, but for the batch shapes (added per step). The model's and the
+    loss's plain Python state (:func:`slt.traced.fingerprint`) where it can be summarized:
+    a sweep over a loss's σ, say, then compiles a fresh function per value, where sharing
+    one recompiled it under torch's guards until their limit (8) made it a hard error."""
     tensors = [*posterior.module.named_parameters(), *posterior.module.named_buffers()]
+    module_state = fingerprint(posterior.module)
+    loss_state = fingerprint(posterior.loss_fn)
     return (
-        type(posterior.module),
+        type(posterior.module) if module_state is None else module_state,
         tuple((n, t.shape, t.dtype, t.device, n in posterior.names) for n, t in tensors),
-        type(posterior.loss_fn),
+        type(posterior.loss_fn) if loss_state is None else loss_state,
         sampler,
         control_variate,
         num_chains,
@@ -213,26 +244,32 @@ def compiled_step(
         key = (*graph, _shapes(batch))
         new = key not in _COMPILED
         if new:
-            # A fresh code object per key: torch caches compiled graphs (and caps their
-            # number) per code object, so keys must not share one.
-            fresh = types.FunctionType(_step.__code__.replace(), _step.__globals__)
-            _COMPILED[key] = torch.compile(fresh, backend=_inductor, fullgraph=True,
-                                           dynamic=False)  # fmt: skip
+            _compile(key)
+        _COMPILED.move_to_end(key)
         z = noise.noise_like(w)
+        args = (module, w, square_avg, batch, z, center, anchor, correction, hyper)
         try:
             with torch.no_grad(), plain_attention(enabled=posterior.attention):
-                w, square_avg, loss, in_graph = _COMPILED[key](
-                    module, w, square_avg, batch, z, center, anchor, correction, hyper,
-                    **options,
-                )  # fmt: skip
+                try:
+                    out = _COMPILED[key](*args, **options)
+                except Exception as err:
+                    if new or not _recompile_limit(err):
+                        raise
+                    # state the key does not see (a closure's) made torch recompile this
+                    # entry up to its limit: a fresh function, compiled afresh
+                    new = True
+                    _compile(key)
+                    out = _COMPILED[key](*args, **options)
         except Exception as err:
             if not new:
                 raise
             del _COMPILED[key]
-            raise RuntimeError(
-                f"compile=True: torch.compile could not compile the step of this model and "
-                f"loss ({type(err).__name__}: {str(err)[:300]}); pass compile=False"
+            cause = (str(err).strip().splitlines() or [""])[0][:500]
+            raise CompileError(
+                f"compile=True: torch.compile could not compile (or run) the step of this "
+                f"model and loss ({type(err).__name__}: {cause}); pass compile=False"
             ) from err
+        w, square_avg, loss, in_graph = out
         return (w, square_avg), loss, center_loss if read or read_loss else in_graph
 
     # the acceptance probe's passes, outside the graph: replayed from a traced graph (traced
