@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import torch
 
+from slt import _checks
 from slt.losses import LossFn
 
 
@@ -72,3 +73,12 @@ def orthogonal_noise(x: torch.Tensor, k: int, sigma: float, generator) -> torch.
     noise = sigma * torch.randn(x.shape[0], k, generator=generator, dtype=x.dtype)
     q, _ = torch.linalg.qr(x)
     return noise - q @ (q.T @ noise)
+
+
+def data_arguments(n, sigma, seed) -> tuple[int, float, int]:
+    """The builders' ``n`` (>= 2), ``sigma`` (> 0) and ``seed``, checked by name."""
+    return (
+        _checks.integer("n", n, minimum=2),
+        _checks.real("sigma", sigma, minimum=0, strict=True),
+        _checks.seed(seed),
+    )

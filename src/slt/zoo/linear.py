@@ -13,7 +13,8 @@ import torch
 
 from slt import theory
 from slt.losses import gaussian_nll
-from slt.zoo.base import Case, Settings, orthogonal_noise
+from slt.theory._validate import as_int
+from slt.zoo.base import Case, Settings, data_arguments, orthogonal_noise
 
 
 def _block_identity(rows: int, cols: int, rank: int) -> torch.Tensor:
@@ -26,7 +27,9 @@ def linear_network(widths: Sequence[int], rank: int) -> torch.nn.Sequential:
     """Bias-free linear layers ``widths[0] -> ... -> widths[-1]``, each block identity of rank r."""
     layers = []
     for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        layer = torch.nn.Linear(fan_in, fan_out, bias=False)
+        # skip_init: the default initialization would draw from the global RNG, to be
+        # overwritten at once
+        layer = torch.nn.utils.skip_init(torch.nn.Linear, fan_in, fan_out, bias=False)
         with torch.no_grad():
             layer.weight.copy_(_block_identity(fan_out, fan_in, rank))
         layers.append(layer)
@@ -42,6 +45,7 @@ def _linear_data(model, n_in: int, n_out: int, n: int, sigma: float, seed: int):
 
 
 def _case(name, family, widths, rank, lc, *, n, sigma, seed, settings, description):
+    n, sigma, seed = data_arguments(n, sigma, seed)
     model = linear_network(widths, rank)
     data = _linear_data(model, widths[0], widths[-1], n, sigma, seed)
     return Case(
@@ -61,6 +65,7 @@ def regular(
     n_in: int, n_out: int = 1, *, n: int = 4096, sigma: float = 1.0, seed: int = 0, settings=None
 ) -> Case:
     """Linear regression y = W x + ε with a full-rank W: λ = d/2, m = 1."""
+    n_in, n_out = as_int(n_in, "n_in", minimum=1), as_int(n_out, "n_out", minimum=1)
     widths = (n_in, n_out)
     rank = min(n_in, n_out)
     return _case(

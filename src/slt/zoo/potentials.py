@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 import torch
 from scipy import integrate
 
-from slt import theory
+from slt import _checks, theory
 from slt.losses import gaussian_nll
-from slt.zoo.base import Case, Settings, orthogonal_noise
+from slt.theory._validate import as_int
+from slt.zoo.base import Case, Settings, data_arguments, orthogonal_noise
 
 
 class Monomial(torch.nn.Module):
@@ -23,11 +24,18 @@ class Monomial(torch.nn.Module):
 
     def __init__(self, k: Sequence[int], init: float = 0.0):
         super().__init__()
-        self.k = tuple(int(kj) for kj in k)
+        self.k = exponents(k)
         self.w = torch.nn.Parameter(torch.full((len(self.k),), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.prod(self.w ** torch.tensor(self.k, dtype=self.w.dtype)) * x
+
+
+def exponents(k: Sequence[int]) -> tuple[int, ...]:
+    """``k`` as a tuple of ints >= 0, each checked by name (``int()`` truncated 1.5 to 1)."""
+    if isinstance(k, (str, bytes)) or not isinstance(k, Sequence) or not k:
+        raise ValueError(f"k must be a non-empty sequence of integers >= 0, got {k!r}")
+    return tuple(as_int(kj, f"k[{j}]", minimum=0) for j, kj in enumerate(k))
 
 
 def expected_llc(k: Sequence[int], scale: float, localization: float) -> float:
@@ -37,11 +45,14 @@ def expected_llc(k: Sequence[int], scale: float, localization: float) -> float:
     others, E[t K] = tP/(2tP + γ) with P the rest of the product); the remaining ones by
     adaptive quadrature. Requires γ > 0 and some k_j = 1.
     """
-    if localization <= 0:
+    if not localization > 0 or not math.isfinite(localization):
         raise ValueError(
-            f"localization must be > 0 for a proper local posterior, got {localization}"
+            f"localization must be > 0 and finite for a proper local posterior, got "
+            f"{localization!r}"
         )
-    k = list(k)
+    if not scale >= 0 or not math.isfinite(scale):
+        raise ValueError(f"scale (c·nβ) must be >= 0 and finite, got {scale!r}")
+    k = list(exponents(k))
     if 1 not in k:
         raise ValueError(f"expected_llc needs some exponent equal to 1, got k={tuple(k)}")
     k.remove(1)
@@ -65,7 +76,8 @@ def potential(
     k: Sequence[int], *, n: int = 4096, sigma: float = 0.5, seed: int = 0, settings=None
 ) -> Case:
     """The case y = (Π_j w_j^{k_j}) x + N(0, σ²) at w* = 0, x ~ N(0, 1)."""
-    k = tuple(int(kj) for kj in k)
+    k = exponents(k)
+    n, sigma, seed = data_arguments(n, sigma, seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, generator=generator)
     y = orthogonal_noise(x, 1, sigma, generator)
@@ -81,7 +93,11 @@ def potential(
         lam=lc.lam,
         m=lc.m,
         settings=settings or Settings(),
-        expected=(lambda nbeta, loc: expected_llc(k, c * nbeta, loc)) if 1 in k else None,
+        expected=(
+            (lambda nbeta, loc: expected_llc(k, c * _checks.real("nbeta", nbeta, minimum=0), loc))
+            if 1 in k
+            else None
+        ),
         description=f"K ∝ {name}",
     )
 
