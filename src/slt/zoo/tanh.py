@@ -80,18 +80,10 @@ GRID_RTOL = 1e-3
 """Relative (and absolute) agreement asked of :func:`expected_llc` on two grids."""
 
 
-def _on_grid(
-    x: np.ndarray,
-    y: np.ndarray,
-    sigma: float,
-    nbeta: float,
-    localization: float,
-    *,
-    hidden: int,
-    grid: int,
-) -> float:
-    """nβ E[L_n(w) - L_n(0)] on a grid of ``grid`` points per b_h (see expected_llc)."""
-    n, t, g = x.size, float(nbeta), float(localization)
+def _on_grid(x, y, sigma: float, t: float, g: float, *, hidden: int, grid: int) -> float:
+    """nβ E[L_n(w) - L_n(0)] at nβ = t, γ = g on a grid of ``grid`` points per b_h (float64
+    arrays x, y; see expected_llc)."""
+    n = x.size
     # b = s sinh(u) on a uniform grid in u: fine near b = 0, where the weight changes on the
     # scale s (from the log det of P: 2 nβ c b² against γ), coarse out to 8/√γ
     reach = 8 / math.sqrt(g)
