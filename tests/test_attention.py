@@ -170,3 +170,41 @@ def test_overlapping_threads_put_every_switch_back():
     after = (F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled(),
              _cur_sdpa_kernel_backends())  # fmt: skip
     assert after == before
+
+
+class _Encoder(torch.nn.Module):
+    """A TransformerEncoderLayer on (batch, T, E) data, batch first or not inside."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                                      batch_first=batch_first)  # fmt: skip
+
+    def forward(self, x):
+        if self.batch_first:
+            return self.layer(x)
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_activation_count_behind_auto_includes_the_attention_maps(batch_first):
+    # the count hooked leaf modules only; nn.MultiheadAttention is not a leaf and its maps
+    # (batch × heads × T²) are not an output, so "auto" could batch chains over long
+    # sequences whose maps alone were over the cap
+    from slt.sampling import build_posterior
+    from slt.vmapped import activations
+
+    torch.manual_seed(0)
+    model = _Encoder(batch_first).eval()
+    counts = {}
+    for keys in (8, 64):
+        data = torch.utils.data.TensorDataset(torch.randn(64, keys, 8), torch.randn(64, keys, 8))
+        loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+        post = build_posterior(model, loader, slt.gaussian_nll(1.0), n=None, nbeta=None,
+                               localization=1.0, control_variate="gradient",
+                               sampler="sgld")  # fmt: skip
+        batch = next(iter(post.batches.epoch(torch.Generator().manual_seed(0))))
+        counts[keys] = activations(post, batch)
+    # the maps grow as T², the rest as T: 32 × 2 heads × 64² = 262,144 of them at 64 keys
+    assert counts[64] - 8 * counts[8] >= 32 * 2 * (64**2 - 8 * 8**2)

@@ -60,7 +60,9 @@ class LLCResult:
         return self.nbeta * (self.trace - self.trace_at_center)
 
     def to_dict(self) -> dict:
-        """Plain Python numbers and lists (JSON-serialisable)."""
+        """Plain Python numbers and lists, which ``json.dumps`` takes; NaN (R̂ of one chain,
+        unprobed acceptances) stays a float NaN, written ``NaN``, which strict JSON readers
+        refuse (the JSON files the command line writes have null there)."""
         out = asdict(self)
         for key, value in out.items():
             if isinstance(value, np.ndarray):

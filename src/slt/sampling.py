@@ -68,6 +68,21 @@ def _untouched(posterior: Posterior):
         restore()
 
 
+def _epochs(posterior: Posterior, num_burnin: int) -> tuple[int, int] | None:
+    """(steps an epoch, the first draw of a whole one) where plain SGLD's minibatch noise
+    cancels over each epoch: no control variate, and batches of one size that partition a
+    TensorDataset (the fast path); each chain's epochs start at step 0. Else None."""
+    stream = posterior.batches
+    if (posterior.control_variate != "none" or posterior.full_data is not None
+            or stream.tensors is None):  # fmt: skip
+        return None
+    n, size = stream.tensors[0].shape[0], stream.loader.batch_size
+    if not size or n % size:
+        return None
+    steps = n // size
+    return steps, -num_burnin % steps
+
+
 def _run_vmap(posterior, sampler, step_size, num_chains, num_steps, seed, progress, compile,
               acceptance_every, num_burnin):  # fmt: skip
     from slt.vmapped import check_batched_gradient, run_chains_vmap, stacked
@@ -254,7 +269,7 @@ def sample_llc(
     good = per_chain[ok]
     llc_std = float(good.std(ddof=1) / math.sqrt(good.size)) if good.size > 1 else math.nan
     diag = diagnose(posterior.nbeta * (loss - at_center), diverged=trace.diverged,
-                    nbeta=posterior.nbeta)  # fmt: skip
+                    nbeta=posterior.nbeta, epoch=_epochs(posterior, num_burnin))  # fmt: skip
     notes += warnings_for(diag)
     notes += above_bound(per_chain, diag.llc, diag.mcse, posterior.num_params)
     mala_acceptance = float(computed.mean()) if computed.size else math.nan

@@ -291,7 +291,9 @@ def vmap_min_chains(module: torch.nn.Module, num_steps: int) -> int:
 
 def activations(posterior: Posterior, batch: Any) -> int:
     """How many numbers the leaf modules of the posterior's model output while the loss is
-    evaluated on ``batch`` at w* (forward hooks on its reference copy, removed after)."""
+    evaluated on ``batch`` at w* (forward hooks on its reference copy, removed after), and
+    the attention maps of its ``nn.MultiheadAttention`` modules (batch × heads × queries ×
+    keys, which no leaf outputs: a long sequence's maps dwarf the rest)."""
     total = 0
 
     def count(_module, _inputs, output):
@@ -299,9 +301,19 @@ def activations(posterior: Posterior, batch: Any) -> int:
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         total += sum(t.numel() for t in outputs if isinstance(t, torch.Tensor))
 
+    def maps(module, args, kwargs, _output):
+        nonlocal total
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and key.dim() > 1:
+            keys = key.shape[1] if module.batch_first and key.dim() == 3 else key.shape[0]
+            total += query.numel() // query.shape[-1] * keys * module.num_heads
+
     module = posterior.reference
     leaves = [m for m in module.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(count) for m in leaves]
+    hooks += [m.register_forward_hook(maps, with_kwargs=True) for m in module.modules()
+              if isinstance(m, torch.nn.MultiheadAttention)]  # fmt: skip
     try:
         with torch.no_grad():
             posterior.loss(module, batch)
