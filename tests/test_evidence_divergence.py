@@ -114,3 +114,71 @@ def test_a_loss_not_finite_where_chains_start_is_named(name, num_anneal):
     with pytest.raises(ValueError, match=r"the loss is nan at \d+ of \d+ draws from the prior"):
         getattr(slt, name)(case.model, case.loader(), loss_fn, num_chains=8, num_draws=8,
                            num_burnin=4, num_anneal=num_anneal, progress=False)  # fmt: skip
+
+
+class _Rows(torch.utils.data.Dataset):
+    """The case's data as a plain Dataset (not a TensorDataset): SGLD on minibatches."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors[0])
+
+    def __getitem__(self, i):
+        return self.tensors[0][i], self.tensors[1][i]
+
+
+def test_a_chain_whose_last_step_leaves_the_loss_nan_is_a_diverged_chain():
+    # the trace holds the loss before each step, so a last step into the NaN region went
+    # unseen, and the next rung's posterior, built there, raised "the loss at w* (the model
+    # as given) is nan" though the user's model is finite
+    case = slt.zoo.regular(2, n=128)
+    loader = torch.utils.data.DataLoader(_Rows(case.dataset.tensors), batch_size=32,
+                                         shuffle=True)  # fmt: skip
+
+    def loss_fn(model, batch):  # finite at the model (w0 = 1) and wherever w0 <= 2
+        nan = torch.where(model[0].weight[0, 0] > 2.0, math.nan, 0.0)
+        return case.loss_fn(model, batch) + nan
+
+    res = slt.free_energy(case.model, loader, loss_fn, num_rungs=3, num_chains=6,
+                          num_draws=40, num_burnin=10, seed=0, progress=False)  # fmt: skip
+    assert math.isfinite(res.free_energy)
+    assert any("of 6 chains diverged" in w for w in res.warnings)
+
+
+def test_wbic_says_a_chain_lost_at_beta_once():
+    # the rung record is cumulative: a chain lost at β was said to diverge at β₂ as well
+    case = slt.zoo.regular(2, n=128)
+
+    def loss_fn(model, batch):
+        return case.loss_fn(model, batch) + torch.where(model[0].weight[0, 0] > 1.5, math.nan, 0.0)
+
+    res = slt.wbic(case.model, case.loader(32), loss_fn, num_chains=6, num_draws=40,
+                   num_burnin=10, num_anneal=0, sampler="sgld", step_scale=0.3, prior_std=1.0,
+                   seed=0, progress=False)  # fmt: skip
+    at_beta = int(np.isnan(res.wbic_per_chain).sum())
+    at_beta2 = int((np.isnan(res.lambda_per_chain) & ~np.isnan(res.wbic_per_chain)).sum())
+    assert at_beta > 0
+    said = [w for w in res.warnings if "chains diverged at β₂" in w]
+    assert said == (
+        [f"{at_beta2} of 6 chains diverged at β₂ = {res.beta2:.4g}"] if at_beta2 else []
+    )
+
+
+def test_ladders_whose_chains_never_move_say_so():
+    # MALA at step_scale 1e5 rejects every proposal: WAIC printed V_n = 0 ± 0 without a
+    # word, free_energy's mc_error was NaN (max(nan, x)) with no acceptance warning
+    case = slt.zoo.regular(2, n=128)
+    kw = dict(num_chains=4, num_draws=40, num_burnin=10, progress=False, seed=0,
+              step_scale=1e5, prior_std=None)  # fmt: skip
+    for res in (slt.waic(case.model, case.loader(32), case.loss_fn, record_every=4, **kw),
+                slt.wbic(case.model, case.loader(32), case.loss_fn, **kw)):  # fmt: skip
+        assert any("chains never moved (at β = " in w for w in res.warnings)
+        assert any("MALA accepted under 20%" in w for w in res.warnings)
+    kw.pop("prior_std")
+    fe = slt.free_energy(case.model, case.loader(32), case.loss_fn, num_rungs=3,
+                         num_prior_draws=8, **kw)  # fmt: skip
+    assert math.isnan(fe.mc_error_propagated)
+    assert fe.mc_error == fe.mc_error_between_chains > 0
+    assert any("never moved" in w for w in fe.warnings)

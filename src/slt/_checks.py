@@ -76,10 +76,14 @@ def positive_reals(name: str, value) -> list[float]:
     return out
 
 
+class NonFiniteLoss(ValueError):
+    """The loss at the point a posterior is built around is NaN or infinite."""
+
+
 def finite_loss_at_center(value: float) -> float:
     """L_n(w*), unless it is NaN or infinite."""
     if not math.isfinite(value):
-        raise ValueError(
+        raise NonFiniteLoss(
             f"the loss at w* (the model as given) is {value}; check the model and loss_fn"
         )
     return value

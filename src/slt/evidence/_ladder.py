@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slt import _checks
+from slt._checks import NonFiniteLoss
 from slt.chains import DivergenceError, run_chains
 from slt.curvature import top_hessian_eigenvalue
 from slt.data import BatchStream
@@ -91,6 +92,32 @@ class Rung:
     def ess(self) -> float:
         """Effective sample size of ``mean`` over usable chains."""
         return float(self._diagnostics.ess_mean)
+
+
+def sampler_notes(rungs: Sequence[Rung], sampler: str) -> list[str]:
+    """Warnings every ladder gives: chains that never moved on a rung (their draws one
+    value: ESS and MCSE are NaN, and a mean over them says nothing), and MALA accepting
+    under 20% of its proposals."""
+    notes = []
+    still = [(rung.beta, np.flatnonzero(rung._diagnostics.constant)) for rung in rungs]
+    still = [f"at β = {beta:.3g} chain(s) {', '.join(map(str, c))}" for beta, c in still if c.size]
+    if still:
+        notes.append(
+            f"chains never moved ({'; '.join(still)}): their draws are one value (every MALA "
+            "proposal rejected, or steps too small to change the loss), so they say nothing "
+            "about the posterior; " + ("lower step_scale" if sampler == "mala" else "raise it")
+        )
+    low = [r.beta for r in rungs if sampler == "mala" and r.acceptance < MIN_MALA_ACCEPTANCE]
+    if low:
+        notes.append(
+            f"MALA accepted under {MIN_MALA_ACCEPTANCE:.0%} of its proposals at β = "
+            f"{', '.join(f'{b:.3g}' for b in low)}: the chains barely move; lower step_scale"
+        )
+    return notes
+
+
+MIN_MALA_ACCEPTANCE = 0.2
+"""Below this MALA acceptance a ladder's chains barely move (as :func:`slt.estimate_llc`)."""
 
 
 class GlobalPosterior:
@@ -235,9 +262,24 @@ class GlobalPosterior:
         for k, beta in enumerate(betas):
             t0 = time.perf_counter()
             nbeta = self.n * beta
-            posts = [None if dead[c] else self._posterior(self.model_at(states[c]), n=self.n,
-                                                          nbeta=nbeta)
-                     for c in range(num_chains)]  # fmt: skip
+            posts = []
+            for c in range(num_chains):
+                try:
+                    posts.append(None if dead[c] else self._posterior(
+                        self.model_at(states[c]), n=self.n, nbeta=nbeta))  # fmt: skip
+                except NonFiniteLoss:
+                    if k == 0:  # the caller's starting points
+                        raise
+                    # the last step of the rung below landed where the loss is not finite
+                    # (the trace holds the loss before each step): that chain diverged
+                    dead[c] = True
+                    posts.append(None)
+            if dead.all():
+                bar.close()
+                raise DivergenceError(
+                    f"every chain diverged before β = {beta:.4g} (its last step on the rung "
+                    "below left the loss non-finite); lower step_scale"
+                )
             q = max([self._center_q] + [self.top_eigenvalue(p) for p in posts if p is not None])
             eps = self.step_size(nbeta, q)
             steps = num_burnin[k] + num_draws[k]

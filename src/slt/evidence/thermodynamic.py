@@ -39,7 +39,7 @@ import torch
 
 from slt import _checks, _globals
 from slt.diagnostics import MIN_ESS
-from slt.evidence._ladder import GlobalPosterior, geometric, seeded_generator
+from slt.evidence._ladder import GlobalPosterior, geometric, sampler_notes, seeded_generator
 from slt.evidence._result import ToDict
 from slt.losses import LossFn
 
@@ -285,7 +285,11 @@ def free_energy(
             )
         if any(r.diverged.any() for r in rungs):
             notes.append(f"{int(rungs[-1].diverged.sum())} of {num_chains} chains diverged")
-        if integration > max(propagated, between):
+        notes += sampler_notes(rungs, gp.sampler)
+        # the larger of the two, or the one there is (a rung of chains that never moved has
+        # no MCSE; max(nan, x) was nan)
+        mc_error = float(np.nanmax([propagated, between])) if ok.any() else propagated
+        if integration > mc_error:
             notes.append(
                 f"the integration error ({integration:.2g}) exceeds the Monte Carlo error: use "
                 "more rungs (num_rungs)"
@@ -294,7 +298,7 @@ def free_energy(
             warnings.warn(note, UserWarning, stacklevel=2)
         return FreeEnergyResult(
             free_energy=value,
-            mc_error=max(propagated, between) if math.isfinite(between) else propagated,
+            mc_error=mc_error,
             integration_error=integration,
             mc_error_propagated=propagated,
             mc_error_between_chains=between,

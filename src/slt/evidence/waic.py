@@ -32,7 +32,8 @@ import torch
 from slt import _checks, _globals
 from slt.attention import plain_attention
 from slt.data import BatchStream
-from slt.evidence._ladder import GlobalPosterior, warm_starts
+from slt.diagnostics import MIN_ESS
+from slt.evidence._ladder import GlobalPosterior, sampler_notes, warm_starts
 from slt.evidence._result import ToDict
 from slt.losses import LossFn, per_sample
 from slt.record import PerSampleRecorder, PerSampleStats
@@ -264,6 +265,12 @@ def waic(
                 f"MALA acceptance of the SGLD moves {rung.acceptance:.2f} < 0.9: the step is too "
                 "large; lower step_scale"
             )
+        if not rung.ess >= MIN_ESS:
+            notes.append(
+                f"effective sample size {rung.ess:.0f} < {MIN_ESS} (of the chains' n L_n): V_n "
+                "and its standard error rest on few independent draws; use more draws or chains"
+            )
+        notes += sampler_notes([rung], gp.sampler)
         for note in gp.warnings:
             warnings.warn(note, UserWarning, stacklevel=2)
         return WAICResult(

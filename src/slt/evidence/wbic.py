@@ -24,7 +24,7 @@ import torch
 
 from slt import _checks, _globals
 from slt.diagnostics import MIN_ESS
-from slt.evidence._ladder import GlobalPosterior, warm_starts
+from slt.evidence._ladder import GlobalPosterior, sampler_notes, warm_starts
 from slt.evidence._result import ToDict
 from slt.losses import LossFn
 
@@ -206,14 +206,16 @@ def wbic(
                 f"effective sample size {first.ess:.0f} < {MIN_ESS}: the standard error is itself "
                 "uncertain; use more draws or chains"
             )
-        for rung, name in ((first, "β"), (second, "β₂")):
-            if rung.diverged.any():
+        # a rung's record is cumulative: a chain lost at β never ran at β₂
+        lost = (first.diverged, second.diverged & ~first.diverged)
+        for rung, name, new in ((first, "β", lost[0]), (second, "β₂", lost[1])):
+            if new.any():
                 notes.append(
-                    f"{int(rung.diverged.sum())} of {num_chains} chains diverged at {name} = "
-                    f"{rung.beta:.4g}"
+                    f"{int(new.sum())} of {num_chains} chains diverged at {name} = {rung.beta:.4g}"
                 )
         if not ok.all():
             notes.append(f"λ̂ is taken over the {int(ok.sum())} chains that finished both rungs")
+        notes += sampler_notes(rungs, gp.sampler)
         for note in gp.warnings:
             warnings.warn(note, UserWarning, stacklevel=2)
         return WBICResult(
