@@ -537,3 +537,96 @@ def test_a_process_pool_keeps_the_rows_of_jobs_running_when_another_fails(tmp_pa
                           env=env, timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0 and "raised" in proc.stdout, proc.stderr[-2000:]
     assert [r["label"] for r in read(tmp_path / "r.jsonl").rows] == ["step_0.pt"]
+
+
+def test_a_resume_with_another_closure_or_another_loader_draw_is_refused(tmp_path):
+    # closures of one factory (and lambdas) were named alike, and the loader's shuffle was
+    # not recorded: a resume returned the old rows for the new settings
+    from slt.trajectory_file import SettingsChangedError
+
+    ckpts = {0: h.linear().state_dict()}
+
+    def scaled(s):
+        return lambda model, batch: s * h.nll(model, batch)
+
+    results = tmp_path / "r.jsonl"
+    first = llc_trajectory(ckpts, h.linear, h.loader(), scaled(1.0), results=results, **TINY)
+    again = llc_trajectory(ckpts, h.linear, h.loader(), scaled(1.0), results=results, **TINY)
+    assert again.num_reused == 1 and again.llc.tolist() == first.llc.tolist()
+    with pytest.raises(SettingsChangedError, match="loss_fn"):
+        llc_trajectory(ckpts, h.linear, h.loader(), scaled(0.7), results=results, **TINY)
+    ordered = torch.utils.data.DataLoader(h.data(), batch_size=32, shuffle=False)
+    with pytest.raises(SettingsChangedError, match="data.shuffle: true -> false"):
+        llc_trajectory(ckpts, h.linear, ordered, scaled(1.0), results=results, **TINY)
+    dropping = torch.utils.data.DataLoader(h.data(), batch_size=30, shuffle=True, drop_last=True)
+    with pytest.raises(SettingsChangedError, match="drop_last"):
+        llc_trajectory(ckpts, h.linear, dropping, scaled(1.0), results=results, **TINY)
+
+
+def test_a_serial_trajectory_leaves_the_global_rng_alone():
+    # the model factory's random initialization, overwritten at once, drew from it
+    torch.manual_seed(5)
+    llc_trajectory({0: h.linear().state_dict()}, h.linear, h.loader(), h.nll, **TINY)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    h.linear()  # what the line above draws before the trajectory
+    assert torch.equal(after, torch.rand(1))
+
+
+@pytest.mark.parametrize("option", ["max_workers", "threads_per_worker"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True])
+def test_executor_sizes_are_checked_by_name(option, value):
+    # max_workers=0 meant every CPU; -1, "2", threads 0 were bare errors from the pool
+    with pytest.raises(ValueError, match=f"{option} must be None or an integer >= 1"):
+        llc_trajectory({0: h.linear().state_dict()}, h.linear, h.loader(), h.nll,
+                       executor="process", **{option: value}, **TINY)  # fmt: skip
+
+
+def test_checkpoint_suffixes_in_any_case_and_pth_tar(tmp_path):
+    _save_linears(tmp_path, ["ckpt_10.pt", "ckpt_20.PT", "ckpt_40.pth.tar", "notes.txt"])
+    assert [(j.label, j.step) for j in make_jobs(tmp_path)] == [
+        ("ckpt_10.pt", 10), ("ckpt_20.PT", 20), ("ckpt_40.pth.tar", 40)]  # fmt: skip
+
+
+def test_process_workers_take_the_callers_default_dtype(tmp_path):
+    # spawned workers started at float32: float64 data met a float32 model and raised
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ckpts = {0: h.linear().state_dict()}
+        serial = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **TINY)
+        pooled = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, executor="process",
+                                max_workers=1, **TINY)  # fmt: skip
+    finally:
+        torch.set_default_dtype(previous)
+    assert pooled.llc.tolist() == serial.llc.tolist()
+
+
+def test_a_worker_that_cannot_set_up_or_dies_is_said_by_name(tmp_path):
+    import types
+
+    from slt.trajectory_file import read as read_file
+
+    # a factory that pickles by a name a fresh process lacks (as a notebook's function):
+    # BrokenProcessPool, the cause only in a child's stderr
+    fake = types.ModuleType("_slt_fake_module")
+    exec("import torch\ndef factory():\n    return torch.nn.Linear(3, 1)", fake.__dict__)
+    fake.factory.__module__ = "_slt_fake_module"
+    sys.modules["_slt_fake_module"] = fake
+    try:
+        with pytest.raises(RuntimeError, match="a worker process could not set up"):
+            llc_trajectory({0: h.linear().state_dict()}, fake.factory, h.loader(), h.nll,
+                           executor="process", max_workers=1, **TINY)  # fmt: skip
+    finally:
+        del sys.modules["_slt_fake_module"]
+    # a worker that dies mid-job: named checkpoints, the rows written before kept
+    alive, dying = h.linear(), h.linear()
+    with torch.no_grad():
+        alive.bias.fill_(-1.0)
+        dying.bias.fill_(1.0)
+    results = tmp_path / "r.jsonl"
+    with pytest.raises(RuntimeError, match=r"a worker process died .* step 10"):
+        llc_trajectory({0: alive.state_dict(), 10: dying.state_dict()}, h.linear, h.loader(),
+                       h.dies_on_positive_bias, results=results, executor="process",
+                       max_workers=1, **TINY)  # fmt: skip
+    assert [r["label"] for r in read_file(results).rows] == ["step 0"]

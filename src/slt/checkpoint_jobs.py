@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +22,16 @@ from typing import Any
 import torch
 
 from slt import _checks
+from slt.data import _shuffles
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """A checkpoint's file name by its suffix, in any case (``ckpt_20.PT``), and the
+    ``.pth.tar`` of PyTorch's ImageNet example."""
+    lower = name.lower()
+    return lower.endswith(CHECKPOINT_SUFFIXES) or lower.endswith(".pth.tar")
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
         folder = Path(checkpoints)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoints={str(folder)!r} is not a folder")
-        found = (str(p) for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        found = (str(p) for p in folder.iterdir() if is_checkpoint_name(p.name))
         sources: list = sorted(found, key=natural_key)
         if not sources:
             raise ValueError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
@@ -154,12 +163,58 @@ def describe(obj) -> str:
     if isinstance(obj, functools.partial):
         args = [_shown(a) for a in obj.args] + [f"{k}={_shown(v)}" for k, v in obj.keywords.items()]
         return f"partial({describe(obj.func)}, {', '.join(args)})"
+    if isinstance(obj, types.MethodType):  # a bound method: its object's state too
+        return f"{describe(obj.__func__)} of {_shown(obj.__self__, called=True)}"
     qualname = getattr(obj, "__qualname__", None)
     if qualname is not None and "(" in qualname:  # slt's adapters name their parameters
         return qualname
+    if isinstance(obj, types.FunctionType) and obj not in _DIGESTING:
+        # the name alone is shared by every closure a factory makes (make_loss(σ)'s for
+        # each σ) and by every lambda: their code, defaults and captured values too
+        _DIGESTING.add(obj)
+        try:
+            return f"{obj.__module__}.{qualname} [{_function_digest(obj)}]"
+        finally:
+            _DIGESTING.discard(obj)
     if qualname is not None:
         return f"{getattr(obj, '__module__', '?')}.{qualname}"
     return f"{type(obj).__module__}.{type(obj).__qualname__}: {_shown(obj, called=True)}"
+
+
+_DIGESTING: set = set()  # functions being digested (a recursive closure holds itself)
+
+
+def _function_digest(fn: types.FunctionType) -> str:
+    """A short SHA-256 of a function's code, defaults and closure values (addresses out)."""
+    digest = hashlib.sha256()
+    code = fn.__code__
+    digest.update(code.co_code)
+    parts = [code.co_consts, code.co_names, fn.__defaults__, fn.__kwdefaults__]
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            cells.append(None)
+    for value in [*parts, *cells]:
+        digest.update(_identity(value).encode())
+    return digest.hexdigest()[:12]
+
+
+def _identity(value) -> str:
+    """``value`` as text for a digest: tensors by their bytes, callables by
+    :func:`describe`, anything else by :func:`_shown`."""
+    if isinstance(value, torch.Tensor):
+        digest = hashlib.sha256()
+        _hash_state(digest, {"": value})
+        return f"tensor {digest.hexdigest()}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_identity(v) for v in value) + ")"
+    if isinstance(value, types.CodeType):  # a nested function's code
+        return _identity((value.co_code, value.co_consts, value.co_names))
+    if callable(value) and not isinstance(value, type):
+        return describe(value)
+    return _shown(value)
 
 
 def _shown(value, *, called: bool = False) -> str:
@@ -177,13 +232,19 @@ def _shown(value, *, called: bool = False) -> str:
 
 
 def data_fingerprint(loader) -> dict:
-    """Size, batch size and, for tensors held in memory, a SHA-256 of the data."""
+    """Size, batch size, how a DataLoader draws its batches (shuffle, drop_last, its
+    sampler's class) and, for tensors held in memory, a SHA-256 of the data."""
     out: dict[str, Any] = {"loader": type(loader).__name__}
     dataset = getattr(loader, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         out["n"] = len(dataset)
     if getattr(loader, "batch_size", None) is not None:
         out["batch_size"] = loader.batch_size
+    if isinstance(loader, torch.utils.data.DataLoader):  # what the sampling draws by
+        out["drop_last"] = bool(loader.drop_last)
+        out["sampler"] = type(loader.sampler).__qualname__
+        out["batch_sampler"] = type(loader.batch_sampler).__qualname__
+        out["shuffle"] = _shuffles(loader)
     tensors = None
     if isinstance(dataset, torch.utils.data.TensorDataset):
         tensors = dataset.tensors

@@ -41,7 +41,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
-    content = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    content = (
+        _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
+    )
     if _is_state_dict(content):
         return dict(content)
     if isinstance(content, Mapping):

@@ -38,6 +38,7 @@ from typing import Any
 EXECUTORS = ("serial", "process", "ray")
 
 _WORKER_SHARED: Any = None  # what a pool worker received at start-up
+_WORKER_ERROR: Exception | None = None  # why a pool worker could not start, if it could not
 _FILE_MODULES: dict[str, str] = {}  # module name -> the file it was loaded from
 
 
@@ -118,12 +119,17 @@ def load_file_module(name: str, path: str | os.PathLike):
     return sys.modules[name]
 
 
-def _init_worker(payload: bytes, threads: int | None, modules: dict[str, str]) -> None:
-    global _WORKER_SHARED
-    _set_threads(threads)
-    for name, path in modules.items():
-        load_file_module(name, path)
-    _WORKER_SHARED = pickle.loads(payload)
+def _init_worker(payload: bytes, threads: int | None, modules: dict[str, str],
+                 dtype=None) -> None:  # fmt: skip
+    global _WORKER_SHARED, _WORKER_ERROR
+    try:
+        _set_threads(threads)
+        _set_dtype(dtype)
+        for name, path in modules.items():
+            load_file_module(name, path)
+        _WORKER_SHARED = pickle.loads(payload)
+    except Exception as err:  # said by the first job, not as a pool that broke
+        _WORKER_ERROR = err
 
 
 def _live_file_modules() -> dict[str, str]:
@@ -138,6 +144,14 @@ def _live_file_modules() -> dict[str, str]:
 
 
 def _call_in_worker(function, job):
+    if _WORKER_ERROR is not None:
+        err = _WORKER_ERROR
+        raise RuntimeError(
+            f"a worker process could not set up ({type(err).__name__}: {err}). What "
+            "llc_trajectory sends it must import in a fresh process: a function defined in "
+            "a notebook or an interactive session pickles by a name the worker does not "
+            "have; define it in an importable module, or use executor='serial'"
+        ) from err
     return function(_WORKER_SHARED, job)
 
 
@@ -148,20 +162,41 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _set_dtype(dtype) -> None:
+    """The caller's ``torch.get_default_dtype()``: a fresh process starts at float32."""
+    if dtype is not None:
+        import torch
+
+        torch.set_default_dtype(dtype)
+
+
 def _run_process(function, shared, jobs, on_result, max_workers, threads):
+    import torch
+
     workers = max_workers or min(len(jobs), os.cpu_count() or 1)
     payload = pickle.dumps(shared)
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(payload, threads, _live_file_modules()),
+        initargs=(payload, threads, _live_file_modules(), torch.get_default_dtype()),
     ) as pool:  # fmt: skip
         futures = {pool.submit(_call_in_worker, function, job): job for job in jobs}
-        handled = set()
+        handled, written = set(), set()
         try:
             for future in cf.as_completed(futures):
                 handled.add(future)
                 on_result(futures[future], future.result())
+                written.add(future)
+        except cf.process.BrokenProcessPool as err:
+            # a worker died (killed for memory, a crash, os._exit): the pool then stops the
+            # others, whose jobs are lost with it; the rows written before stay
+            lost = [futures[f].label for f in futures if f not in written]
+            raise RuntimeError(
+                f"a worker process died (killed for memory, a crash in native code, or "
+                f"os._exit) while the pool ran {len(lost)} checkpoint(s) not yet written: "
+                f"{', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}. The rows written "
+                "before are kept; rerun to resume (with fewer max_workers if memory ran out)"
+            ) from err
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -183,8 +218,9 @@ def _ray():
     return ray
 
 
-def _ray_task(function, shared, job, threads):
+def _ray_task(function, shared, job, threads, dtype=None):
     _set_threads(threads)
+    _set_dtype(dtype)
     return function(shared, job)
 
 
@@ -213,12 +249,24 @@ def _run_ray(function, shared, jobs, on_result, threads, gpus_per_job):
     ray = _ray()
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS if set, else a local cluster
+    import torch
+
+    resources = ray.cluster_resources()
     if gpus_per_job == "auto":
-        gpus_per_job = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus_per_job = 1 if resources.get("GPU", 0) > 0 else 0
+    for name, asked, key in (("threads_per_worker", threads or 1, "CPU"),
+                             ("gpus_per_job", gpus_per_job, "GPU")):  # fmt: skip
+        if asked > resources.get(key, 0):
+            # Ray would wait for such a node for ever, saying only "no available node types"
+            raise ValueError(
+                f"{name}={asked} asks each Ray task for {asked} {key}(s), and the cluster has "
+                f"{resources.get(key, 0):g}: no task could ever be scheduled; lower {name}"
+            )
     task = ray.remote(_ray_task).options(num_cpus=threads or 1, num_gpus=gpus_per_job)
+    dtype = torch.get_default_dtype()
     with _file_modules_by_value():  # ray.put and .remote pickle here, at once
         shared_ref = ray.put(shared)
-        pending = {task.remote(function, shared_ref, job, threads): job for job in jobs}
+        pending = {task.remote(function, shared_ref, job, threads, dtype): job for job in jobs}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slt import executors
+from slt import _globals, executors
 from slt._text import right
 from slt.checkpoint_jobs import (  # noqa: F401  (make_jobs and Job are public here too)
     CHECKPOINT_SUFFIXES,
@@ -217,6 +217,11 @@ def llc_trajectory(
         )
     if executor not in executors.EXECUTORS:
         raise ValueError(f"executor must be one of {executors.EXECUTORS}, got {executor!r}")
+    for name, value in (("max_workers", max_workers), ("threads_per_worker", threads_per_worker)):
+        # 0 meant every CPU, a negative number was a bare error from the pool
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     jobs = make_jobs(checkpoints, steps)
     full = {**defaults, **settings}
     identity = {
@@ -288,7 +293,11 @@ def run_job(shared: Shared, job: Job) -> dict:
     from slt.llc import estimate_llc
 
     state = load_state_dict(job.source) if isinstance(job.source, str) else job.source
-    model = shared.model_factory()
+    outer = _globals.current()
+    try:  # its random initialization, overwritten at once, is not drawn from the caller's
+        model = shared.model_factory()
+    finally:
+        _globals.restore(outer)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model_factory() returned {type(model).__name__}, not an nn.Module")
     load_into(model, state, job.label)
