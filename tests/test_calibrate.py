@@ -226,3 +226,40 @@ def test_a_first_pilot_over_the_budget_is_said_and_repeats_are_refused():
         slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, nbetas=[20, 80, 20])
     with pytest.raises(ValueError, match="step_size='auto': llc_vs_nbeta takes a number"):
         slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, step_size="auto")
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("n", 1, "n must be an integer >= 2, got 1"), ("n", "64", "n must be an integer >= 2"),
+     ("step_size", -1e-3, "step_size must be a finite number > 0, got -0.001"),
+     ("step_size", [1e-3], "step_size must be a real number"),
+     ("step_size", True, "step_size must be a real number, got True"),
+     ("nbetas", [True, 2], "nbetas must be a sequence of finite numbers > 0"),
+     ("rescale_step_size", "yes", "rescale_step_size must be True or False")],
+)  # fmt: skip
+def test_llc_vs_nbeta_checks_its_own_arguments(option, value, message):
+    # n=1 was a ZeroDivisionError, a negative step named its rescaled value, True was 1
+    case = slt.zoo.regular(1, n=32)
+    kw = {"nbetas": [10.0, 20.0], "step_size": 1e-3} | {option: value}
+    with pytest.raises((ValueError, TypeError), match=message):
+        slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, progress=False, **kw)
+
+
+def test_llc_vs_nbeta_keeps_the_points_before_a_diverged_one_and_says_each_warning():
+    # every chain diverging at the largest nβ raised and lost the finished points; each
+    # point's warnings were only in sweep.results[i]
+    case = slt.zoo.regular(2, n=256)
+    sweep = slt.llc_vs_nbeta(case.model, case.loader(64), case.loss_fn, nbetas=[10, 30, 1e5],
+                             step_size=1e-3, rescale_step_size=False, num_chains=2,
+                             num_draws=50, num_burnin=10, progress=False)  # fmt: skip
+    assert np.isfinite(sweep.llc[:2]).all() and np.isnan(sweep.llc[2])
+    assert sweep.results[2] is None
+    assert any(w.startswith("at nβ = 1e+05: all 2 chains diverged") for w in sweep.warnings)
+    for i, nb in enumerate(sweep.nbeta[:2]):
+        said = [w for w in sweep.warnings if w.startswith(f"at nβ = {nb:.4g}: ")]
+        assert len(said) == len(sweep.results[i].warnings)
+    assert "warning: at nβ = 1e+05" in str(sweep)
+    with pytest.raises(slt.DivergenceError, match="every chain diverged at every nβ"):
+        slt.llc_vs_nbeta(case.model, case.loader(64), case.loss_fn, nbetas=[1e5, 2e5],
+                         step_size=1e-3, rescale_step_size=False, num_chains=2,
+                         num_draws=50, num_burnin=10, progress=False)  # fmt: skip

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slt import _checks
 from slt._text import right
+from slt.chains import DivergenceError
 from slt.llc import LLCResult, estimate_llc
 from slt.losses import LossFn
 
@@ -30,7 +32,8 @@ class NbetaSweep:
     llc_std: np.ndarray  # (point,)
     step_size: np.ndarray  # (point,)
     n: int
-    results: tuple[LLCResult, ...] = field(repr=False)
+    results: tuple[LLCResult | None, ...] = field(repr=False)  # None: every chain diverged
+    warnings: tuple[str, ...] = ()  # each point's, "at nβ = ...: ..."
 
     @property
     def relative_change(self) -> np.ndarray:
@@ -48,6 +51,7 @@ class NbetaSweep:
             step = self.relative_change[i - 1] if i else math.nan
             change = "" if i == 0 else f"{step:+.1%}" if math.isfinite(step) else "—"
             lines.append(f"{nb:>10.4g} {eps:>10.3g} {v:>11.4g} ± {se:<7.2g} {change:>8}")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -57,6 +61,7 @@ class NbetaSweep:
             "llc_std": self.llc_std.tolist(),
             "step_size": self.step_size.tolist(),
             "n": self.n,
+            "warnings": list(self.warnings),
         }
 
     def plot(self, ax=None):
@@ -104,13 +109,18 @@ def llc_vs_nbeta(
     >>> sweep.nbeta.tolist()
     [20.0, 80.0]
     """
+    if kwargs.get("n") is not None:
+        kwargs["n"] = _checks.integer("n", kwargs["n"], minimum=2)
     n = kwargs.get("n") or _dataset_size(loader)
-    try:
-        grid = np.asarray(nbetas if nbetas is not None else default_nbetas(n), dtype=float)
-    except (TypeError, ValueError):
-        grid = np.array([math.nan])
-    if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
-        raise ValueError(f"nbetas must be a sequence of finite numbers > 0, got {nbetas!r}")
+    if nbetas is None:
+        grid = default_nbetas(n)
+    else:
+        try:  # bools too are refused (True was nβ = 1)
+            grid = np.asarray(_checks.positive_reals("nbetas", nbetas))
+        except ValueError:
+            raise ValueError(
+                f"nbetas must be a sequence of finite numbers > 0, got {nbetas!r}"
+            ) from None
     grid = np.sort(grid)
     if np.any(np.diff(grid) == 0):
         raise ValueError(f"nbetas must be distinct, got {nbetas!r}")
@@ -119,28 +129,35 @@ def llc_vs_nbeta(
             f"step_size={step_size!r}: llc_vs_nbeta takes a number, rescaled as ε·nβ constant "
             "across the sweep; calibrate it at one nβ first (slt.calibrate(...).step_size)"
         )
+    step_size = _checks.real("step_size", step_size, minimum=0, strict=True)
+    if not isinstance(rescale_step_size, bool):
+        raise TypeError(f"rescale_step_size must be True or False, got {rescale_step_size!r}")
     reference = n / math.log(n)
-    results = []
+    results, notes = [], []
     for nb in grid:
         eps = step_size * reference / nb if rescale_step_size else step_size
-        results.append(
-            estimate_llc(
-                model,
-                loader,
-                loss_fn,
-                nbeta=float(nb),
-                step_size=float(eps),
-                progress=progress,
-                **kwargs,
-            )  # fmt: skip
-        )
+        try:
+            res = estimate_llc(model, loader, loss_fn, nbeta=float(nb), step_size=float(eps),
+                               progress=progress, **kwargs)  # fmt: skip
+        except DivergenceError as err:  # that point is lost, not the finished ones
+            notes.append(f"at nβ = {nb:.4g}: {err}")
+            results.append(None)
+            continue
+        results.append(res)
+        notes += [f"at nβ = {nb:.4g}: {w}" for w in res.warnings]
+    if all(r is None for r in results):
+        raise DivergenceError("every chain diverged at every nβ: " + "; ".join(notes))
+    nan = math.nan
     return NbetaSweep(
         nbeta=grid,
-        llc=np.array([r.llc for r in results]),
-        llc_std=np.array([r.llc_std for r in results]),
-        step_size=np.array([r.step_size for r in results]),
-        n=results[0].n,
+        llc=np.array([nan if r is None else r.llc for r in results]),
+        llc_std=np.array([nan if r is None else r.llc_std for r in results]),
+        step_size=np.array(
+            [step_size * reference / nb if rescale_step_size else step_size for nb in grid]
+        ),  # fmt: skip
+        n=next((r.n for r in results if r is not None), n),
         results=tuple(results),
+        warnings=tuple(notes),
     )
 
 
