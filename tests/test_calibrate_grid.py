@@ -3,6 +3,7 @@ right choice is known exactly: a Gaussian regression sampled full batch, whose e
 λ̂ is ½ Σ_i nβq_i/(nβq_i + γ) over the eigenvalues q_i of XᵀX/n."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -104,3 +105,21 @@ def test_numpy_scalars_and_arrays_are_a_value_and_a_grid(regression):
         plain.step_size,
     )
     assert numpy.candidates[0].llc == plain.candidates[0].llc
+
+
+def test_a_setting_whose_every_pilot_diverges_fails_and_the_grid_goes_on():
+    # γ = 0 lets every pilot walk into the NaN region; the grid raised DivergenceError
+    # without naming the γ, though γ = 1000 calibrates alone
+    case = slt.zoo.regular(2, n=128)
+
+    def loss_fn(model, batch):  # NaN once w0 > 1.2 (w* has w0 = 1)
+        return case.loss_fn(model, batch) + torch.where(model[0].weight[0, 0] > 1.2, math.nan, 0.0)
+
+    kw = dict(num_draws=50, num_candidates=2, grid_chains=2, grid_draws=50, progress=False)
+    cal = slt.calibrate(case.model, case.loader(32), loss_fn, localization=[0.0, 1000.0], **kw)
+    lost, kept = cal.grid
+    assert lost.localization == 0.0 and not lost.passed
+    assert lost.reasons[0].startswith("every pilot diverged (calibration:")
+    assert kept.chosen and cal.localization == 1000.0
+    with pytest.raises(slt.DivergenceError, match="every pilot diverged at every"):
+        slt.calibrate(case.model, case.loader(32), loss_fn, localization=[0.0, 1e-3], **kw)

@@ -152,3 +152,35 @@ def test_user_model_is_untouched():
     assert case.model.training
     for k, v in case.model.state_dict().items():
         assert torch.equal(v, before[k]) and v.dtype == before[k].dtype
+
+
+class _AlwaysDropout(torch.nn.Module):
+    """A linear model with dropout on its input in every mode: draws from torch's RNG."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.lin(torch.nn.functional.dropout(x, 0.1, training=True))
+
+
+def test_bic_and_laplace_leave_the_global_rng_alone():
+    # bic drew the model's dropout from the caller's state (another value each call);
+    # laplace too, then failed with vmap's bare "randomness error mode"
+    case = slt.zoo.regular(2, n=64)
+    model = _AlwaysDropout(case.model[0].weight)
+    torch.manual_seed(1)
+    first = slt.bic(model, case.loader(16), case.loss_fn).bic
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1))
+    assert slt.bic(model, case.loader(16), case.loss_fn).bic == first
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="draws random numbers in its forward pass"):
+        slt.laplace(model, case.loader(16), case.loss_fn)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from slt._text import right
+from slt.chains import DivergenceError
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,35 @@ def calibrate_grid(
     ``sample_at(γ, nβ, ε, num_burnin)`` a comparison run returning an LLCResult (None if
     it diverged); every comparison run has the same ε·nβ, burn-in, length and seed.
     Returns the chosen setting's CalibrationResult, every trial, and warnings."""
-    cals = {(g, nb): calibrate_at(g, nb) for nb in nbetas for g in localizations}
-    reduced = min(c.step_size * c.nbeta for c in cals.values())  # ε·nβ common to all runs
+    cals, lost = {}, {}
+    for nb in nbetas:
+        for g in localizations:
+            try:
+                cals[g, nb] = calibrate_at(g, nb)
+            except DivergenceError as err:  # that setting fails; the others go on
+                lost[g, nb] = err
+    if not cals:
+        raise DivergenceError(
+            "every pilot diverged at every (γ, nβ) of the grid: "
+            + "; ".join(f"γ = {g:g}, nβ = {nb}: {err}" for (g, nb), err in lost.items())
+        )
+    found = list(cals.values())
+    reduced = min(c.step_size * c.nbeta for c in found)  # ε·nβ common to all runs
     burnin = max(  # each calibration's burn-in, rescaled from its first candidate's ε
         math.ceil(c.settings["num_burnin"] * c.candidates[0].step_size * c.nbeta / reduced)
-        for c in cals.values()
+        for c in found
     )
     rows, row_traces = [], []
     for nb in nbetas:
         row, traces = [], []
         for g in localizations:
+            if (g, nb) in lost:
+                why = (f"every pilot diverged ({lost[g, nb]})",)
+                nan = math.nan
+                row.append(SettingTrial(g, nan if nb is None else nb, nan, nan, nan, nan,
+                                        False, False, why))  # fmt: skip
+                traces.append(None)
+                continue
             cal = cals[g, nb]
             pick = next(c for c in cal.candidates if c.step_size == cal.step_size)
             eps = reduced / cal.nbeta
@@ -164,6 +184,14 @@ def calibrate_grid(
     for k, (row, i) in enumerate(zip(rows, picks)):
         row[i] = replace(best[k], chosen=k == j)
     chosen = best[j]
+    if (chosen.localization, nbetas[j]) in lost:  # none passed, and the fallback has no run
+        (g, nb), _ = next(iter(cals.items()))
+        j = nbetas.index(nb)
+        for row in rows:
+            row[:] = [replace(t, chosen=False) for t in row]
+        k = localizations.index(g)
+        rows[j][k] = replace(rows[j][k], chosen=True)
+        chosen = rows[j][k]
     warnings = []
     if not chosen.passed:
         warnings.append("no (γ, nβ) of the grid passed the step-size criteria")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slt import _checks
+from slt import _checks, _globals
 from slt.evidence._result import ToDict
 from slt.evidence.functional import FlatLoss, log_normal
 from slt.evidence.spectrum import hessian_spectrum, zero_threshold
@@ -154,7 +154,8 @@ def bic(
     >>> round(res.bic - (2 * 0.5 * math.log(2 * math.pi) + 0.5 * math.log(2)), 12)
     0.0
     """
-    flat, n, _, loss, g = _setup(model, loader, loss_fn, n, dtype)
+    with _globals.private(0):  # what the model draws (an always-on dropout) is not the caller's
+        flat, n, _, loss, g = _setup(model, loader, loss_fn, n, dtype)
     penalty = 0.5 * flat.dim * math.log(n)
     return BICResult(
         bic=n * loss + penalty,
@@ -226,9 +227,20 @@ def laplace(
         threshold = _checks.real("threshold", threshold, minimum=0)
     dense_max = _checks.integer("dense_max", dense_max, minimum=0)
     num_eigs = _checks.integer("num_eigs", num_eigs, minimum=1)
-    flat, n, w, loss, g = _setup(model, loader, loss_fn, n, dtype)
+    seed = _checks.seed(seed)
+    with _globals.private(seed):  # what the model draws is not the caller's
+        flat, n, w, loss, g = _setup(model, loader, loss_fn, n, dtype)
+        try:
+            spec, h = hessian_spectrum(flat, w, dense_max=dense_max, num_eigs=num_eigs,
+                                       seed=seed)  # fmt: skip
+        except RuntimeError as err:
+            if "randomness" not in str(err):
+                raise
+            raise ValueError(
+                "laplace: the model draws random numbers in its forward pass (an always-on "
+                "dropout, say), so its Hessian at ŵ is not defined; evaluate it without them"
+            ) from err
     d, p = flat.dim, 1.0 / (n * std * std)
-    spec, h = hessian_spectrum(flat, w, dense_max=dense_max, num_eigs=num_eigs, seed=seed)
     ev = spec.eigenvalues
     thr = zero_threshold(ev) if threshold is None else threshold
     small = np.abs(ev) <= thr
