@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import slt
 from slt.evidence import evidence_curves, plot_evidence
 from slt.evidence.curves import fit_slope
 
@@ -94,3 +95,26 @@ def test_slt_evidence_command_prints_the_table_and_writes_the_files(tmp_path):
 
 def _refuse(constant: str):
     raise ValueError(f"{constant} is not JSON")
+
+
+def test_evidence_curves_carry_the_warnings_of_their_runs():
+    # the TI, WBIC and Laplace runs' warnings were dropped: the table read as clean
+    case = slt.zoo.regular(2, n=128)
+    curves = slt.evidence_curves(case.model, case.dataset, case.loss_fn, ns=(64, 128),
+                                 num_rungs=3, num_chains=6, num_draws=40, num_burnin=10,
+                                 progress=False, seed=0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(case.dataset, batch_size=128, shuffle=True)
+    wb = slt.wbic(
+        case.model,
+        loader,
+        case.loss_fn,
+        num_chains=6,
+        num_draws=40,
+        num_burnin=10,
+        seed=1,
+        progress=False,
+    )  # what evidence_curves runs at n = 128
+    assert [f"n = 128, WBIC: {w}" for w in wb.warnings] == [
+        w for w in curves.warnings if w.startswith("n = 128, WBIC: ")]  # fmt: skip
+    assert curves.warnings and all(f"warning: {w}" in str(curves) for w in curves.warnings)
+    assert curves.to_dict()["warnings"] == list(curves.warnings)

@@ -56,6 +56,7 @@ class EvidenceCurves(ToDict):
     prior_std: float
     seconds: float
     settings: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # the runs' own, "n = …, method: …"
 
     def __str__(self) -> str:
         d = self.num_params
@@ -88,6 +89,7 @@ class EvidenceCurves(ToDict):
         lines.append(f"{slope} " + ",  ".join(parts))
         ref = f"λ = {self.lam:g}" if self.lam is not None else "λ unknown"
         lines.append(f"(compare: {ref}; BIC assumes d/2 = {d / 2:g})   {self.seconds:.0f} s")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def plot(self, ax=None):
@@ -227,7 +229,7 @@ def evidence_curves(
 
     rows = {key: [] for key in ("nll", "exact", "ti", "ti_err", "wbic", "wbic_se", "lam",
                                 "lam_se", "bic", "laplace")}  # fmt: skip
-    d = None
+    d, notes = None, []
     for i, n in enumerate(ns):
         net, loader, loss, exact_nll = make(n)
         ti = free_energy(net, loader, loss, prior_std=prior_std, num_rungs=num_rungs,
@@ -243,6 +245,8 @@ def evidence_curves(
         if exact_nll is not None:  # each F minus its own n L_n(w*), in its own precision
             quad = quadrature_free_energy(exact_nll, n=n, dim=d, prior_std=prior_std, rtol=1e-7)
             exact = quad.free_energy - n * float(exact_nll(torch.zeros(1, d, dtype=torch.float64)))
+        for method, result in (("TI", ti), ("WBIC", wb), ("Laplace", lap)):
+            notes += [f"n = {n}, {method}: {w}" for w in result.warnings]
         rows["nll"].append(b.nll)
         rows["exact"].append(exact)
         rows["ti"].append(ti.free_energy - ti.nll_at_center)
@@ -296,6 +300,7 @@ def evidence_curves(
             seed=seed,
             batch_size=batch_size,
         ),  # fmt: skip
+        warnings=tuple(notes),
     )
 
 
