@@ -185,3 +185,14 @@ def test_estimate_lambda_m_says_why_points_were_left_out():
     nb = np.geomspace(1e2, 1e6, 4)
     with pytest.raises(ValueError, match=r"got 0 \(4 left out .*llc_std=None"):
         estimate_lambda_m(nb, 1.5 - 2 / np.log(nb), np.full(4, np.nan), order=2)
+
+
+def test_baselines_and_curves_name_a_bad_dtype_or_potential():
+    case = slt.zoo.regular(2, n=64)
+    for fn in (slt.bic, slt.laplace):  # "Invalid device string"
+        with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+            fn(case.model, case.loader(), case.loss_fn, dtype="float64")
+    with pytest.raises(ValueError, match="k must be a non-empty sequence"):  # "int not iterable"
+        slt.evidence_curves(potential=5, ns=(50, 100), progress=False)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        slt.laplace(case.model, case.loader(), case.loss_fn, seed=-1)

@@ -630,3 +630,12 @@ def test_a_worker_that_cannot_set_up_or_dies_is_said_by_name(tmp_path):
                        h.dies_on_positive_bias, results=results, executor="process",
                        max_workers=1, **TINY)  # fmt: skip
     assert [r["label"] for r in read_file(results).rows] == ["step 0"]
+
+
+def test_a_list_mixing_paths_and_state_dicts_warns_that_its_steps_are_positions(tmp_path):
+    # the warning came only when every checkpoint was a path: [ckpt_10.pt, state] was
+    # silently steps 0 and 1
+    _save_linears(tmp_path, ["ckpt_10.pt"])
+    with pytest.warns(UserWarning, match=r"no distinct step number \(state dict \[1\]\)"):
+        jobs = make_jobs([str(tmp_path / "ckpt_10.pt"), h.linear().state_dict()])
+    assert [j.step for j in jobs] == [0, 1]

@@ -104,8 +104,9 @@ def _steps_from_names(sources: list) -> list[int]:
         numbers.append(int(found[-1]) if found else None)
     if None not in numbers and len(set(numbers)) == len(numbers):
         return numbers
-    if all(isinstance(s, str) for s in sources):
-        names = [Path(s).name for s in sources]
+    if any(isinstance(s, str) for s in sources):  # state dicts alone are steps 0, 1, ...
+        names = [Path(s).name if isinstance(s, str) else f"state dict [{i}]"
+                 for i, s in enumerate(sources)]  # fmt: skip
         why = [n for n, k in zip(names, numbers) if k is None or numbers.count(k) > 1]
         warnings.warn(
             f"checkpoint names give no distinct step number ({_few(why)}): steps are 0 to "

@@ -109,6 +109,8 @@ class LaplaceResult(ToDict):
 
 
 def _setup(model, loader, loss_fn, n, dtype):
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float64) or None, got {dtype!r}")
     flat = FlatLoss(model, loader, loss_fn, dtype=dtype)
     n = _checks.integer("n", n if n is not None else flat.n, minimum=1)
     w = flat.center

@@ -212,7 +212,9 @@ def evidence_curves(
     t0 = time.perf_counter()
     ns = _sample_sizes(ns)
     if model is None:
-        make, name, lam, m = _zoo_problem(tuple(potential), seed)
+        from slt.zoo.potentials import exponents
+
+        make, name, lam, m = _zoo_problem(exponents(potential), seed)
     else:
         if dataset is None or loss_fn is None:
             raise ValueError("with a model, pass its dataset and loss_fn too")
