@@ -74,3 +74,91 @@ def test_held_parameters_do_not_move_and_user_model_is_untouched():
     assert moved == {"rrr.0.weight": False, "rrr.1.weight": False, "reg.0.weight": True}
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class _Tied(torch.nn.Module):
+    """An encoder and a decoder sharing one weight; the decoder keeps its own bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(4, 4)
+        self.dec = torch.nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+def _selected(model, params, dims=(4, 4)):
+    """The names a posterior of ``model`` samples under ``params`` (inputs, outputs: dims)."""
+    from slt.sampling import build_posterior
+
+    x = torch.randn(64, dims[0], generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, torch.zeros(64, dims[1]))
+    post = build_posterior(model, torch.utils.data.DataLoader(data, batch_size=16),
+                           slt.gaussian_nll(1.0), n=None, nbeta=None, localization=1.0,
+                           control_variate="gradient", sampler="sgld", params=params)  # fmt: skip
+    return post.names
+
+
+def test_a_tied_weight_is_selected_by_any_of_its_names():
+    # named_parameters() drops a tied weight's second name: "dec.*" sampled dec.bias alone,
+    # and "dec.weight" was refused as matching nothing
+    model = _Tied()
+    assert _selected(model, "dec.*") == ["enc.weight", "dec.bias"]
+    assert _selected(model, "dec.weight") == ["enc.weight"]
+    assert _selected(model, lambda name, p: name.startswith("dec.")) == ["enc.weight", "dec.bias"]
+    shared = torch.nn.Sequential(*[torch.nn.Linear(4, 4)] * 3)  # one block registered 3 times
+    assert _selected(shared, "1.*") == ["0.weight", "0.bias"]
+
+
+def test_the_models_own_submodule_or_parameters_select_them():
+    # params=model.head was called as a predicate (a module is callable); [head.weight] was
+    # refused with the whole tensor printed
+    model = TwoBlocks()
+    assert _selected(model, model.reg, (8, 6)) == ["reg.0.weight"]
+    assert _selected(model, [model.rrr[1].weight], (8, 6)) == ["rrr.1.weight"]
+    with pytest.raises(ValueError, match="not parameters of model"):
+        _selected(model, torch.nn.Linear(2, 2), (8, 6))
+    with pytest.raises(ValueError, match="the sampling copy's parameters"):
+        _selected(model, lambda name, p: any(p is q for q in model.reg.parameters()), (8, 6))
+
+
+def test_an_exact_name_with_brackets_is_not_a_glob():
+    model = torch.nn.Module()
+    model.heads = torch.nn.ModuleDict({"out[0]": torch.nn.Linear(3, 1)})
+    model.forward = lambda x: model.heads["out[0]"](x)
+    assert _selected(model, "heads.out[0].weight", (3, 1)) == ["heads.out[0].weight"]
+
+
+def test_complex_parameters_and_uncopyable_models_are_named():
+    # a complex weight was sampled at half the temperature (λ̂ 0.50 against 1.0); the
+    # hook-based weight_norm failed inside deepcopy with torch's own words
+    class Complex(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0 + 1.0j))
+            self.lin = torch.nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.lin(x) + self.w.real
+
+    with pytest.raises(ValueError, match="complex sampled parameters \\(w\\)"):
+        _selected(Complex(), None, (2, 1))
+    with pytest.warns(FutureWarning):
+        normed = torch.nn.utils.weight_norm(torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="model cannot be copied .*weight"):
+        _selected(normed, None, (3, 1))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [torch.nn.MultiheadAttention(4, 2, dropout=0.5), torch.nn.InstanceNorm1d(4,
+     track_running_stats=True), torch.nn.RReLU()],
+)  # fmt: skip
+def test_train_mode_layers_beyond_batchnorm_and_dropout_are_warned(layer):
+    from slt.posterior import _train_mode_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), layer).train()
+    assert _train_mode_layers(model) == ["1"]
+    assert _train_mode_layers(model.eval()) == []

@@ -38,48 +38,113 @@ _HALF = {str(torch.float16), str(torch.bfloat16)}
 _STOCHASTIC_IN_TRAIN = (
     torch.nn.modules.batchnorm._BatchNorm,
     torch.nn.modules.dropout._DropoutNd,
+    torch.nn.RReLU,
 )
+
+
+def _acts_differently_in_training(m: torch.nn.Module) -> bool:
+    if isinstance(m, _STOCHASTIC_IN_TRAIN):
+        return True
+    if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+        return m.track_running_stats
+    return isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0
 
 
 def _train_mode_layers(model: torch.nn.Module) -> list[str]:
     return [
         name or type(m).__name__
         for name, m in model.named_modules()
-        if m.training and isinstance(m, _STOCHASTIC_IN_TRAIN)
+        if m.training and _acts_differently_in_training(m)
     ]
 
 
-ParamSelection = str | Sequence[str] | Callable[[str, torch.Tensor], bool] | None
+ParamSelection = str | Sequence[str] | Callable[[str, torch.Tensor], bool] | torch.nn.Module | None
 
 
-def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection) -> list[str]:
+def names_of(model: torch.nn.Module, params: Any) -> Any:
+    """``params`` given as the user's own submodule, parameter, or a list of them, as the
+    parameters' names in ``model`` (found by identity, before the model is copied);
+    anything else as it is."""
+    items = params if isinstance(params, (list, tuple)) else [params]
+    if not items or not all(isinstance(x, (torch.nn.Module, torch.Tensor)) for x in items):
+        return params
+    wanted = {id(p) for x in items
+              for p in (x.parameters() if isinstance(x, torch.nn.Module) else [x])}  # fmt: skip
+    names = [n for n, p in model.named_parameters() if id(p) in wanted]
+    if not names:
+        raise ValueError(
+            "params: the modules or parameters given are not parameters of model (pass "
+            "them from the model itself, or names such as 'head.*')"
+        )
+    return names
+
+
+def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection,
+                      aliases: dict[str, str] | None = None) -> list[str]:  # fmt: skip
     """The names in ``trainable`` chosen by ``params`` (names or glob patterns, or a
-    predicate on (name, parameter)); errors name what matched nothing."""
+    predicate on (name, parameter)); errors name what matched nothing. ``aliases`` maps
+    every name a parameter has (a tied weight, a submodule registered twice) to its name
+    in ``trainable``: a pattern or predicate may use any of them."""
     if params is None:
         return list(trainable)
-    if not (callable(params) or isinstance(params, (str, Sequence))):
+    if isinstance(params, torch.nn.Module) or not (
+        callable(params) or isinstance(params, (str, Sequence))
+    ):
         raise TypeError(
-            f"params must be a name, a glob pattern, a list of them, or a predicate; got {params!r}"
+            "params must be a name, a glob pattern, a list of them, a predicate on (name, "
+            f"parameter), or the model's own submodule or parameters; got {params!r}"
         )
+    aliases = aliases or {n: n for n in trainable}
     if callable(params):
-        chosen = [n for n, p in trainable.items() if params(n, p)]
+        picked = {aliases[n] for n in aliases if params(n, trainable[aliases[n]])}
     else:
         patterns = [params] if isinstance(params, str) else list(params)
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise TypeError(
-                f"params must be a name, a glob pattern, a list of them, or a predicate; got "
-                f"{params!r}"
+                "params must be a name, a glob pattern, a list of them, a predicate on (name, "
+                f"parameter), or the model's own submodule or parameters; got {params!r}"
             )
-        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in trainable)]
+
+        def matches(name: str, pattern: str) -> bool:  # an exact name may hold [ or ]
+            return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+        unmatched = [p for p in patterns if not any(matches(n, p) for n in aliases)]
         if unmatched:
+            names = list(aliases)
             raise ValueError(
                 f"params: {unmatched} match no trainable parameter; the trainable ones are "
-                f"{list(trainable)[:8]}{' ...' if len(trainable) > 8 else ''}"
+                f"{names[:8]}{' ...' if len(names) > 8 else ''}"
             )
-        chosen = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        picked = {aliases[n] for n in aliases if any(matches(n, p) for p in patterns)}
+    chosen = [n for n in trainable if n in picked]
     if not chosen:
-        raise ValueError(f"params={params!r} selects no trainable parameter")
+        hint = (
+            " (a predicate is called with the names and the sampling copy's parameters, not "
+            "the model's own: compare names, or pass the submodule itself as params)"
+            if callable(params)
+            else ""
+        )
+        raise ValueError(f"params={params!r} selects no trainable parameter{hint}")
     return chosen
+
+
+def _copied(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model``, or an error naming what stops one: a tensor attribute
+    that is the output of an operation (with a ``grad_fn``), such as the hook-based
+    ``torch.nn.utils.weight_norm``'s weight or a kept activation."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as err:
+        if "deepcopy" not in str(err):
+            raise
+        held = [f"{name + '.' if name else ''}{k}" for name, m in model.named_modules()
+                for k, v in vars(m).items()
+                if isinstance(v, torch.Tensor) and v.grad_fn is not None]  # fmt: skip
+        raise ValueError(
+            "model cannot be copied (slt samples a copy): it holds tensors computed with "
+            f"autograd ({', '.join(held[:4]) or 'an attribute'}); detach them, or for weight "
+            "norm use torch.nn.utils.parametrizations.weight_norm"
+        ) from err
 
 
 def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
@@ -188,22 +253,27 @@ class Posterior(Tables):
         layers = _train_mode_layers(model)
         if layers:
             msg = (
-                f"model is in training mode with BatchNorm/Dropout layers ({', '.join(layers[:3])}"
-                f"{', ...' if len(layers) > 3 else ''}); the posterior is evaluated in eval mode "
-                "on a copy (your model is left as it is)"
+                "model is in training mode with layers that act differently there, as "
+                f"BatchNorm and Dropout do ({', '.join(layers[:3])}"
+                f"{', ...' if len(layers) > 3 else ''}); the posterior is evaluated in eval "
+                "mode on a copy (your model is left as it is)"
             )
             self.warnings.append(msg)
-
-        self.module = copy.deepcopy(model).eval()
+        params = names_of(model, params)
+        self.module = _copied(model).eval()
         self._replay = None  # the loop's passes replayed from traced graphs (replayed)
-        self.reference = copy.deepcopy(model).eval()
+        self.reference = _copied(model).eval()
         self._attention = True if has_attention(model) else None  # None: not known yet
         for p in (*self.module.parameters(), *self.reference.parameters()):
             p.grad = None
         trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-        self.names = select_parameters(trainable, params)
+        first_name = {id(p): n for n, p in trainable.items()}
+        aliases = {n: first_name[id(p)]
+                   for n, p in self.module.named_parameters(remove_duplicate=False)
+                   if id(p) in first_name}  # fmt: skip
+        self.names = select_parameters(trainable, params, aliases)
         own = dict(self.module.named_parameters())
         for name, p in own.items():  # the rest stay at w* (weight-refined LLC)
             p.requires_grad_(name in self.names)
@@ -214,6 +284,13 @@ class Posterior(Tables):
         self.params = {name: own[name] for name in self.names}
         first = self.params[self.names[0]]
         self.device, self.dtype = first.device, first.dtype
+        complex_ = [n for n, p in self.params.items() if p.is_complex()]
+        if complex_:  # torch.randn gives each real part variance 1/2: half the temperature
+            raise ValueError(
+                f"model: complex sampled parameters ({', '.join(complex_[:3])}) are not "
+                "supported (their noise would be drawn at half the variance per real part); "
+                "hold the real and imaginary parts as real parameters"
+            )
         half = sorted({str(p.dtype) for p in self.params.values()} & _HALF)
         if half:
             raise ValueError(
