@@ -78,6 +78,10 @@ def run_devinterp_llc(case, run: Run, seed: int, nbeta: float) -> np.ndarray:
             match_sampling_input_ids_across_chains=False,
             output_path=Path(tmp) / "samples.zarr",
             loss_fn=gaussian_nll_per_sample(case),
+            # llc() picks CUDA whenever it is there; slt runs on the model's device (the CPU
+            # here), and the row ids index CPU tensors: the same device for both, as the
+            # other devinterp rows pin it
+            device=str(next(case.model.parameters()).device),
         )
         trace = torch.as_tensor(res["loss_trace"].values[:, run.num_burnin :])
         return per_chain_llc(trace, float(res["init_loss"]), nbeta)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-SMALL_PARAMS = 20_000  # "small" cases for the ≥ 5× target: up to the ~10k-parameter MLP
+SMALL_PARAMS = 12_000  # "small" cases for the ≥ 5× target: up to the ~10k-parameter MLP
+# (it was 20,000, which put the 17,409-parameter transformer under the ≥ 5× label while the
+# text judged it against ≥ 3×)
 
 # The issue's measurement of lambda_hat (JAX, GitHub only), on another machine.
 LAMBDA_HAT = ("lambda_hat's own figures (the issue's measurement, another machine): 6 chains × "
@@ -163,7 +165,9 @@ def sgld_floor(res: dict) -> str:
 
 def first_calls(res: dict) -> str:
     """One line: each method's first call in the case's process (a full call: the imports,
-    tracing or compiling it pays once), against the medians of the calls after it."""
+    tracing or compiling it pays once), against the medians of the calls after it. The
+    methods warm up in turn in one process, so only the first of them (slt's defaults)
+    pays the process's one-off imports: plain SGLD's "first call" comes after them."""
     ms = res["methods"]
     parts = []
     for name, label in (("slt", "slt defaults"), ("slt-plain", "plain SGLD"),
@@ -173,7 +177,10 @@ def first_calls(res: dict) -> str:
             parts.append(f"{label} {first:.3g} s (then {median:.3g} s)")
     if not parts:
         return ""
-    return f"First call on {res['case']} {res['run_label']}: " + ", ".join(parts) + "."
+    return (
+        f"First call on {res['case']} {res['run_label']} (in turn in one process: plain "
+        "SGLD's after the defaults' warm-up): " + ", ".join(parts) + "."
+    )
 
 
 # a case with a machine figure over this many times the run's lowest ran in a slow spell

@@ -90,3 +90,21 @@ def test_compiled_rows_run_after_the_others_and_each_warm_up_is_a_full_call(monk
     calls.clear()  # a case without compiled rows (the 1M model)
     bench_llc.bench_case(Case(), Run(2, 3, 7, 2), ["slt", "devinterp-llc"])
     assert {name for name, _ in calls} == {"slt", "devinterp-llc"}
+
+
+def test_devinterp_llc_row_runs_on_the_models_device_where_cuda_is_there(monkeypatch):
+    # llc() picks CUDA whenever torch says it is there: on a GPU machine the row moved the
+    # model to the GPU (or failed: the row ids index CPU tensors) while slt ran on the CPU
+    sys.path.insert(0, str(BENCH))
+    try:
+        import cases
+        from _common import Run
+        from _devinterp import run_devinterp_llc
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    case = cases.build("regular")
+    llc = run_devinterp_llc(case, Run(2, 2, 10, 1), seed=0, nbeta=100.0)
+    assert llc.shape == (2,) and next(case.model.parameters()).device.type == "cpu"
