@@ -114,13 +114,20 @@ class CalibrationResult:
         return "\n".join(lines)
 
     def plot(self):
-        """λ̂ (± 2 se) and MALA acceptance against ε; returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        """λ̂ (± 2 se) and MALA acceptance against ε; returns the matplotlib Figure. A
+        candidate without λ̂ (its chains diverged) is a red x at the bottom edge."""
+        from slt.plots import _pyplot
 
+        plt = _pyplot()
         eps = np.array([c.step_size for c in self.candidates])
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 5), sharex=True)
-        llc = [c.llc for c in self.candidates]
+        llc = np.array([c.llc for c in self.candidates], dtype=float)
         top.errorbar(eps, llc, yerr=[2 * c.llc_std for c in self.candidates], fmt="o-", capsize=3)
+        lost = ~np.isfinite(llc)
+        if lost.any():  # in the table, so on the plot too
+            top.plot(eps[lost], np.zeros(int(lost.sum())), "x", color="red", ms=8, mew=2,
+                     transform=top.get_xaxis_transform(), clip_on=False,
+                     label="no λ̂ (diverged)")  # fmt: skip
         top.axvline(self.step_size, color="tab:green", ls="--", label="chosen")
         top.set(ylabel="λ̂ (± 2 se)", xscale="log", title="step-size calibration")
         top.legend(fontsize=8)

@@ -65,14 +65,29 @@ class NbetaSweep:
         }
 
     def plot(self, ax=None):
-        """λ̂ ± 2 se against log nβ; returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        """λ̂ ± 2 se against log nβ; returns the matplotlib Figure. A point without λ̂ (every
+        chain diverged) is a red x at the bottom edge, one without a standard error a
+        hollow square."""
+        from slt.plots import _pyplot, one_axes
 
-        fig = ax.figure if ax is not None else plt.figure(figsize=(5, 3.5))
-        ax = ax if ax is not None else fig.add_subplot()
+        plt = _pyplot()
+        own = ax is None
+        fig = plt.figure(figsize=(5, 3.5)) if own else one_axes(ax).figure
+        ax = fig.add_subplot() if own else ax
         ax.errorbar(self.nbeta, self.llc, yerr=2 * self.llc_std, fmt="o-", capsize=3)
+        lost, bare = ~np.isfinite(self.llc), np.isfinite(self.llc) & ~np.isfinite(self.llc_std)
+        if lost.any():
+            ax.plot(self.nbeta[lost], np.zeros(int(lost.sum())), "x", color="red", ms=8, mew=2,
+                    transform=ax.get_xaxis_transform(), clip_on=False,
+                    label="no λ̂ (diverged)")  # fmt: skip
+        if bare.any():
+            ax.plot(self.nbeta[bare], self.llc[bare], "s", mfc="none", mec="C1", ms=7,
+                    label="no standard error")  # fmt: skip
+        if lost.any() or bare.any():
+            ax.legend(fontsize=8)
         ax.set(xscale="log", xlabel="nβ", ylabel="λ̂ (± 2 se)", title="λ̂ against nβ")
-        fig.tight_layout()
+        if own:  # the caller's figure keeps its own layout
+            fig.tight_layout()
         return fig
 
 

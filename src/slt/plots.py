@@ -36,6 +36,24 @@ def _running_mean(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x, axis=-1) / np.arange(1, x.shape[-1] + 1)
 
 
+def axes_pair(ax, name: str = "ax"):
+    """``ax`` as two matplotlib Axes, or a TypeError that says a pair is wanted."""
+    try:
+        first, second = ax
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a pair of matplotlib Axes (top, bottom), got {ax!r}"
+        ) from None
+    return first, second
+
+
+def one_axes(ax, name: str = "ax"):
+    """``ax`` if it is one matplotlib Axes, else a TypeError naming it."""
+    if not hasattr(ax, "figure") or not hasattr(ax, "plot"):
+        raise TypeError(f"{name} must be one matplotlib Axes, got {ax!r}")
+    return ax
+
+
 def _limits(ax: Axes, values: np.ndarray) -> None:
     """Fit the y-axis to ``values`` (the usable chains), so a diverging chain cannot flatten it."""
     lo, hi = np.nanmin(values), np.nanmax(values)
@@ -46,10 +64,13 @@ def _limits(ax: Axes, values: np.ndarray) -> None:
 def _mark_divergence(ax: Axes, steps: np.ndarray, row: np.ndarray) -> None:
     """An ``x`` at the last finite value of a diverged chain, kept inside the axis."""
     finite = np.flatnonzero(np.isfinite(row))
-    if finite.size == 0:
+    lo, hi = ax.get_ylim()
+    if finite.size == 0:  # it diverged in the burn-in: an x at the first step, at the top
+        ax.plot(steps[0], hi, "x", color="red", ms=9, mew=2, clip_on=False)
+        ax.annotate("diverged in burn-in", (steps[0], hi), fontsize=7, color="red",
+                    xytext=(4, -10), textcoords="offset points")  # fmt: skip
         return
     last = finite[-1]
-    lo, hi = ax.get_ylim()
     ax.plot(steps[last], min(max(row[last], lo), hi), "x", color="red", ms=9, mew=2)
 
 
@@ -82,10 +103,11 @@ def plot_trace(
     from slt.diagnostics import diagnose
 
     plt = _pyplot()
-    if ax is None:
+    own = ax is None
+    if own:
         fig, (ax_loss, ax_llc) = plt.subplots(2, 1, figsize=figsize, sharex=True)
     else:
-        ax_loss, ax_llc = ax
+        ax_loss, ax_llc = axes_pair(ax)
         fig = ax_loss.figure
     loss = _finite(result.trace)
     llc_trace = _finite(result.llc_trace)
@@ -97,23 +119,25 @@ def plot_trace(
     for c in range(num_chains):
         style = {"color": colors[c % len(colors)], "ls": ":" if diverged[c] else "-"}
         label = f"chain {c}" + (" (diverged)" if diverged[c] else "")
-        ax_loss.plot(steps, loss[c], lw=0.7, label=label, **style)
-        ax_llc.plot(steps, llc_trace[c], lw=0.5, alpha=0.3, **style)
-        ax_llc.plot(steps, _running_mean(llc_trace[c]), lw=1.6, **style)
+        marker = {"marker": "o", "ms": 3} if num_draws == 1 else {}  # one draw: a point
+        ax_loss.plot(steps, loss[c], lw=0.7, label=label, **style, **marker)
+        ax_llc.plot(steps, llc_trace[c], lw=0.5, alpha=0.3, **style, **marker)
+        ax_llc.plot(steps, _running_mean(llc_trace[c]), lw=1.6, **style, **marker)
     init_loss = getattr(result, "init_loss", None)
     if init_loss is not None:
         ax_loss.axhline(init_loss, color="k", ls="--", lw=1, label="L_n(w*)")
 
     diag = diagnose(result.llc_trace, diverged=diverged)
     se, se_name = result.llc_std, "se over chains"
-    if not math.isfinite(se):
-        se, se_name = diag.mcse, "MCSE"
+    if not math.isfinite(se):  # the result's own MCSE (over epochs where it took them)
+        se, se_name = getattr(result, "mcse", diag.mcse), "MCSE"
     ax_llc.axhline(result.llc, color="k", lw=1.2, label=f"λ̂ = {result.llc:.4g}")
     if math.isfinite(se):
         ax_llc.axhspan(result.llc - 2 * se, result.llc + 2 * se, color="0.5", alpha=0.25,
                        label=f"± 2 {se_name}")  # fmt: skip
     if diverged.any() and ok.any():
-        _limits(ax_loss, loss[ok])
+        with_center = loss[ok] if init_loss is None else np.append(loss[ok], init_loss)
+        _limits(ax_loss, with_center)  # L_n(w*) stays in view
         _limits(ax_llc, llc_trace[ok])
         for c in np.flatnonzero(diverged):
             _mark_divergence(ax_loss, steps, loss[c])
@@ -126,8 +150,12 @@ def plot_trace(
     ax_llc.legend(loc="upper right", fontsize="small")
     rhat = getattr(result, "rhat", diag.rhat)
     ess = getattr(result, "ess_bulk", diag.ess_bulk)
-    fig.suptitle(
+    title = (
         f"λ̂ = {result.llc:.4g} ± {se:.2g}   R̂ {rhat:.3f}   bulk ESS {ess:.0f}   "
         f"({int(ok.sum())}/{num_chains} chains × {num_draws} draws)"
     )
+    if own:
+        fig.suptitle(title)
+    else:  # the caller's figure keeps its own title
+        ax_loss.set_title(title, fontsize="medium")
     return fig

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slt.plots import _pyplot
+from slt.plots import _pyplot, axes_pair, one_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,20 +51,35 @@ def plot_trajectory(
     if ax is None:
         fig, (ax_llc, ax_loss) = plt.subplots(2, 1, figsize=figsize, sharex=True)
     else:
-        ax_llc, ax_loss = ax
+        ax_llc, ax_loss = axes_pair(ax)
         fig = ax_llc.figure
-    steps = np.asarray(trajectory.steps)
-    llc, se = np.asarray(trajectory.llc, float), np.asarray(trajectory.se, float)
-    warned = np.array([len(w) > 0 for w in trajectory.warnings], dtype=bool)
-    ax_llc.fill_between(steps, llc - band * se, llc + band * se, color="k", alpha=0.15, lw=0,
-                        label=f"± {band:g} se")  # fmt: skip
-    ax_llc.plot(steps, llc, "-", color="k", lw=1.2)
-    ax_llc.plot(steps[~warned], llc[~warned], "o", color="k", ms=4, label="λ̂")
-    if warned.any():
-        ax_llc.plot(steps[warned], llc[warned], "o", mfc="white", mec="k", ms=4,
-                    label="λ̂ (with warnings)")  # fmt: skip
+    order = np.argsort(np.asarray(trajectory.steps), kind="stable")  # training order
+    steps = np.asarray(trajectory.steps)[order]
+    llc = np.asarray(trajectory.llc, float)[order]
+    se = np.asarray(trajectory.se, float)[order]
+    loss = np.asarray(trajectory.loss, float)[order]
+    warned = np.array([len(w) > 0 for w in trajectory.warnings], dtype=bool)[order]
+    known = np.isfinite(llc)
+    banded = known & np.isfinite(se)
+    if banded.any():
+        ax_llc.fill_between(steps[banded], (llc - band * se)[banded], (llc + band * se)[banded],
+                            color="k", alpha=0.15, lw=0, label=f"± {band:g} se")  # fmt: skip
+    ax_llc.plot(steps[known], llc[known], "-", color="k", lw=1.2)
+    for subset, style, label in ((known & ~warned, {"color": "k"}, "λ̂"),
+                                 (known & warned, {"mfc": "white", "mec": "k"},
+                                  "λ̂ (with warnings)")):  # fmt: skip
+        if subset.any():
+            ax_llc.plot(steps[subset], llc[subset], "o", ms=4, label=label, **style)
+    if (known & ~np.isfinite(se)).any():
+        nose = known & ~np.isfinite(se)
+        ax_llc.plot(steps[nose], llc[nose], "s", mfc="none", mec="C1", ms=7,
+                    label="no standard error")  # fmt: skip
     _clip_to_clean(ax_llc, steps, llc, se * band, warned)
-    ax_loss.plot(steps, trajectory.loss, "o-", color="C3", ms=3, lw=1.2, label="L_n(w*)")
+    if (~known).any():  # every chain diverged there: an x at the bottom edge, not nothing
+        ax_llc.plot(steps[~known], np.zeros(int((~known).sum())), "x", color="red", ms=8,
+                    mew=2, transform=ax_llc.get_xaxis_transform(), clip_on=False,
+                    label="no λ̂ (every chain diverged)")  # fmt: skip
+    ax_loss.plot(steps, loss, "o-", color="C3", ms=3, lw=1.2, label="L_n(w*)")
     if transitions is not None:
         for axis in (ax_llc, ax_loss):
             _shade_stages(axis, transitions, steps)
@@ -117,15 +132,16 @@ def plot_phase_diagram(diagram, *, ax: Axes | None = None,
     """F_i(n) - min_j F_j(n) against n for each candidate; crossings marked.
 
     The candidate at 0 dominates the posterior at that n. The y-axis shows up to 2.5 times
-    the largest gap at the smallest n; curves leaving it lose for good. Each crossing is a
-    dotted line with its ± 2 se range (from the λ̂ standard errors) shaded; an end that
-    2 se remove (NaN) is shaded to the edge of the axes.
+    the largest gap at the smallest n; a curve can leave it and come back (one that wins at
+    large n may lie above it in between), so read the crossings, not the visible curves.
+    Each crossing is a dotted line with its ± 2 se range (from the λ̂ standard errors)
+    shaded; an end that 2 se remove (NaN) is shaded to the edge of the axes.
     """
     plt = _pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
     else:
-        fig = ax.figure
+        fig = one_axes(ax).figure
     gap = diagram.free_energy - diagram.free_energy.min(axis=0, keepdims=True)
     for i, c in enumerate(diagram.candidates):
         ax.plot(diagram.n, gap[i], lw=1.5, label=f"{c.name} (L {c.loss:.4g}, λ̂ {c.llc:.3g})")

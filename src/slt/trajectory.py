@@ -83,8 +83,11 @@ class Trajectory:
 
     @property
     def se(self) -> np.ndarray:
-        """(checkpoint,) the larger of ``llc_std`` and ``mcse`` (the cautious error bar)."""
-        return np.fmax(self.llc_std, self.mcse)
+        """(checkpoint,) the larger of ``llc_std`` and ``mcse`` (the cautious error bar);
+        ``mcse`` alone where one chain leaves no ``llc_std``; NaN where there is no MCSE
+        (chains that never moved: their ``llc_std`` of 0 is no error bar)."""
+        mcse = np.asarray(self.mcse, dtype=float)
+        return np.where(np.isnan(mcse), np.nan, np.fmax(self.llc_std, mcse))
 
     def to_dict(self) -> dict:
         """Plain Python values (JSON-serialisable up to NaN)."""

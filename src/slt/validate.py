@@ -152,12 +152,11 @@ def format_table(rows: list[Row]) -> str:
 def plot(rows: list[Row], path: Path) -> None:
     """Left: λ̂ against λ (log-log) with the diagonal. Right: each case's relative error
     against its target with ±2 se bars and the ±10% pass band."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 3.2))
+    # a Figure of its own, not pyplot's: the caller's backend (a notebook's) is left alone
+    fig = Figure(figsize=(11, 0.45 * len(rows) + 3.2))
+    left, right = fig.subplots(1, 2)
     # log axes: the limits from the positive values; a λ̂ ≤ 0 or NaN (a case that failed
     # badly) is drawn as a red cross at the bottom edge, not left off the plot
     values = [v for r in rows for v in (r.lam, r.llc, r.target) if v > 0]
@@ -174,8 +173,9 @@ def plot(rows: list[Row], path: Path) -> None:
     if any(not r.llc > 0 for r in rows):
         left.plot([], [], "x", color="tab:red", ms=9, mew=2, label="λ̂ ≤ 0 or none (at the edge)")
     left.plot([], [], "o", color="tab:blue", label="m = 1")
-    left.plot([], [], "o", color="tab:orange", label="m > 1")
-    left.plot([], [], marker="_", ls="", ms=14, color="k", label="finite-nβ target (m > 1)")
+    if any(r.m > 1 for r in rows):
+        left.plot([], [], "o", color="tab:orange", label="m > 1")
+        left.plot([], [], marker="_", ls="", ms=14, color="k", label="finite-nβ target (m > 1)")
     left.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="λ (theory)",
              ylabel="λ̂ (± 2 se)", title="λ̂ against the known λ")  # fmt: skip
     left.legend(loc="upper left", fontsize=8)
@@ -191,13 +191,14 @@ def plot(rows: list[Row], path: Path) -> None:
                        fontsize=8)  # fmt: skip
             continue
         right.errorbar(err, i, xerr=200 * r.llc_std / r.target, fmt="o", color=color, capsize=3)
-    right.set_yticks(list(y), [f"{r.name} ({r.target_kind})" for r in rows], fontsize=8)
+    names = [f"{r.name} ({r.target_kind})" + ("" if math.isfinite(r.llc_std) else ", no se")
+             for r in rows]  # fmt: skip
+    right.set_yticks(list(y), names, fontsize=8)
     right.invert_yaxis()
     right.set(xlabel="λ̂ / target − 1 (%), ± 2 se", title="error against the target")
     fig.suptitle("slt validate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def validate(

@@ -311,11 +311,12 @@ def plot_evidence(curves: EvidenceCurves, ax=None):
 
     Needs matplotlib (``pip install 'slt[plot]'``). Returns the Figure.
     """
-    from slt.plots import _pyplot
+    from slt.plots import _pyplot, one_axes
 
     plt = _pyplot()
-    fig = ax.figure if ax is not None else plt.figure(figsize=(7, 4.8))
-    ax = ax if ax is not None else fig.add_subplot()
+    own = ax is None
+    fig = plt.figure(figsize=(7, 4.8)) if own else one_axes(ax).figure
+    ax = fig.add_subplot() if own else ax
     x = np.asarray(curves.ns, dtype=float)
     s = curves.slopes
 
@@ -329,7 +330,7 @@ def plot_evidence(curves: EvidenceCurves, ax=None):
                 color="tab:blue", capsize=3,
                 label=label("F_n, thermodynamic integration (± 2σ)", "thermodynamic"))  # fmt: skip
     ax.errorbar(x * 1.04, curves.wbic, yerr=2 * curves.wbic_se, fmt="s", color="tab:green",
-                capsize=3, label=label("WBIC (± 2σ)", "wbic"))  # fmt: skip
+                capsize=3, label=label("WBIC (± 2σ; drawn at 1.04 n)", "wbic"))  # fmt: skip
     ax.plot(x, curves.bic, "--", color="tab:red", label=label("BIC", "bic"))
     ax.plot(x, curves.laplace, ":", color="tab:orange", label=label("Laplace", "laplace"))
     if curves.lam is not None:
@@ -341,5 +342,6 @@ def plot_evidence(curves: EvidenceCurves, ax=None):
            title=f"{curves.name}: d/2 = {curves.num_params / 2:g}"
            + ("" if curves.lam is None else f", λ = {curves.lam:g}"))  # fmt: skip
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    if own:  # the caller's figure keeps its own layout
+        fig.tight_layout()
     return fig
