@@ -116,7 +116,7 @@ class CalibrationResult:
     def plot(self):
         """λ̂ (± 2 se) and MALA acceptance against ε; returns the matplotlib Figure. A
         candidate without λ̂ (its chains diverged) is a red x at the bottom edge."""
-        from slt.plots import _pyplot
+        from slt.plots import _pyplot, mark_missing
 
         plt = _pyplot()
         eps = np.array([c.step_size for c in self.candidates])
@@ -125,9 +125,7 @@ class CalibrationResult:
         top.errorbar(eps, llc, yerr=[2 * c.llc_std for c in self.candidates], fmt="o-", capsize=3)
         lost = ~np.isfinite(llc)
         if lost.any():  # in the table, so on the plot too
-            top.plot(eps[lost], np.zeros(int(lost.sum())), "x", color="red", ms=8, mew=2,
-                     transform=top.get_xaxis_transform(), clip_on=False,
-                     label="no λ̂ (diverged)")  # fmt: skip
+            mark_missing(top, eps[lost], "no λ̂ (diverged)")
         top.axvline(self.step_size, color="tab:green", ls="--", label="chosen")
         top.set(ylabel="λ̂ (± 2 se)", xscale="log", title="step-size calibration")
         top.legend(fontsize=8)

@@ -68,7 +68,7 @@ class NbetaSweep:
         """λ̂ ± 2 se against log nβ; returns the matplotlib Figure. A point without λ̂ (every
         chain diverged) is a red x at the bottom edge, one without a standard error a
         hollow square."""
-        from slt.plots import _pyplot, one_axes
+        from slt.plots import _pyplot, mark_missing, one_axes
 
         plt = _pyplot()
         own = ax is None
@@ -77,9 +77,7 @@ class NbetaSweep:
         ax.errorbar(self.nbeta, self.llc, yerr=2 * self.llc_std, fmt="o-", capsize=3)
         lost, bare = ~np.isfinite(self.llc), np.isfinite(self.llc) & ~np.isfinite(self.llc_std)
         if lost.any():
-            ax.plot(self.nbeta[lost], np.zeros(int(lost.sum())), "x", color="red", ms=8, mew=2,
-                    transform=ax.get_xaxis_transform(), clip_on=False,
-                    label="no λ̂ (diverged)")  # fmt: skip
+            mark_missing(ax, self.nbeta[lost], "no λ̂ (diverged)")
         if bare.any():
             ax.plot(self.nbeta[bare], self.llc[bare], "s", mfc="none", mec="C1", ms=7,
                     label="no standard error")  # fmt: skip
@@ -148,9 +146,9 @@ def llc_vs_nbeta(
     if not isinstance(rescale_step_size, bool):
         raise TypeError(f"rescale_step_size must be True or False, got {rescale_step_size!r}")
     reference = n / math.log(n)
+    steps = [step_size * reference / nb if rescale_step_size else step_size for nb in grid]
     results, notes = [], []
-    for nb in grid:
-        eps = step_size * reference / nb if rescale_step_size else step_size
+    for nb, eps in zip(grid, steps):
         try:
             res = estimate_llc(model, loader, loss_fn, nbeta=float(nb), step_size=float(eps),
                                progress=progress, **kwargs)  # fmt: skip
@@ -167,9 +165,7 @@ def llc_vs_nbeta(
         nbeta=grid,
         llc=np.array([nan if r is None else r.llc for r in results]),
         llc_std=np.array([nan if r is None else r.llc_std for r in results]),
-        step_size=np.array(
-            [step_size * reference / nb if rescale_step_size else step_size for nb in grid]
-        ),  # fmt: skip
+        step_size=np.array(steps),
         n=next((r.n for r in results if r is not None), n),
         results=tuple(results),
         warnings=tuple(notes),

@@ -54,6 +54,14 @@ def one_axes(ax, name: str = "ax"):
     return ax
 
 
+def mark_missing(ax: Axes, x, label: str) -> None:
+    """A red ``x`` at the bottom edge of ``ax`` at each of ``x``: points with no value to
+    draw (every chain diverged), so that they do not silently vanish."""
+    x = np.asarray(x)
+    ax.plot(x, np.zeros(x.size), "x", color="red", ms=8, mew=2,
+            transform=ax.get_xaxis_transform(), clip_on=False, label=label)  # fmt: skip
+
+
 def _limits(ax: Axes, values: np.ndarray) -> None:
     """Fit the y-axis to ``values`` (the usable chains), so a diverging chain cannot flatten it."""
     lo, hi = np.nanmin(values), np.nanmax(values)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slt.plots import _pyplot, axes_pair, one_axes
+from slt.plots import _pyplot, axes_pair, mark_missing, one_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -76,9 +76,7 @@ def plot_trajectory(
                     label="no standard error")  # fmt: skip
     _clip_to_clean(ax_llc, steps, llc, se * band, warned)
     if (~known).any():  # every chain diverged there: an x at the bottom edge, not nothing
-        ax_llc.plot(steps[~known], np.zeros(int((~known).sum())), "x", color="red", ms=8,
-                    mew=2, transform=ax_llc.get_xaxis_transform(), clip_on=False,
-                    label="no λ̂ (every chain diverged)")  # fmt: skip
+        mark_missing(ax_llc, steps[~known], "no λ̂ (every chain diverged)")
     ax_loss.plot(steps, loss, "o-", color="C3", ms=3, lw=1.2, label="L_n(w*)")
     if transitions is not None:
         for axis in (ax_llc, ax_loss):
