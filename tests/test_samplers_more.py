@@ -523,3 +523,69 @@ def test_sgnht_with_a_burn_in_shorter_than_its_thermostat_settles_warns():
     assert "use num_burnin >= 1111" in note
     long = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_burnin=1111, **kw)
     assert not any("short for SGNHT" in w for w in long.warnings)
+
+
+def _quadratic_grad(p, batch):  # L = ½‖w‖²: its gradient is w itself, returned as is
+    return [p["w"]], 0.5 * (p["w"] ** 2).sum()
+
+
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld", "sgnht", "mala"])
+def test_hand_used_kernels_survive_the_natural_mistakes(name):
+    from slt.samplers import SAMPLERS
+
+    def run(grad_fn, center, start):
+        kernel = SAMPLERS[name](step_size=1e-2, nbeta=10.0, localization=1.0, center=center)
+        state = kernel.init(start)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            state, _ = kernel.step(state, grad_fn, None, gen)
+        return state.params["w"].clone()
+
+    def fresh_grad(p, batch):
+        return [p["w"].clone()], 0.5 * (p["w"] ** 2).sum()
+
+    w0 = torch.tensor([0.3, -0.2])
+    want = run(fresh_grad, {"w": torch.zeros(2)}, {"w": w0.clone()})
+    # a grad_fn returning the parameter itself: the drift was written into the parameters
+    # (MALA's became exactly 0)
+    assert torch.equal(run(_quadratic_grad, {"w": torch.zeros(2)}, {"w": w0.clone()}), want)
+    # the same dict as center and start (the usual start at w*): w* moved with the chain
+    start = {"w": torch.full((2,), 0.5)}
+    kernel = SAMPLERS[name](step_size=1e-2, nbeta=10.0, localization=1.0, center=start)
+    state = kernel.init(start)
+    kernel.step(state, fresh_grad, None, torch.Generator().manual_seed(0))
+    kernel2 = SAMPLERS[name](step_size=1e-2, nbeta=10.0, localization=1.0,
+                             center={"w": torch.full((2,), 0.5)})  # fmt: skip
+    state2 = kernel2.init({"w": torch.full((2,), 0.5)})
+    kernel2.step(state2, fresh_grad, None, torch.Generator().manual_seed(0))
+    assert torch.equal(state.params["w"], state2.params["w"])
+
+
+def test_hand_used_kernels_check_their_arguments_by_name():
+    from slt.samplers import mala, sgld
+
+    kw = dict(step_size=1e-2, nbeta=10.0, localization=1.0)
+    for bad, message in [
+        ({"step_size": -1e-3}, "step_size must be a finite number > 0"),
+        ({"nbeta": 0.0}, "nbeta must be a finite number > 0"),
+        ({"localization": -1.0}, "localization must be a finite number >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):  # fmt: skip
+            sgld(**(kw | bad), center={"w": torch.zeros(2)})
+    kernel = sgld(**kw, center={"x": torch.zeros(2)})
+    with pytest.raises(ValueError, match="must name the same tensors"):
+        kernel.init({"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="center\\['w'\\] has shape \\(1,\\)"):
+        sgld(**kw, center={"w": torch.zeros(1)}).init({"w": torch.zeros(2)})
+    with pytest.raises(TypeError, match="float32 or float64"):
+        sgld(**kw, center={"w": torch.zeros(2)}).init({"w": torch.zeros(2, dtype=torch.float16)})
+    state = kernel.init({"x": torch.zeros(2)})
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        kernel.step(state, lambda p, b: ([p["x"].clone()], p["x"].sum()), None, None)
+    # a center whose keys come in another order is matched by name, not position: exact
+    center = {"b": torch.tensor([1.0]), "a": torch.tensor([-1.0])}
+    kernel = mala(**kw, center=center)
+    state = kernel.init({"a": torch.tensor([-1.0]), "b": torch.tensor([1.0])})
+    grad = lambda p, b: ([p["a"] * 0, p["b"] * 0], p["a"].sum() * 0)  # noqa: E731
+    state, _ = kernel.step(state, grad, None, torch.Generator().manual_seed(0))
+    assert state.params["a"].item() < 0 < state.params["b"].item()  # near its own center

@@ -17,7 +17,7 @@ hot path free of allocations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -116,6 +116,76 @@ class NoiseBuffer:
         return layout.parts
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def checked_hyper(step_size, nbeta, localization) -> tuple[float, float, float]:
+    """A kernel's ε (> 0), nβ (> 0) and γ (>= 0), each checked by name."""
+    from slt import _checks
+
+    return (
+        _checks.real("step_size", step_size, minimum=0, strict=True),
+        _checks.real("nbeta", nbeta, minimum=0, strict=True),
+        _checks.real("localization", localization, minimum=0),
+    )
+
+
+def snapshot_center(center) -> dict[str, torch.Tensor]:
+    """A copy of ``center`` = w* (name -> tensor): the chain's parameters move in place, so
+    a center that is the same dict or tensors as the parameters given to ``init`` (the
+    usual start at w*) would move with them and the localization would vanish."""
+    if not isinstance(center, Mapping) or not center:
+        raise TypeError(f"center must be a non-empty dict of name -> tensor (w*), got {center!r}")
+    for name, value in center.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"center[{name!r}] must be a tensor, got {type(value).__name__}")
+    return {name: value.detach().clone() for name, value in center.items()}
+
+
+def order_center(params, center: dict[str, torch.Tensor], anchor: list) -> None:
+    """Fill ``anchor`` with ``center``'s tensors in the order of ``params``, matched by name
+    (by position, a center whose keys came in another order was paired with the wrong
+    parameters), after checking names, shapes and dtypes."""
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError(f"params must be a non-empty dict of name -> tensor, got {params!r}")
+    if set(params) != set(center):
+        raise ValueError(
+            f"params and center must name the same tensors: params has "
+            f"{sorted(set(params) - set(center))} that center lacks, center "
+            f"{sorted(set(center) - set(params))} that params lack"
+        )
+    for name, p in params.items():
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.dtype in _HALF:
+            raise TypeError(
+                f"params[{name!r}] must be a float32 or float64 tensor, got "
+                f"{getattr(p, 'dtype', type(p).__name__)} (half precision loses the drift)"
+            )
+        if center[name].shape != p.shape:
+            raise ValueError(
+                f"center[{name!r}] has shape {tuple(center[name].shape)}, params[{name!r}] "
+                f"{tuple(p.shape)}"
+            )
+    anchor[:] = [center[name].to(params[name].dtype) for name in params]
+
+
+def check_generator(generator) -> None:
+    """A kernel's ``generator``: a ``torch.Generator`` (or ChainGenerators); None would draw
+    from torch's global state, which the kernels never touch."""
+    if not isinstance(generator, (torch.Generator, ChainGenerators)):
+        raise TypeError(
+            f"generator must be a torch.Generator (the kernels draw from no global state), "
+            f"got {generator!r}"
+        )
+
+
+def unaliased(grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads``, or a copy of them where one is one of ``params`` (a hand-written
+    ``grad_fn`` of ½‖w‖² returning w itself), which the step is about to update in place."""
+    if any(g is p for g, p in zip(grads, params)):
+        return [g.clone() for g in grads]
+    return grads
+
+
 def localized_drift(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -126,8 +196,11 @@ def localized_drift(
 ) -> list[torch.Tensor]:
     """Gradient of the localized tempered log density, -nβ ∇L_B(w) - γ (w - w*).
 
-    Overwrites and returns ``grads``.
+    Overwrites and returns ``grads``, unless one of them is one of ``params`` (a
+    hand-written ``grad_fn`` of ½‖w‖² returning w itself): then a copy, or the drift
+    would be written into the parameters.
     """
+    grads = unaliased(grads, params)
     torch._foreach_mul_(grads, -nbeta)
     if localization != 0.0:
         torch._foreach_add_(grads, params, alpha=-localization)

@@ -31,7 +31,18 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo, localized_drift
+from slt.samplers.base import (
+    GradFn,
+    Kernel,
+    NoiseBuffer,
+    Params,
+    StepInfo,
+    check_generator,
+    checked_hyper,
+    localized_drift,
+    order_center,
+    snapshot_center,
+)
 
 
 def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -227,18 +238,22 @@ def mala(*, step_size: float, nbeta: float, localization: float, center: Params)
     >>> 0.0 <= float(info.acceptance) <= 1.0
     True
     """
-    anchor = list(center.values())
+    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
+    center = snapshot_center(center)
+    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
     noise_scale = math.sqrt(step_size)
     density = dict(center=anchor, nbeta=nbeta, localization=localization)
 
     noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
 
     def init(params: Params) -> MALAState:
+        order_center(params, center, anchor)
         return MALAState(params, [torch.empty_like(p) for p in params.values()])
 
     def step(
         state: MALAState, grad_fn: GradFn, batch, generator: torch.Generator
     ) -> tuple[MALAState, StepInfo]:
+        check_generator(generator)
         w = list(state.params.values())
         if state.loss is None:
             grads, loss = grad_fn(state.params, batch)

@@ -30,7 +30,18 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo, localized_drift
+from slt.samplers.base import (
+    GradFn,
+    Kernel,
+    NoiseBuffer,
+    Params,
+    StepInfo,
+    check_generator,
+    checked_hyper,
+    localized_drift,
+    order_center,
+    snapshot_center,
+)
 
 
 class RMSpropSGLDState(NamedTuple):
@@ -60,17 +71,21 @@ def rmsprop_sgld(
     >>> [v.sum().item() for v in state.square_avg]
     [0.0]
     """
-    anchor = list(center.values())
+    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
+    center = snapshot_center(center)
+    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
     root_step = math.sqrt(step_size)
 
     noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
 
     def init(params: Params) -> RMSpropSGLDState:
+        order_center(params, center, anchor)
         return RMSpropSGLDState(params, [torch.zeros_like(p) for p in params.values()])
 
     def step(
         state: RMSpropSGLDState, grad_fn: GradFn, batch, generator: torch.Generator
     ) -> tuple[RMSpropSGLDState, StepInfo]:
+        check_generator(generator)
         grads, loss = grad_fn(state.params, batch)
         w = list(state.params.values())
         v = state.square_avg

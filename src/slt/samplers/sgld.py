@@ -14,7 +14,18 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo
+from slt.samplers.base import (
+    GradFn,
+    Kernel,
+    NoiseBuffer,
+    Params,
+    StepInfo,
+    check_generator,
+    checked_hyper,
+    order_center,
+    snapshot_center,
+    unaliased,
+)
 
 
 class SGLDState(NamedTuple):
@@ -35,20 +46,25 @@ def sgld(*, step_size: float, nbeta: float, localization: float, center: Params)
     >>> state.params["w"].shape
     torch.Size([3])
     """
-    anchor = list(center.values())
+    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
+    center = snapshot_center(center)
+    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
     noise_scale = math.sqrt(step_size)
     pull = step_size * localization / 2
 
     noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
 
     def init(params: Params) -> SGLDState:
+        order_center(params, center, anchor)
         return SGLDState(params)
 
     def step(
         state: SGLDState, grad_fn: GradFn, batch, generator: torch.Generator
     ) -> tuple[SGLDState, StepInfo]:
+        check_generator(generator)
         grads, loss = grad_fn(state.params, batch)
         w = list(state.params.values())
+        grads = unaliased(grads, w)
         with torch.no_grad():
             # w + (ε/2)(-γ (w - w*)) is lerp(w, w*, εγ/2): three passes over the parameters
             # where the drift written out takes five (they dominate the step of a large model)

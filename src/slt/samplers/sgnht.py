@@ -35,7 +35,18 @@ from typing import NamedTuple
 
 import torch
 
-from slt.samplers.base import GradFn, Kernel, NoiseBuffer, Params, StepInfo, localized_drift
+from slt.samplers.base import (
+    GradFn,
+    Kernel,
+    NoiseBuffer,
+    Params,
+    StepInfo,
+    check_generator,
+    checked_hyper,
+    localized_drift,
+    order_center,
+    snapshot_center,
+)
 
 
 class SGNHTState(NamedTuple):
@@ -78,12 +89,15 @@ def sgnht(
     >>> float(state.thermostat)  # no kinetic energy: α falls by η
     -0.001
     """
-    anchor = list(center.values())
+    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
+    center = snapshot_center(center)
+    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
     noise_scale = math.sqrt(2 * diffusion * step_size)
 
     noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
 
     def init(params: Params) -> SGNHTState:
+        order_center(params, center, anchor)
         momentum = [torch.zeros_like(p) for p in params.values()]
         device = momentum[0].device
         return SGNHTState(
@@ -93,6 +107,7 @@ def sgnht(
     def step(
         state: SGNHTState, grad_fn: GradFn, batch, generator: torch.Generator
     ) -> tuple[SGNHTState, StepInfo]:
+        check_generator(generator)
         grads, loss = grad_fn(state.params, batch)
         w = list(state.params.values())
         v = state.momentum
