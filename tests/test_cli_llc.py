@@ -223,7 +223,22 @@ def test_compile_with_the_loop_is_refused_by_name(user):
     _, file = user
     spec = ["--model", f"{file}:make_model", "--data", f"{file}:dataset"]
     ran = invoke(*spec, "--chain-method", "loop", "--compile", *TINY)
-    assert ran.exit_code == 2 and "compile=True needs chain_method" in ran.output
+    assert ran.exit_code == 2 and "--compile needs --chain-method" in ran.output  # the options'
+
+
+def test_a_module_that_imports_a_missing_package_is_one_line(user, tmp_path):
+    # a module spec whose module imports something missing: a ~50-line traceback, exit 1
+    (tmp_path / "needs_more.py").write_text("import not_installed_xyz\nmake = None\n")
+    ran = invoke("--model", "needs_more:make", "--data", f"{user[1]}:dataset", *TINY)
+    assert ran.exit_code == 2 and "Traceback" not in ran.output
+    assert "importing needs_more" in ran.output and "not_installed_xyz" in ran.output
+
+
+def test_evidence_refuses_a_potential_it_would_ignore(user):
+    _, file = user
+    ran = CliRunner().invoke(app, ["evidence", "--model", f"{file}:make_model", "--data",
+                                   f"{file}:dataset", "--potential", "5,5"])  # fmt: skip
+    assert ran.exit_code == 2 and "--potential" in ran.output
 
 
 def test_compile_with_a_sampler_it_cannot_run_names_the_options(user):

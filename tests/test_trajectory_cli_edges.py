@@ -641,3 +641,41 @@ def test_a_list_mixing_paths_and_state_dicts_warns_that_its_steps_are_positions(
     with pytest.warns(UserWarning, match=r"no distinct step number \(state dict \[1\]\)"):
         jobs = make_jobs([str(tmp_path / "ckpt_10.pt"), h.linear().state_dict()])
     assert [j.step for j in jobs] == [0, 1]
+
+
+def test_cli_trajectory_refuses_rows_of_an_edited_model_file_or_other_data(cli, tmp_path):
+    # the results file knew --model and --data only by their text: an edited model file or
+    # another Dataset of the same size resumed the old rows
+    first = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "r.jsonl")
+    assert first.exit_code == 0, first.output
+    again = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "r.jsonl")
+    assert again.exit_code == 0 and "reused" in again.output, again.output
+    (tmp_path / "user_file.py").write_text(USER + "\nother = MyData()\nother.y = other.y * 10\n")
+    for module in [m for m in sys.modules if m.startswith("_slt_cli_")]:
+        del sys.modules[module]
+    edited = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "r.jsonl")
+    assert edited.exit_code == 2 and "--model" in edited.output and "--overwrite" in edited.output
+    specs = ["--model", "user_file.py:make_model", "--data", "user_file.py:other"]
+    other = cli("trajectory", "ck", *specs, *CLI_TINY, "--results", "s.jsonl")
+    assert other.exit_code == 0, other.output
+    swapped = cli("trajectory", "ck", *SPECS, *CLI_TINY, "--results", "s.jsonl")
+    assert swapped.exit_code == 2 and "data.spec" in swapped.output
+
+
+def test_cli_trajectory_exits_1_for_what_sampling_could_not_do(cli, tmp_path):
+    # a step --compile cannot compile exited 2 here (the status of a bad option), 1 in llc
+    (tmp_path / "user_file.py").write_text(
+        USER
+        + """
+class Breaks(torch.nn.Linear):
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return super().forward(x)
+
+def breaks():
+    return Breaks(3, 1)
+"""
+    )
+    specs = ["--model", "user_file.py:breaks", "--data", "user_file.py:dataset"]
+    out = cli("trajectory", "ck", *specs, *CLI_TINY, "--compile", "--results", "c.jsonl")
+    assert out.exit_code == 1 and "drop --compile" in out.output, out.output

@@ -241,6 +241,9 @@ def data_fingerprint(loader) -> dict:
         out["n"] = len(dataset)
     if getattr(loader, "batch_size", None) is not None:
         out["batch_size"] = loader.batch_size
+    spec = getattr(loader, "slt_data_spec", None)  # set by `slt trajectory`: --data and its file
+    if spec is not None:
+        out["spec"] = spec
     if isinstance(loader, torch.utils.data.DataLoader):  # what the sampling draws by
         out["drop_last"] = bool(loader.drop_last)
         out["sampler"] = type(loader.sampler).__qualname__

@@ -9,6 +9,7 @@ import typer
 
 from slt import _json
 from slt.cli_inputs import (
+    _absolute,
     _build,
     _is_dataset,
     _is_module,
@@ -22,6 +23,7 @@ from slt.cli_inputs import (
     _parse_step_size,
     _plot_file,
     first_loss,
+    spec_digest,
 )
 from slt.compiled import CompileError
 
@@ -140,9 +142,10 @@ def _chain_method(chain_method: str, compile: bool, sampler: str) -> str:
 
 
 def _compile_error(err: Exception) -> str:
-    """A :class:`slt.compiled.CompileError`'s message in the command's words."""
+    """An error about compiling in the command's words (--compile, --chain-method)."""
     return (
         str(err)
+        .replace("compile=True needs chain_method", "--compile needs --chain-method")
         .replace("compile=True: ", "--compile: ")
         .replace("pass compile=False", "drop --compile")
     )
@@ -211,7 +214,7 @@ def llc(
             progress=progress,
         )
     except (ValueError, TypeError, slt.DivergenceError) as err:
-        typer.echo(f"Error: {err}", err=True)
+        typer.echo(f"Error: {_compile_error(err)}", err=True)
         raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
     except CompileError as err:
         typer.echo(f"Error: {_compile_error(err)}", err=True)
@@ -288,6 +291,8 @@ def trajectory(
     dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
     first_loss(net, dataset, _loss(loss, sigma), batch_size, _FITS)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    # the results file records which --data (and its file's contents) the rows came from
+    loader.slt_data_spec = f"--data {_absolute(data)} [{spec_digest(_absolute(data))}]"
     try:
         traj = llc_trajectory(
             folder, factory, loader, _LossSpec(loss, sigma), results=results,
@@ -302,7 +307,9 @@ def trajectory(
             CompileError) as err:  # fmt: skip
         text = _compile_error(err).replace("overwrite=True", "--overwrite")
         typer.echo(f"Error: {text}", err=True)
-        raise typer.Exit(2) from err
+        # as `slt llc`: what the sampling could not do exits 1, a bad option or input 2
+        failed = isinstance(err, (slt.DivergenceError, CompileError))
+        raise typer.Exit(1 if failed else 2) from err
     typer.echo(str(traj))
     if not np.isfinite(traj.llc).any():  # as `slt llc` exits 1 when every chain diverged
         typer.echo(f"Error: no λ̂ at any of the {len(traj.steps)} checkpoints", err=True)
@@ -382,6 +389,11 @@ def evidence(
     else:
         if model is None or data is None:
             raise typer.BadParameter("give --model and --data together", param_hint="--model")
+        if ctx.get_parameter_source("potential").name != "DEFAULT":  # it was ignored
+            raise typer.BadParameter(
+                "--potential sets the zoo's model, used without --model; drop it",
+                param_hint="--potential",
+            )
         net = _build(model, "--model", _is_module, "a torch.nn.Module")
         dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
         loss_fn = _loss(loss, sigma)

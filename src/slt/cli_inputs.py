@@ -22,8 +22,8 @@ class _ModelSpec:
 
         return copy.deepcopy(_build(self._absolute, "--model", _is_module, "a torch.nn.Module"))
 
-    def __repr__(self) -> str:  # the resolved file: one file however it was spelled
-        return f"--model {self._absolute}"
+    def __repr__(self) -> str:  # the resolved file, however spelled, and its contents
+        return f"--model {self._absolute} [{spec_digest(self._absolute)}]"
 
 
 class _LossSpec:
@@ -42,7 +42,30 @@ class _LossSpec:
         return self._fn(model, batch)
 
     def __repr__(self) -> str:
-        return f"--loss {self._absolute} --sigma {self.sigma:g}"
+        digest = f" [{spec_digest(self._absolute)}]" if ":" in self._absolute else ""
+        return f"--loss {self._absolute}{digest} --sigma {self.sigma:g}"
+
+
+def spec_digest(spec: str) -> str:
+    """A short SHA-256 of the file a ``where:attr`` spec reads (the file, or the module's
+    source): a results file written before the file was edited is then one written with
+    other settings (the text of the spec alone let a rerun reuse the old rows). "" where
+    there is no file to read."""
+    import hashlib
+    import importlib.util
+
+    where = spec.rpartition(":")[0]
+    path = where if _is_file(where) else None
+    if path is None:
+        try:
+            found = importlib.util.find_spec(where)
+        except (ImportError, ValueError):
+            found = None
+        path = getattr(found, "origin", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else ""
+    except OSError:
+        return ""
 
 
 def _parse_step_size(text: str) -> float | str:
@@ -116,7 +139,10 @@ def _resolve(spec: str, option: str):
             module = importlib.import_module(where)
         except ModuleNotFoundError as err:
             if err.name is None or not (where == err.name or where.startswith(err.name + ".")):
-                raise  # the module exists; something it imports does not
+                # the module exists; something it imports does not: the user's code, one line
+                raise typer.BadParameter(
+                    _raised(f"importing {where}", err), param_hint=option
+                ) from err
             raise typer.BadParameter(
                 f"no module named {err.name!r} (run from the folder that holds it, set "
                 "PYTHONPATH, or give a file: path/to/file.py:attr)",
