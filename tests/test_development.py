@@ -279,10 +279,12 @@ def test_cli_trajectory(tmp_path, monkeypatch):
     changed = CliRunner().invoke(app, [*args, "--localization", "3"])
     assert changed.exit_code == 2
     assert "localization: 1.0 -> 3.0" in changed.output and "--overwrite" in changed.output
-    # --chain-method and --compile reach estimate_llc (which refuses the pair, by name)
+    # --chain-method and --compile reach estimate_llc (which refuses the pair, by the options)
     refused = CliRunner().invoke(app, [*args, "--results", "other.jsonl", "--chain-method",
                                        "loop", "--compile"])  # fmt: skip
-    assert refused.exit_code == 2 and "compile=True needs chain_method" in refused.output
+    assert refused.exit_code == 2
+    assert "--compile needs --chain-method" in refused.output
+    assert "got --chain-method 'loop'" in refused.output
     # --microbatch reaches estimate_llc and the results file's settings
     grouped = CliRunner().invoke(app, [*args, "--results", "mb.jsonl", "--microbatch", "8"])
     assert grouped.exit_code == 0, grouped.output

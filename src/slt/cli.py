@@ -146,6 +146,7 @@ def _compile_error(err: Exception) -> str:
     return (
         str(err)
         .replace("compile=True needs chain_method", "--compile needs --chain-method")
+        .replace(", got chain_method=", ", got --chain-method ")
         .replace("compile=True: ", "--compile: ")
         .replace("pass compile=False", "drop --compile")
     )
