@@ -119,27 +119,26 @@ class NoiseBuffer:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def checked_hyper(step_size, nbeta, localization) -> tuple[float, float, float]:
-    """A kernel's ε (> 0), nβ (> 0) and γ (>= 0), each checked by name."""
+def kernel_arguments(step_size, nbeta, localization, center):
+    """A kernel constructor's arguments checked: ε (> 0), nβ (> 0) and γ (>= 0) by name,
+    a copy of ``center`` = w* (name -> tensor), and the list ``init`` fills with it in the
+    parameters' order (:func:`order_center`). The copy because the chain's parameters move
+    in place: a center that is the same dict or tensors as the parameters given to ``init``
+    (the usual start at w*) would move with them and the localization would vanish."""
     from slt import _checks
 
-    return (
-        _checks.real("step_size", step_size, minimum=0, strict=True),
-        _checks.real("nbeta", nbeta, minimum=0, strict=True),
-        _checks.real("localization", localization, minimum=0),
-    )
-
-
-def snapshot_center(center) -> dict[str, torch.Tensor]:
-    """A copy of ``center`` = w* (name -> tensor): the chain's parameters move in place, so
-    a center that is the same dict or tensors as the parameters given to ``init`` (the
-    usual start at w*) would move with them and the localization would vanish."""
     if not isinstance(center, Mapping) or not center:
         raise TypeError(f"center must be a non-empty dict of name -> tensor (w*), got {center!r}")
     for name, value in center.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"center[{name!r}] must be a tensor, got {type(value).__name__}")
-    return {name: value.detach().clone() for name, value in center.items()}
+    return (
+        _checks.real("step_size", step_size, minimum=0, strict=True),
+        _checks.real("nbeta", nbeta, minimum=0, strict=True),
+        _checks.real("localization", localization, minimum=0),
+        {name: value.detach().clone() for name, value in center.items()},
+        [],
+    )
 
 
 def order_center(params, center: dict[str, torch.Tensor], anchor: list) -> None:

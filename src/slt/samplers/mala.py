@@ -38,10 +38,9 @@ from slt.samplers.base import (
     Params,
     StepInfo,
     check_generator,
-    checked_hyper,
+    kernel_arguments,
     localized_drift,
     order_center,
-    snapshot_center,
 )
 
 
@@ -238,9 +237,10 @@ def mala(*, step_size: float, nbeta: float, localization: float, center: Params)
     >>> 0.0 <= float(info.acceptance) <= 1.0
     True
     """
-    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
-    center = snapshot_center(center)
-    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
+    # anchor: w* in the order of the parameters, filled by init
+    step_size, nbeta, localization, center, anchor = kernel_arguments(
+        step_size, nbeta, localization, center
+    )
     noise_scale = math.sqrt(step_size)
     density = dict(center=anchor, nbeta=nbeta, localization=localization)
 

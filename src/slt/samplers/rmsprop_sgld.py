@@ -37,10 +37,9 @@ from slt.samplers.base import (
     Params,
     StepInfo,
     check_generator,
-    checked_hyper,
+    kernel_arguments,
     localized_drift,
     order_center,
-    snapshot_center,
 )
 
 
@@ -71,9 +70,10 @@ def rmsprop_sgld(
     >>> [v.sum().item() for v in state.square_avg]
     [0.0]
     """
-    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
-    center = snapshot_center(center)
-    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
+    # anchor: w* in the order of the parameters, filled by init
+    step_size, nbeta, localization, center, anchor = kernel_arguments(
+        step_size, nbeta, localization, center
+    )
     root_step = math.sqrt(step_size)
 
     noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer

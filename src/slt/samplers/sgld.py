@@ -21,9 +21,8 @@ from slt.samplers.base import (
     Params,
     StepInfo,
     check_generator,
-    checked_hyper,
+    kernel_arguments,
     order_center,
-    snapshot_center,
     unaliased,
 )
 
@@ -46,9 +45,10 @@ def sgld(*, step_size: float, nbeta: float, localization: float, center: Params)
     >>> state.params["w"].shape
     torch.Size([3])
     """
-    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
-    center = snapshot_center(center)
-    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
+    # anchor: w* in the order of the parameters, filled by init
+    step_size, nbeta, localization, center, anchor = kernel_arguments(
+        step_size, nbeta, localization, center
+    )
     noise_scale = math.sqrt(step_size)
     pull = step_size * localization / 2
 

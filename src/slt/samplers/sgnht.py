@@ -42,10 +42,9 @@ from slt.samplers.base import (
     Params,
     StepInfo,
     check_generator,
-    checked_hyper,
+    kernel_arguments,
     localized_drift,
     order_center,
-    snapshot_center,
 )
 
 
@@ -89,9 +88,10 @@ def sgnht(
     >>> float(state.thermostat)  # no kinetic energy: α falls by η
     -0.001
     """
-    step_size, nbeta, localization = checked_hyper(step_size, nbeta, localization)
-    center = snapshot_center(center)
-    anchor: list[torch.Tensor] = []  # w* in the order of the parameters, filled by init
+    # anchor: w* in the order of the parameters, filled by init
+    step_size, nbeta, localization, center, anchor = kernel_arguments(
+        step_size, nbeta, localization, center
+    )
     noise_scale = math.sqrt(2 * diffusion * step_size)
 
     noise_like = NoiseBuffer()  # the step's noise, drawn into one reused buffer
