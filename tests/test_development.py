@@ -110,6 +110,17 @@ def test_a_candidate_that_never_wins_makes_no_crossing():
     assert "crossing a -> c" in str(d)
 
 
+def test_a_negative_llc_is_warned_not_taken_silently():
+    # λ ≥ 0 at a local minimum: a negative λ̂ (chains below w*) makes F(n) too low
+    cands = {"saddle": {"loss": 0.10, "llc": -2.0, "llc_std": 0.5},
+             "minimum": {"loss": 0.09, "llc": 3.0}}  # fmt: skip
+    with pytest.warns(UserWarning, match=r"'saddle': λ̂ = -2 ± 0.5 is negative"):
+        d = phase_diagram(cands, np.geomspace(10, 1e4, 50))
+    assert len(d.warnings) == 1 and "minimum" not in d.warnings[0].split(":")[0]
+    assert "warning: candidate 'saddle'" in str(d)
+    assert d.to_dict()["warnings"] == list(d.warnings)
+
+
 def test_phase_diagram_rejects_bad_input():
     with pytest.raises(ValueError, match="> e"):
         phase_diagram({"a": {"loss": 1, "llc": 1}}, [1.0, 10.0])

@@ -15,6 +15,7 @@ sample size where the minimizer changes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ class PhaseDiagram:
     free_energy: np.ndarray  # (candidate, n)
     dominant: np.ndarray  # (n,) index of the candidate of least F
     crossings: tuple[Crossing, ...]  # where ``dominant`` changes, in order of n
+    warnings: tuple[str, ...] = ()  # e.g. a negative λ̂: w_i was not a local minimum
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -85,6 +87,7 @@ class PhaseDiagram:
             "free_energy": self.free_energy.tolist(),
             "dominant": [self.names[i] for i in self.dominant],
             "crossings": [c.__dict__ for c in self.crossings],
+            "warnings": list(self.warnings),
         }
 
     def plot(self, ax=None):
@@ -108,6 +111,7 @@ class PhaseDiagram:
             lines.append(f"  {a:>10.4g} - {b:<10.4g} {name}")
         for c in self.crossings:
             lines.append(f"  crossing {c.before} -> {c.after} at n = {c.n:.4g} ({c.range_text()})")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -162,7 +166,20 @@ def phase_diagram(candidates, n) -> PhaseDiagram:
         low = _last_root(a, _shift(b, -se), below, at) if se else at
         high = _crossing(a, _shift(b, se), at, above) if se else at
         crossings.append(Crossing(at, a.name, b.name, low, high))
-    return PhaseDiagram(tuple(cands), n, free, dominant, tuple(crossings))
+    notes = tuple(_negative(c) for c in cands if c.llc < 0)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return PhaseDiagram(tuple(cands), n, free, dominant, tuple(crossings), notes)
+
+
+def _negative(c: Candidate) -> str:
+    """λ ≥ 0 at a local minimum: a negative λ̂ gives its candidate too low an F(n)."""
+    se = f" ± {c.llc_std:.2g}" if c.llc_std else ""
+    return (
+        f"candidate {c.name!r}: λ̂ = {c.llc:.4g}{se} is negative, but λ ≥ 0 at a local "
+        "minimum; its w_i was not one (the chains found lower loss) or the sampler was "
+        "mis-tuned, so its F(n) is too low and the diagram favours it (see slt.diagnose)"
+    )
 
 
 LOWEST_N = math.e * (1 + 1e-9)
