@@ -679,3 +679,18 @@ def breaks():
     specs = ["--model", "user_file.py:breaks", "--data", "user_file.py:dataset"]
     out = cli("trajectory", "ck", *specs, *CLI_TINY, "--compile", "--results", "c.jsonl")
     assert out.exit_code == 1 and "drop --compile" in out.output, out.output
+
+
+def test_results_that_is_a_folder_or_empty_is_named_before_sampling(tmp_path):
+    folder = tmp_path / "ck"
+    _save_linears(folder, ["a_1.pt"])
+    calls = []
+
+    def model():
+        calls.append(1)
+        return h.linear()
+
+    for bad in ("", tmp_path):  # "" is the current folder
+        with pytest.raises(ValueError, match=r"results=.* must be the path of a file"):
+            llc_trajectory(folder, model, h.loader(), h.nll, results=bad, **TINY)
+    assert not calls

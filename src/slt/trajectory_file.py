@@ -148,6 +148,11 @@ class ResultsFile:
     """Append-only writer; :meth:`open` checks the header against this run's settings."""
 
     def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or os.path.isdir(path):
+            raise ValueError(
+                f"results={path!r} must be the path of a file (new or a results file), "
+                "not a folder or an empty name"
+            )
         self.path = Path(path)
         self._header: dict | None = None  # a header to write with the first row
         self._new = False  # and the file did not exist: created, not replaced
