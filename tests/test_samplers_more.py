@@ -233,6 +233,35 @@ def test_mala_cache_follows_the_chain_with_one_gradient_call_per_step():
         torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_mala_is_the_same_when_grad_fn_writes_into_the_same_buffers():
+    # p.grad zeroed and refilled, or a preallocated output: the kept drift and loss at w
+    # were the buffers the proposal's call overwrote (acceptance 0.93 became 1.00)
+    center = _params(0)
+    buffers = {}
+
+    def reusing(p, batch):
+        grads, loss = _quartic(p, batch)
+        if not buffers:
+            buffers["grads"], buffers["loss"] = [torch.empty_like(g) for g in grads], loss * 0
+        torch._foreach_copy_(buffers["grads"], grads)
+        buffers["loss"].copy_(loss)
+        return buffers["grads"], buffers["loss"]
+
+    runs = []
+    for grad_fn in (_quartic, reusing):
+        params = _clone(center)
+        kernel = mala(step_size=0.05, nbeta=2.0, localization=1.0, center=center)
+        state, trace = kernel.init(params), []
+        for seed in range(40):
+            state, info = kernel.step(state, grad_fn, None, torch.Generator().manual_seed(seed))
+            trace.append((float(info.loss), float(info.acceptance)))
+        runs.append((trace, params))
+    (fresh, w_fresh), (reused, w_reused) = runs
+    assert 0 < sum(a < 1 for _, a in fresh)  # some proposals are tested, not all taken
+    assert fresh == reused
+    assert all(torch.equal(w_fresh[k], w_reused[k]) for k in w_fresh)
+
+
 def test_mala_selects_the_same_numbers_by_branch_and_by_where(monkeypatch):
     # on the CPU the step reads its accept decision and branches; elsewhere it selects with
     # torch.where (no host synchronisation): both paths, over accepted and rejected moves

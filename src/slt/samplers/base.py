@@ -192,15 +192,20 @@ def localized_drift(
     *,
     nbeta: float,
     localization: float,
+    fresh: bool = False,
 ) -> list[torch.Tensor]:
     """Gradient of the localized tempered log density, -nβ ∇L_B(w) - γ (w - w*).
 
     Overwrites and returns ``grads``, unless one of them is one of ``params`` (a
     hand-written ``grad_fn`` of ½‖w‖² returning w itself): then a copy, or the drift
-    would be written into the parameters.
+    would be written into the parameters. With ``fresh``, always new tensors (for a drift
+    kept across steps: a ``grad_fn`` may write every call's gradient into the same buffers).
     """
-    grads = unaliased(grads, params)
-    torch._foreach_mul_(grads, -nbeta)
+    if fresh:
+        grads = torch._foreach_mul(grads, -nbeta)
+    else:
+        grads = unaliased(grads, params)
+        torch._foreach_mul_(grads, -nbeta)
     if localization != 0.0:
         torch._foreach_add_(grads, params, alpha=-localization)
         torch._foreach_add_(grads, center, alpha=localization)

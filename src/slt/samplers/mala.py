@@ -258,7 +258,10 @@ def mala(*, step_size: float, nbeta: float, localization: float, center: Params)
         if state.loss is None:
             grads, loss = grad_fn(state.params, batch)
             with torch.no_grad():
-                drift = localized_drift(w, grads, anchor, nbeta=nbeta, localization=localization)
+                drift = localized_drift(
+                    w, grads, anchor, nbeta=nbeta, localization=localization, fresh=True
+                )  # kept: grad_fn may reuse its buffers
+                loss = loss.detach().clone()  # kept too
                 state = state._replace(drift=drift, log_density=log_density(w, loss, **density),
                                        loss=loss, square=_dot(drift, drift))  # fmt: skip
         previous = state.previous
@@ -270,7 +273,10 @@ def mala(*, step_size: float, nbeta: float, localization: float, center: Params)
             torch._foreach_add_(w, noise, alpha=noise_scale)
         grads, loss = grad_fn(state.params, batch)
         with torch.no_grad():
-            drift = localized_drift(w, grads, anchor, nbeta=nbeta, localization=localization)
+            drift = localized_drift(
+                w, grads, anchor, nbeta=nbeta, localization=localization, fresh=True
+            )
+            loss = loss.detach().clone()
             log_p = log_density(w, loss, **density)
             square = _dot(drift, drift)
             log_ratio = log_acceptance_ratio(
