@@ -1,6 +1,7 @@
 """slt.attention: PyTorch's attention as the batched passes run it."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -102,6 +103,38 @@ def test_hessian_vector_products_run_on_long_attention():
     posterior = Posterior(model, [batch], slt.gaussian_nll(1.0))
     eig = top_hessian_eigenvalue(posterior, batch, iters=5)
     assert math.isfinite(eig) and eig > 0
+
+
+class _PaddedEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x, pad):
+        return self.head(self.encoder(x, src_key_padding_mask=pad)).mean(dim=(1, 2))
+
+
+def test_loss_at_center_is_the_sampled_loss_not_the_nested_no_grad_path():
+    # PyTorch's no-grad eval path packs a padded batch into a nested tensor (zeros at padded
+    # positions); slt's L_n(w*) must be the loss its gradient passes compute
+    torch.manual_seed(0)
+    model = _PaddedEncoder().eval()
+    pad = torch.zeros(16, 6, dtype=torch.bool)
+    pad[:, 4:] = True
+    batch = (torch.randn(16, 6, 8), pad, torch.randn(16))
+
+    def loss_fn(m, b):
+        return ((m(b[0], b[1]) - b[2]) ** 2).mean()
+
+    sampled = float(loss_fn(model, batch).detach())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's note that nested tensors are a prototype
+        no_grad = float(loss_fn(model, batch))
+    assert abs(sampled - no_grad) > 1e-3  # the two paths differ on this model
+    posterior = Posterior(model, [batch], loss_fn)
+    assert posterior.init_loss == pytest.approx(sampled, rel=1e-5)
 
 
 class _CausalSelfAttention(torch.nn.Module):  # attention written by hand, as in nanoGPT
