@@ -694,3 +694,63 @@ def test_results_that_is_a_folder_or_empty_is_named_before_sampling(tmp_path):
         with pytest.raises(ValueError, match=r"results=.* must be the path of a file"):
             llc_trajectory(folder, model, h.loader(), h.nll, results=bad, **TINY)
     assert not calls
+
+
+class _FakeRay:
+    """Ray as the executor sees it, with every task already finished when first waited on
+    (the case that lost rows: a failed job listed first, the others done but not collected)."""
+
+    def __init__(self, function):
+        self.function, self.cancelled = function, []
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def put(self, value):
+        return value
+
+    def remote(self, task):
+        fake = self
+
+        class Remote:
+            def options(self, **_):
+                return self
+
+            def remote(self, function, shared, job, threads, dtype):
+                return ("ref", job, fake.function)
+
+        return Remote()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref[2](None, ref[1])
+
+    def cancel(self, ref):
+        self.cancelled.append(ref[1])
+
+
+def test_ray_keeps_the_results_of_jobs_finished_when_another_fails(monkeypatch):
+    from slt import executors
+
+    pytest.importorskip("ray")
+
+    def function(shared, job):
+        if job == "bad":
+            raise ValueError("bad checkpoint")
+        return job.upper()
+
+    fake = _FakeRay(function)
+    monkeypatch.setattr(executors, "_ray", lambda: fake)
+    monkeypatch.setattr(
+        executors, "_file_modules_by_value", lambda: __import__("contextlib").nullcontext()
+    )
+    written = []
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        executors.run_jobs(function, None, ["bad", "good", "also"],
+                           lambda job, row: written.append((job, row)), executor="ray")  # fmt: skip
+    assert written == [("good", "GOOD"), ("also", "ALSO")] and fake.cancelled == []

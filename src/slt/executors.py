@@ -273,6 +273,16 @@ def _run_ray(function, shared, jobs, on_result, threads, gpus_per_job):
             for ref in done:
                 on_result(pending.pop(ref), ray.get(ref))
     except BaseException:
+        # keep what finished meanwhile (a failed job found first in one wait hid the others
+        # that were done), then stop the rest: queued tasks never start, running ones are
+        # interrupted (Ray cannot tell the two apart cheaply)
+        ready = ray.wait(list(pending), num_returns=len(pending), timeout=0)[0] if pending else []
+        for ref in ready:
+            try:
+                result = ray.get(ref)
+            except Exception:  # noqa: BLE001 - the first error is the one raised
+                continue
+            on_result(pending.pop(ref), result)
         for ref in pending:
             ray.cancel(ref)
         raise
