@@ -2,6 +2,7 @@
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,34 @@ def test_a_first_pilot_over_the_budget_is_said_and_repeats_are_refused():
         slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, nbetas=[20, 80, 20])
     with pytest.raises(ValueError, match="step_size='auto': llc_vs_nbeta takes a number"):
         slt.llc_vs_nbeta(case.model, case.loader(), case.loss_fn, step_size="auto")
+
+
+def test_a_grid_spanning_decades_is_warned_of_before_any_pilot(monkeypatch):
+    # every pilot covers the first's diffusion time: [1e-2, 1e-6] made the last one 10,000x
+    # the first's steps (~300 s on a small model), and nothing said so
+    from slt import sampling
+
+    class Sampled(Exception):
+        pass
+
+    def no_pilot(*args, **kwargs):
+        raise Sampled
+
+    monkeypatch.setattr(sampling, "sample_llc", no_pilot)
+    case = zoo.regular(3, n=512)
+    with (
+        pytest.warns(UserWarning, match=r"would run 4,000,000 chain-steps"),
+        pytest.raises(Sampled),
+    ):
+        slt.calibrate(case.model, case.loader(), case.loss_fn, step_sizes=[1e-6, 1e-2],
+                      num_chains=4, num_burnin=50, num_draws=50, progress=False)  # fmt: skip
+    for options in (
+        {"step_sizes": [1e-6, 1e-2], "max_pilot_steps": 10_000},
+        {"step_sizes": [1e-3, 1e-4]},
+    ):  # capped, or a narrow grid: nothing to say
+        with warnings.catch_warnings(), pytest.raises(Sampled):
+            warnings.simplefilter("error")
+            slt.calibrate(case.model, case.loader(), case.loss_fn, progress=False, **options)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -369,6 +370,16 @@ def calibrate_posterior(
                          stiffness, stationary, None, not reasons, tuple(reasons))  # fmt: skip
         return cand, q_here
 
+    if grid is not None and max_pilot_steps is None and first / grid[-1] > LONG_PILOTS:
+        worst = round(first / grid[-1]) * num_chains * (num_burnin + num_draws)
+        warnings.warn(
+            f"calibrate: step_sizes span {first:.3g} to {grid[-1]:.3g}; every pilot covers the "
+            f"diffusion time of the first, so the pilot at {grid[-1]:.3g} would run {worst:,} "
+            "chain-steps if the search reaches it. Pass max_pilot_steps to cap the total, or "
+            "a narrower grid",
+            UserWarning,
+            stacklevel=3,
+        )
     tried, chosen, spent, confirmed, notes = _search(
         trial, first, grid, num_candidates=num_candidates, max_pilot_steps=max_pilot_steps,
         steps_per_stretch=num_chains * (num_burnin + num_draws), flat_tolerance=flat_tolerance,
@@ -398,6 +409,11 @@ def calibrate_posterior(
         seconds=time.perf_counter() - start,
         confirmed=confirmed,
     )
+
+
+LONG_PILOTS = 64
+"""A ``step_sizes`` grid whose first is more than this many times its last, with no
+``max_pilot_steps``, is warned of before any pilot runs (the last pilot's length)."""
 
 
 def pilot_defaults() -> dict:
