@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -260,6 +261,67 @@ def test_errors(results, tmp_path, monkeypatch):
     xr.Dataset({"a": ("x", [1.0])}).to_netcdf(tmp_path / "other.nc", engine="h5netcdf")
     with pytest.raises(ValueError, match="not a result saved by slt"):
         slt.load(tmp_path / "other.nc")
+
+
+def test_bad_paths_are_named_before_writing(results, tmp_path, monkeypatch):
+    res = results["sgld"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"path='' must name a file"):
+        res.save("")
+    with pytest.raises(TypeError, match="path must be a file name .* got None"):
+        res.save(None)
+    with pytest.raises(IsADirectoryError, match=r"cannot save to .*: it is a folder"):
+        res.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left behind
+    res.save("llc.nc")
+    edited = tmp_path / "edited.nc"
+    tree = xr.open_datatree("llc.nc", engine="h5netcdf").load()
+    tree.attrs["slt_schema"] = "abc"
+    tree.to_netcdf(edited, engine="h5netcdf")
+    with pytest.raises(
+        ValueError, match=r"edited\.nc is not a result saved by slt \(slt_schema is 'abc'"
+    ):
+        slt.load(edited)
+
+
+def test_saves_from_threads_long_names_and_links(results, tmp_path):
+    # the temporary file was named after the path and the process: threads of one process
+    # collided, and a name near the file system's 255-byte limit could not be saved
+    from concurrent.futures import ThreadPoolExecutor
+
+    res = results["sgld"]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: res.save(tmp_path / "same.nc"), range(4)))
+    assert slt.load(tmp_path / "same.nc").llc == res.llc
+    long = tmp_path / ("r" * 248 + ".nc")  # 251 bytes
+    res.save(long)
+    assert slt.load(long).llc == res.llc
+    (tmp_path / "target.nc").write_bytes(b"")
+    (tmp_path / "link.nc").symlink_to(tmp_path / "target.nc")
+    res.save(tmp_path / "link.nc")  # writes the target; the link stays a link
+    assert (tmp_path / "link.nc").is_symlink() and slt.load(tmp_path / "target.nc").llc == res.llc
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_undecodable_names_and_damaged_files(results, tmp_path):
+    # a path from os.fsdecode of non-UTF-8 bytes holds a lone surrogate, which netCDF cannot
+    # store: the result of a run that recorded to such a file could not be saved at all
+    name = os.fsdecode(b"run\xff.h5")
+    res = dataclasses.replace(results["sgld"], per_sample_path=name,
+                              warnings=(f"file {name} ok",))  # fmt: skip
+    res.save(tmp_path / "odd.nc")
+    back = slt.load(tmp_path / "odd.nc")
+    assert back.per_sample_path == name and back.warnings == res.warnings
+    # one flipped byte in the trace: the checksums refuse it (it loaded other numbers)
+    res.save(tmp_path / "ok.nc")
+    raw = bytearray((tmp_path / "ok.nc").read_bytes())
+    packed = np.asarray(res.trace, dtype=res.trace.dtype).tobytes()
+    at = bytes(raw).find(packed[:16])
+    assert at > 0
+    raw[at + 3] ^= 0x01
+    (tmp_path / "bad.nc").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="is damaged .*checksums fail"):
+        slt.load(tmp_path / "bad.nc")
 
 
 def test_core_import_stays_light():

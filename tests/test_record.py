@@ -118,3 +118,14 @@ def test_the_sample_axis_is_the_datasets_order(tmp_path, microbatch):
     with h5py.File(path) as f:
         np.testing.assert_allclose(f["per_sample_loss"][0, 0], exact, rtol=1e-6)
         assert f["per_sample_loss"].attrs["sample_order"] == "dataset"
+
+
+def test_per_sample_path_is_absolute(tmp_path, monkeypatch):
+    # a relative record_path was kept as given: a result loaded from another folder pointed
+    # nowhere
+    monkeypatch.chdir(tmp_path)
+    case = zoo.regular(2, n=64)
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=1,
+                           num_draws=4, num_burnin=1, record="per_sample", record_every=2,
+                           record_path="ps.h5", progress=False)  # fmt: skip
+    assert res.per_sample_path == str(tmp_path / "ps.h5")

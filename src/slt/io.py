@@ -31,6 +31,7 @@ import datetime
 import importlib
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -96,9 +97,7 @@ def save(result, path: str | os.PathLike) -> None:
             f"result is a {type(result).__name__}; slt.io saves the results slt.load reads: "
             f"{', '.join(sorted(_RESULT_TYPES))}"
         )
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save to {path}: folder {path.parent} does not exist")
+    path = _target(path)
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     derived = "llc_trace" not in fields and isinstance(
         getattr(result, "llc_trace", None), np.ndarray
@@ -141,12 +140,47 @@ def save(result, path: str | os.PathLike) -> None:
                     if d in tree[group].dims
                 }
             )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # checksummed: a file damaged on disk fails to load instead of loading other numbers
+    encoding = {
+        f"/{group}": {
+            var: {"fletcher32": True}
+            for var, v in tree[group].data_vars.items()
+            if v.ndim and v.size
+        }
+        for group in tree
+        if group != "/"
+    }
+    # a name of its own for every save (threads of one process, a name near the length limit)
+    tmp = None
     try:
-        xr.DataTree.from_dict(tree).to_netcdf(tmp, engine="h5netcdf")
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".slt-", suffix=".tmp")
+        os.close(handle)
+        tmp = Path(tmp)
+        xr.DataTree.from_dict(tree).to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
         os.replace(tmp, path)
+    except OSError as err:
+        raise type(err)(f"cannot save to {path}: {err}") from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _target(path) -> Path:
+    """The file ``save`` writes for ``path``, checked before anything is computed: a
+    symbolic link's target (the link stays a link)."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got {path!r}")
+    given = path
+    path = Path(path)
+    if not os.fspath(given) or path.name in ("", ".", ".."):
+        raise ValueError(f"path={os.fspath(given)!r} must name a file, e.g. 'llc.nc'")
+    if path.is_symlink():
+        path = path.resolve()
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save to {path}: it is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save to {path}: folder {path.parent} does not exist")
+    return path
 
 
 def load(path: str | os.PathLike):
@@ -165,14 +199,22 @@ def load(path: str | os.PathLike):
             tree = tree.load()
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"{path} is not a result saved by slt (not a readable netCDF-4/HDF5 file: {err})"
+            f"{path} is not a result saved by slt, or is damaged (not a readable "
+            f"netCDF-4/HDF5 file, or its checksums fail: {err})"
         ) from None
     root = tree.attrs
     if "slt_schema" not in root or "slt_fields" not in root:
         raise ValueError(f"{path} is not a result saved by slt (no slt_schema attribute)")
-    if int(root["slt_schema"]) > SCHEMA:
+    try:
+        schema = int(root["slt_schema"])
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path} is not a result saved by slt (slt_schema is {root['slt_schema']!r}, not "
+            "a schema number; was the file edited?)"
+        ) from None
+    if schema > SCHEMA:
         warnings.warn(
-            f"{path} was written with result schema {int(root['slt_schema'])}, newer than "
+            f"{path} was written with result schema {schema}, newer than "
             f"this slt's {SCHEMA}; reading the fields this version knows",
             stacklevel=2,
         )
@@ -243,6 +285,8 @@ def _kind(name: str, value) -> str:
         return "bool"
     if isinstance(value, np.generic):
         return "numpy"  # keeps its dtype (np.float32 stays np.float32)
+    if isinstance(value, str) and not _utf8(value):
+        return "json"  # a name from os.fsdecode of other bytes: escaped, it round-trips
     for kind, types in (("int", int), ("float", float), ("str", str)):
         if isinstance(value, types):
             return kind
@@ -265,10 +309,25 @@ def _encode(kind: str, value):
     if kind == "int":
         return int(value) if _INT64[0] <= value <= _INT64[1] else str(value)
     if kind == "tuple":  # a plain JSON list at the top, readable without slt
-        return json.dumps([_to_json(v) for v in value], ensure_ascii=False)
+        return _dumps([_to_json(v) for v in value])
     if kind in ("list", "json"):
-        return json.dumps(_to_json(value), ensure_ascii=False)
+        return _dumps(_to_json(value))
     return value
+
+
+def _utf8(text: str) -> bool:
+    """Whether netCDF can store ``text`` (lone surrogates, from undecodable bytes, not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dumps(value) -> str:
+    """JSON text, readable (non-ASCII kept) unless that cannot be stored as UTF-8."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if _utf8(text) else json.dumps(value)
 
 
 def _decode(kind: str, stored):

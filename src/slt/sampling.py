@@ -6,6 +6,7 @@ here."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 
@@ -348,5 +349,5 @@ def sample_llc(
         ess_tail=diag.ess_tail,
         mcse=diag.mcse,
         calibration=calibration,
-        per_sample_path=None if recorder is None else str(record_path),
+        per_sample_path=None if recorder is None else os.path.abspath(record_path),
     )
