@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,3 +57,37 @@ def test_supervised_takes_a_loss_module_and_a_criterion_without_reduction():
         torch.testing.assert_close(loss_fn(model, batch), expected.mean())
     with pytest.raises(ValueError, match="reduction='sum'"):
         slt.supervised(torch.nn.CrossEntropyLoss(reduction="sum"))
+
+
+def test_a_class_weighted_criterion_is_warned_and_per_sample_records_refuse_it(tmp_path):
+    # CrossEntropyLoss(weight=...) averages Σ w_y ℓ / Σ w_y: its per-sample terms do not
+    # average to it, and the recorded rows were on another scale (0.21-0.39 against 0.14)
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=40)
+    model = torch.nn.Linear(4, 3)
+    with pytest.warns(UserWarning, match="has a class weight"):
+        loss_fn = slt.supervised(torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 0.2])))
+    with pytest.raises(ValueError, match=r"at w\* their mean is .* not the plain mean"):
+        slt.estimate_llc(model, loader, loss_fn, num_chains=1, num_draws=4, num_burnin=1,
+                         record="per_sample", record_path=tmp_path / "ps.h5",
+                         progress=False)  # fmt: skip
+    assert not list(tmp_path.iterdir())  # refused before the file was made
+
+    def plain(m, b):  # the plain mean of weighted per-sample terms is what slt can take
+        w = torch.tensor([1.0, 5.0, 0.2])
+        return F.cross_entropy(m(b[0]), b[1], weight=w, reduction="none").mean()
+
+    res = slt.estimate_llc(model, loader, plain, num_chains=1, num_draws=4, num_burnin=1,
+                           record="per_sample", record_path=tmp_path / "ok.h5",
+                           progress=False)  # fmt: skip
+    assert np.isfinite(res.llc)
+
+
+def test_bare_tensor_batches_are_named():
+    model = torch.nn.Linear(3, 1)
+    for loss_fn in (slt.supervised(F.mse_loss), slt.gaussian_nll(1.0)):
+        with pytest.raises(
+            TypeError, match=r"take \(x, y\) batches, got a tensor of shape \(8, 3\)"
+        ):
+            loss_fn(model, torch.randn(8, 3))

@@ -170,6 +170,18 @@ class supervised:  # noqa: N801 -- used like a function: slt.supervised(F.cross_
         if not callable(criterion):
             raise TypeError(f"supervised: criterion must be callable, got {criterion!r}")
         self.criterion = criterion
+        weight = (criterion.keywords.get("weight") if isinstance(criterion, partial)
+                  else getattr(criterion, "weight", None))  # fmt: skip
+        if isinstance(weight, torch.Tensor):  # CrossEntropyLoss(weight=...), NLLLoss(...)
+            warnings.warn(
+                f"supervised: {criterion!r} has a class weight, so its batch value is the "
+                "weighted mean Σ w_y ℓ / Σ w_y, not a mean of per-sample terms: a minibatch's "
+                "value is then a biased estimate of L_n, and record='per_sample' refuses it. "
+                "For class weights in the likelihood, pass a loss_fn returning the plain mean "
+                "F.cross_entropy(model(x), y, weight=w, reduction='none').mean()",
+                UserWarning,
+                stacklevel=2,
+            )
         self._unreduced = None  # the criterion per sample, where it says how
         if isinstance(criterion, torch.nn.modules.loss._Loss):
             if criterion.reduction != "mean":
@@ -183,18 +195,32 @@ class supervised:  # noqa: N801 -- used like a function: slt.supervised(F.cross_
             self._unreduced = partial(criterion, reduction="none")
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
+        x, y = _pair(batch)
         return self.criterion(model(x), y)
 
     def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         if self._unreduced is None:
             return _by_sample(self)(model, batch)
-        x, y = batch
+        x, y = _pair(batch)
         losses = self._unreduced(model(x), y)
         return losses.reshape(losses.shape[0], -1).mean(1)
 
     def __repr__(self) -> str:
         return f"supervised({getattr(self.criterion, '__name__', repr(self.criterion))})"
+
+
+def _pair(batch: Any) -> tuple[Any, Any]:
+    """``batch`` as ``(x, y)``, or a ``TypeError`` saying what it was."""
+    try:
+        x, y = batch
+    except (TypeError, ValueError):
+        what = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+                else f"{type(batch).__name__} {batch!r:.80}")  # fmt: skip
+        raise TypeError(
+            f"slt.supervised and slt.gaussian_nll take (x, y) batches, got {what}; give a "
+            "loss_fn(model, batch) of your own for other batches"
+        ) from None
+    return x, y
 
 
 class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigma)
@@ -221,7 +247,7 @@ class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigm
         self._const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
 
     def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
+        x, y = _pair(batch)
         residual = (model(x) - y).reshape(y.shape[0], -1)
         return residual.square().sum(1) * self._inv_two_var + residual.shape[1] * self._const
 

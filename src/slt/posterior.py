@@ -327,6 +327,7 @@ class Posterior(Tables):
             self.anchor = {k: torch.full_like(v, mean) for k, v in self.center.items()}
         self.prior_mean = prior_mean
         self._cache_built = False  # built on first use: the vmapped step does not need it
+        self.per_sample_checked = False  # slt.record: per-sample terms average to L_n(w*)
         self.microbatch = self._group_of = None  # (n,) sample -> its micro-batch (_group)
         if microbatch is not None:
             try:

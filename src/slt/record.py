@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +72,22 @@ class PerSampleRecorder:
         self.mean = np.zeros((num_chains, n))
         self.m2 = np.zeros((num_chains, n))
         self.lse = np.full((num_chains, n), -np.inf)
+        self._check_mean()  # before the file is created
         self.file = None
         if path is not None:
             import h5py
 
             rows = -(-num_draws // every) if num_draws else None
             self.path = Path(path)
-            self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            self.file = h5py.File(self.tmp, "w")
+            # a name of its own (threads of one process; a name near the length limit)
+            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".slt-", suffix=".tmp")
+            os.close(handle)
+            self.tmp = Path(tmp)
+            try:
+                self.file = h5py.File(self.tmp, "w")
+            except BaseException:
+                self.tmp.unlink(missing_ok=True)
+                raise
             try:
                 self.data = self.file.create_dataset(
                     "per_sample_loss", shape=(num_chains, rows or 0, n),
@@ -95,11 +104,31 @@ class PerSampleRecorder:
                 self._discard()
                 raise
 
-    def losses(self) -> np.ndarray:
-        """ℓ_i at the current chain parameters for every sample, (n,) float64: in the
-        dataset's order where the sample indices are known (a ``DataLoader`` over a
-        ``TensorDataset``: :attr:`in_dataset_order`), else in the order of one pass of
-        the loader (a fixed one if it shuffles)."""
+    def _check_mean(self) -> None:
+        """Refuse a loss whose per-sample terms do not average to its batch mean at w*
+        (a class ``weight`` or ``ignore_index``: a weighted mean): every recorded row
+        would be on another scale than the loss the chains sampled. Once per posterior."""
+        post = self.posterior
+        if post.per_sample_checked:
+            return
+        mean = float(self.losses(post.reference).mean())
+        if not math.isclose(mean, post.init_loss, rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(
+                f"per-sample losses: at w* their mean is {mean:.6g}, but loss_fn's batch "
+                f"means give L_n(w*) = {post.init_loss:.6g}, so loss_fn is not the plain mean "
+                "of per-sample terms (a criterion with a class weight or an ignore_index is a "
+                "weighted mean). Write loss_fn as the plain mean of per-sample NLL terms, "
+                "e.g. lambda model, b: F.cross_entropy(model(b[0]), b[1], weight=w, "
+                "reduction='none').mean(), or record only the loss (record='loss')"
+            )
+        post.per_sample_checked = True
+
+    def losses(self, module: torch.nn.Module | None = None) -> np.ndarray:
+        """ℓ_i at ``module``'s parameters (default: the chain's) for every sample, (n,)
+        float64: in the dataset's order where the sample indices are known (a
+        ``DataLoader`` over a ``TensorDataset``: :attr:`in_dataset_order`), else in the
+        order of one pass of the loader (a fixed one if it shuffles)."""
+        module = self.posterior.module if module is None else module
         out, where = [], []
         batches = (
             [(self.posterior.full_data, None)]
@@ -110,7 +139,7 @@ class PerSampleRecorder:
         # attention as the sampled loss computes it (not PyTorch's no-grad fast path)
         with torch.no_grad(), plain_attention(enabled=self.posterior.attention):
             for batch, index in batches:
-                out.append(self.per_sample(self.posterior.module, batch).double().cpu())
+                out.append(self.per_sample(module, batch).double().cpu())
                 where.append(index)
         values = torch.cat(out)
         if values.shape[0] != self.mean.shape[1]:
