@@ -52,6 +52,10 @@ def test_rows_steps_and_results_file(ckpts, tmp_path):
         assert key in row
     assert np.all(np.diff(traj.loss) < 0)  # gradient descent between checkpoints
     assert "λ̂ trajectory: 5 checkpoints" in str(traj)
+    # the "± se" column is the error bar Trajectory.se (it printed llc_std, up to 25x smaller)
+    first = str(traj).splitlines()[2].split()
+    assert first[3:5] == [f"{traj.se[0]:.2g}", f"{traj.llc_std[0]:.2g}"]
+    assert first[3] != first[4]  # MCSE is the larger here: the two columns differ
 
 
 def test_rerun_reuses_everything_and_extends(ckpts, tmp_path):

@@ -754,3 +754,14 @@ def test_ray_keeps_the_results_of_jobs_finished_when_another_fails(monkeypatch):
         executors.run_jobs(function, None, ["bad", "good", "also"],
                            lambda job, row: written.append((job, row)), executor="ray")  # fmt: skip
     assert written == [("good", "GOOD"), ("also", "ALSO")] and fake.cancelled == []
+
+
+def test_a_model_instead_of_a_factory_and_a_bad_device_are_named_before_any_job(tmp_path):
+    ckpts = {0: h.linear().state_dict()}
+    with pytest.raises(TypeError, match=r"model_factory must be a function .* got Linear"):
+        llc_trajectory(ckpts, h.linear(), h.loader(), h.nll, **TINY)
+    with pytest.raises(ValueError, match=r"device must be \"auto\" or a torch device .* 'gpu'"):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, device="gpu", **TINY)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda', but this PyTorch has no CUDA"):
+            llc_trajectory(ckpts, h.linear, h.loader(), h.nll, device="cuda", **TINY)

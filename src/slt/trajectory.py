@@ -105,15 +105,17 @@ class Trajectory:
         lines = [
             f"λ̂ trajectory: {len(self.steps)} checkpoints ({self.num_computed} computed, "
             f"{self.num_reused} reused{where})",
-            f"{'step':>10} {'L_n(w*)':>12} {right('λ̂', 10)} {'± se':>8} {'MCSE':>8} "
-            f"{right('R̂', 6)} {'ESS':>6}  warnings",
+            f"{'step':>10} {'L_n(w*)':>12} {right('λ̂', 10)} {'± se':>8} {'chains':>8} "
+            f"{'MCSE':>8} {right('R̂', 6)} {'ESS':>6}  warnings",
         ]
+        se = self.se  # the error bar; its two parts after it
         for i, step in enumerate(self.steps):
             lines.append(
-                f"{step:>10} {self.init_loss[i]:>12.6g} {self.llc[i]:>10.4g} "
+                f"{step:>10} {self.init_loss[i]:>12.6g} {self.llc[i]:>10.4g} {se[i]:>8.2g} "
                 f"{self.llc_std[i]:>8.2g} {self.mcse[i]:>8.2g} {self.rhat[i]:>6.3f} "
                 f"{self.ess_bulk[i]:>6.0f}  {len(self.warnings[i])}"
             )
+        lines.append("  ± se: the larger of the se over chains and the MCSE")
         failed = [(label, row["error"]) for label, row in zip(self.labels, self.rows)
                   if row.get("error")]  # fmt: skip
         if failed:
@@ -225,6 +227,14 @@ def llc_trajectory(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):  # fmt: skip
             raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    if isinstance(model_factory, torch.nn.Module) or not callable(model_factory):
+        # a model is callable too: it failed at the first checkpoint, in its forward
+        raise TypeError(
+            "model_factory must be a function of no arguments that builds a fresh model "
+            f"(its class, or lambda: MyNet(...)), got {type(model_factory).__name__} "
+            f"{model_factory!r:.80}"
+        )
+    _check_device(device, executor)
     jobs = make_jobs(checkpoints, steps)
     full = {**defaults, **settings}
     identity = {
@@ -287,6 +297,21 @@ def llc_trajectory(
             bar.close()
     ordered = [rows[job.label] for job in jobs]
     return _trajectory(ordered, identity, settings_hash, results, len(todo), num_reused)
+
+
+def _check_device(device, executor: str) -> None:
+    """Refuse a ``device`` torch cannot parse, or CUDA where this process runs the jobs and
+    has none (a Ray cluster's workers may have GPUs its driver lacks), before any job."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f'device must be "auto" or a torch device such as "cpu" or "cuda:0", got {device!r}'
+        ) from None
+    if kind == "cuda" and executor != "ray" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch has no CUDA device; use 'auto'")
 
 
 def run_job(shared: Shared, job: Job) -> dict:
