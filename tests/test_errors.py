@@ -95,6 +95,33 @@ def test_loss_fn_not_callable():
         run(loss_fn="mse")
 
 
+def test_a_criterion_passed_as_loss_fn_gets_a_note():
+    # F.mse_loss(model, batch): torch's TypeError named neither loss_fn nor slt.supervised
+    for criterion in (torch.nn.functional.cross_entropy, torch.nn.functional.mse_loss):
+        with pytest.raises((TypeError, AttributeError)) as info:
+            run(loss_fn=criterion)
+        assert any("slt.supervised(F.cross_entropy)" in note for note in info.value.__notes__)
+
+
+def test_llc_vs_nbeta_refuses_nbeta_and_diagnose_no_chains():
+    with pytest.raises(TypeError, match=r"takes no nbeta= \(got 10\): pass nbetas=\[10, ...\]"):
+        slt.llc_vs_nbeta(make_model(), DataLoader(make_data(), batch_size=BATCH),
+                         slt.gaussian_nll(1.0), nbeta=10, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="at least one chain, got shape \\(0, 10\\)"):
+        slt.diagnostics.diagnose(np.zeros((0, 10)))
+
+
+def test_a_low_ess_with_a_step_too_large_is_not_told_to_take_a_larger_one():
+    # the ESS warning advised a larger step_size next to warnings that it was too large
+    res = run(step_size=0.05, num_chains=3, num_draws=30, num_burnin=20)  # ESS < 3 × 30
+    assert any("too large" in w for w in res.warnings)
+    ess = [w for w in res.warnings if w.startswith("low effective sample size")]
+    assert ess and all("not a larger step_size" in w for w in ess)
+    small = run(step_size=1e-3, num_chains=2, num_draws=20)  # 40 draws: low ESS, no alarm
+    ess = [w for w in small.warnings if w.startswith("low effective sample size")]
+    assert ess and "or a larger step_size" in ess[0]
+
+
 def test_loss_fn_returns_non_tensor():
     def loss_fn(model, batch):
         return slt.gaussian_nll(1.0)(model, batch).item()

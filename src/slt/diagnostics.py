@@ -183,8 +183,11 @@ def diagnose(
     []
     """
     trace = np.asarray(llc_trace, dtype=np.float64)
-    if trace.ndim != 2:
-        raise ValueError(f"llc_trace must be a (chain, draw) array, got shape {trace.shape}")
+    if trace.ndim != 2 or trace.shape[0] == 0:  # no chain: every number would be NaN
+        raise ValueError(
+            f"llc_trace must be a (chain, draw) array with at least one chain, got shape "
+            f"{trace.shape}"
+        )
     num_chains, num_draws = trace.shape
     if diverged is None:
         diverged = np.zeros(num_chains, dtype=bool)
@@ -261,8 +264,11 @@ def warnings_for(
     rhat_max: float = RHAT_MAX,
     min_ess: float = MIN_ESS,
     max_drift_z: float = MAX_DRIFT_Z,
+    step_too_large: bool = False,
 ) -> list[str]:
     """Warnings, each with advice, for what ``diag`` shows to be wrong; ``[]`` if nothing.
+    ``step_too_large``: other checks (MALA acceptance, λ̂ above d/2) found the step size
+    too large, so the advice for a low ESS leaves out a larger one (as divergence does).
 
     In order: diverged chains; fewer than 4 draws; chains that never moved; a single
     usable chain; λ̂ < 0 (w* is not a local minimum); drift (|drift_z| > ``max_drift_z``);
@@ -319,11 +325,17 @@ def warnings_for(
             f"{diag.llc_last_third:.4g} (last third), trend z = {diag.drift_z:.1f}: {advice}"
         )
     if diag.ess_bulk < min_ess:
+        if step_too_large or diag.diverged.any():  # never advise both ways at once
+            advice = "Run more draws or chains (not a larger step_size: it is too large already)"
+        else:
+            advice = (
+                "Run more draws or chains, or a larger step_size (faster mixing; watch for "
+                "divergences and bias)"
+            )
         out.append(
             f"low effective sample size: bulk ESS {diag.ess_bulk:.0f} < {min_ess:g} over "
             f"{diag.num_usable} chain(s) × {diag.num_draws} draws, so λ̂ and its error bars rest "
-            "on few independent draws. Run more draws or chains, or a larger step_size "
-            "(faster mixing; watch for divergences and bias)"
+            f"on few independent draws. {advice}"
         )
     if diag.rhat > rhat_max:
         out.append(

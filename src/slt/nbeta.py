@@ -122,6 +122,11 @@ def llc_vs_nbeta(
     >>> sweep.nbeta.tolist()
     [20.0, 80.0]
     """
+    if "nbeta" in kwargs:  # it went on to estimate_llc, which named itself
+        raise TypeError(
+            f"llc_vs_nbeta sweeps nβ over nbetas=[...]; it takes no nbeta= (got "
+            f"{kwargs['nbeta']!r}): pass nbetas=[{kwargs['nbeta']!r}, ...]"
+        )
     if kwargs.get("n") is not None:
         kwargs["n"] = _checks.integer("n", kwargs["n"], minimum=2)
     n = kwargs.get("n") or _dataset_size(loader)

@@ -396,7 +396,17 @@ class Posterior(Tables):
         second derivative)."""
         before = attention.calls
         with plain_attention(math_backend=twice, enabled=self.attention or twice):
-            loss = scalar(self.loss_fn(module, batch))
+            try:
+                loss = scalar(self.loss_fn(module, batch))
+            except (TypeError, AttributeError) as err:  # loss_fn=F.cross_entropy: torch
+                # names no loss_fn ('list' object has no attribute 'size' for F.mse_loss)
+                if self._attention is None:  # the first evaluation
+                    err.add_note(
+                        "slt calls loss_fn(model, batch) with the model and one batch of the "
+                        "loader; for a criterion of (output, target) such as F.cross_entropy, "
+                        "pass slt.supervised(F.cross_entropy)"
+                    )
+                raise
         if self._attention is None:
             self._attention = attention.calls > before
         return loss

@@ -285,9 +285,11 @@ def sample_llc(
     llc_std = float(good.std(ddof=1) / math.sqrt(good.size)) if good.size > 1 else math.nan
     diag = diagnose(posterior.nbeta * (loss - at_center), diverged=trace.diverged,
                     nbeta=posterior.nbeta, epoch=_epochs(posterior, num_burnin))  # fmt: skip
-    notes += warnings_for(diag)
-    notes += above_bound(per_chain, diag.llc, diag.mcse, posterior.num_params)
+    bound = above_bound(per_chain, diag.llc, diag.mcse, posterior.num_params)
     mala_acceptance = float(computed.mean()) if computed.size else math.nan
+    too_large = bool(bound) or (sampler == "sgld" and mala_acceptance < MIN_SGLD_ACCEPTANCE)
+    notes += warnings_for(diag, step_too_large=too_large)
+    notes += bound
     if sampler == "sgnht" and num_burnin < sgnht_burnin(step_size):
         notes.append(
             f"num_burnin={num_burnin} is short for SGNHT at step_size={step_size:g}: its "
