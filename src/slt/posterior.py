@@ -274,6 +274,8 @@ class Posterior(Tables):
                    for n, p in self.module.named_parameters(remove_duplicate=False)
                    if id(p) in first_name}  # fmt: skip
         self.names = select_parameters(trainable, params, aliases)
+        # what params= chose, for the result (None: every trainable parameter, the default)
+        self.selection = None if params is None else tuple(self.names)
         own = dict(self.module.named_parameters())
         for name, p in own.items():  # the rest stay at w* (weight-refined LLC)
             p.requires_grad_(name in self.names)

@@ -53,6 +53,9 @@ class LLCResult:
     # Minibatches drawn as whole micro-batches of this many samples (estimate_llc's
     # microbatch), the control variates read from a table over them; None: per sample.
     microbatch: int | None = None
+    # The names of the sampled parameters where params= chose them (the others held at w*);
+    # None: every trainable parameter
+    params: tuple[str, ...] | None = None
 
     @property
     def llc_trace(self) -> np.ndarray:
@@ -108,6 +111,7 @@ class LLCResult:
             f"{'' if self.microbatch is None else f' (micro-batches of {self.microbatch})'}"
             f"   chains {self.chain_method}"
             f"{', compiled' if self.compiled else ''}   {self.seconds:.1f} s",
+            *([] if self.params is None else [f"  params: {_names(self.params)}"]),
             f"  per chain: {per_chain}",
             f"  R̂ {self.rhat:.3f}   ESS bulk {self.ess_bulk:.0f} tail {self.ess_tail:.0f}   "
             f"MCSE {self.mcse:.2g}   MALA acceptance {self._acceptance_note()}",
@@ -120,3 +124,16 @@ class LLCResult:
             )
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _names(names: tuple[str, ...], width: int = 70) -> str:
+    """The sampled parameters' names, cut to about ``width`` characters with a count."""
+    text = ", ".join(names)
+    if len(text) <= width:
+        return text
+    shown = []
+    for name in names:
+        if len(", ".join([*shown, name])) > width - 20:
+            break
+        shown.append(name)
+    return f"{', '.join(shown)}, ... ({len(names)} tensors)"

@@ -343,6 +343,7 @@ def sample_llc(
         chain_method=ran,
         compiled=compile and ran == "vmap",
         microbatch=posterior.microbatch,
+        params=posterior.selection,
         acceptance=acceptance,
         mala_acceptance=mala_acceptance,
         acceptance_every=acceptance_every,
