@@ -18,14 +18,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_smoke_run_reports_every_method_on_the_small_cases(tmp_path):
+def test_smoke_run_reports_every_method_on_a_small_case(tmp_path):
+    # one case runs every method (two took 40-76 s of the suite); the timeout is a guard
+    # against a hang, not a speed test (a busy 2-core machine took 76 s for two)
     out = tmp_path / "smoke.json"
     cmd = [sys.executable, str(BENCH / "bench_llc.py"), "--smoke", "--no-memory",
-           "--cases", "regular", "rrr", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+           "--cases", "rrr", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert [r["key"] for r in report["results"]] == ["regular", "rrr"]
+    assert [r["key"] for r in report["results"]] == ["rrr"]
     assert report["meta"]["mode"] == "smoke" and report["meta"]["devinterp"] == "2.0.1"
     for res in report["results"]:
         methods = res["methods"]

@@ -85,7 +85,7 @@ def test_a_callable_setting_resumes_in_a_new_process(tmp_path):
 
     def run():
         out = subprocess.run([sys.executable, "-c", script, str(results)], capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+                             text=True, timeout=600)  # fmt: skip
         assert out.returncode == 0, out.stderr
         return out.stdout.split()
 
