@@ -91,3 +91,18 @@ def test_bare_tensor_batches_are_named():
             TypeError, match=r"take \(x, y\) batches, got a tensor of shape \(8, 3\)"
         ):
             loss_fn(model, torch.randn(8, 3))
+
+
+def test_a_model_returning_a_tuple_is_named():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    for loss_fn in (slt.supervised(F.mse_loss), slt.gaussian_nll(1.0)):
+        with pytest.raises(TypeError, match="need a model that returns a tensor, got tuple"):
+            loss_fn(Pair(), batch)

@@ -1,5 +1,7 @@
 """Weight-refined LLC: sampling only some parameters (``params=``)."""
 
+import threading
+
 import pytest
 import torch
 
@@ -152,6 +154,10 @@ def test_complex_parameters_and_uncopyable_models_are_named():
         normed = torch.nn.utils.weight_norm(torch.nn.Linear(3, 1))
     with pytest.raises(ValueError, match="model cannot be copied .*weight"):
         _selected(normed, None, (3, 1))
+    locked = torch.nn.Sequential(torch.nn.Linear(2, 1))
+    locked[0].lock = threading.Lock()  # was torch's "cannot pickle '_thread.lock' object"
+    with pytest.raises(TypeError, match=r"attribute 0\.lock \(lock\) does not copy"):
+        _selected(locked, None, (2, 1))
 
 
 @pytest.mark.parametrize(
@@ -165,3 +171,14 @@ def test_train_mode_layers_beyond_batchnorm_and_dropout_are_warned(layer):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), layer).train()
     assert _train_mode_layers(model) == ["1"]
     assert _train_mode_layers(model.eval()) == []
+
+
+def test_batchnorm_without_running_statistics_is_not_warned_as_train_mode():
+    # eval mode changes nothing for it (batch statistics either way): the warning said the
+    # posterior is evaluated in eval mode, as if that made a difference
+    from slt.posterior import _train_mode_layers
+
+    kept = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).train()
+    batch_stats = torch.nn.BatchNorm1d(4, track_running_stats=False)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4), batch_stats).train()
+    assert _train_mode_layers(kept) == ["1"] and _train_mode_layers(plain) == []

@@ -196,13 +196,13 @@ class supervised:  # noqa: N801 -- used like a function: slt.supervised(F.cross_
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, y = _pair(batch)
-        return self.criterion(model(x), y)
+        return self.criterion(_output(model, x), y)
 
     def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         if self._unreduced is None:
             return _by_sample(self)(model, batch)
         x, y = _pair(batch)
-        losses = self._unreduced(model(x), y)
+        losses = self._unreduced(_output(model, x), y)
         return losses.reshape(losses.shape[0], -1).mean(1)
 
     def __repr__(self) -> str:
@@ -221,6 +221,18 @@ def _pair(batch: Any) -> tuple[Any, Any]:
             "loss_fn(model, batch) of your own for other batches"
         ) from None
     return x, y
+
+
+def _output(model: torch.nn.Module, x: Any) -> torch.Tensor:
+    """``model(x)``, which must be a tensor (a tuple or dict needs a loss_fn of one's own)."""
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"slt.supervised and slt.gaussian_nll need a model that returns a tensor, got "
+            f"{type(out).__name__}; for a tuple or dict output write loss_fn(model, batch) "
+            "yourself, e.g. F.cross_entropy(model(x)['logits'], y)"
+        )
+    return out
 
 
 class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigma)
@@ -248,7 +260,7 @@ class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigm
 
     def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, y = _pair(batch)
-        residual = (model(x) - y).reshape(y.shape[0], -1)
+        residual = (_output(model, x) - y).reshape(y.shape[0], -1)
         return residual.square().sum(1) * self._inv_two_var + residual.shape[1] * self._const
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -36,7 +36,6 @@ CONTROL_VARIATES = ("loss", "gradient", "none")
 _HALF = {str(torch.float16), str(torch.bfloat16)}
 
 _STOCHASTIC_IN_TRAIN = (
-    torch.nn.modules.batchnorm._BatchNorm,
     torch.nn.modules.dropout._DropoutNd,
     torch.nn.RReLU,
 )
@@ -45,7 +44,10 @@ _STOCHASTIC_IN_TRAIN = (
 def _acts_differently_in_training(m: torch.nn.Module) -> bool:
     if isinstance(m, _STOCHASTIC_IN_TRAIN):
         return True
-    if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+    # without running statistics a norm layer uses the batch's in eval mode too
+    if isinstance(
+        m, torch.nn.modules.batchnorm._BatchNorm | torch.nn.modules.instancenorm._InstanceNorm
+    ):
         return m.track_running_stats
     return isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0
 
@@ -134,6 +136,21 @@ def _copied(model: torch.nn.Module) -> torch.nn.Module:
     ``torch.nn.utils.weight_norm``'s weight or a kept activation."""
     try:
         return copy.deepcopy(model)
+    except (TypeError, copy.Error) as err:  # a lock, a file handle, a generator...
+        bad = []
+        for name, m in model.named_modules():
+            for k, v in vars(m).items():
+                if k in ("_parameters", "_buffers", "_modules") or bad:
+                    continue
+                try:
+                    copy.deepcopy(v)
+                except Exception:  # noqa: BLE001 - any failure names the attribute
+                    bad.append(f"{name + '.' if name else ''}{k} ({type(v).__name__})")
+        raise TypeError(
+            "model cannot be copied with copy.deepcopy (slt samples a copy and never "
+            f"touches yours): attribute {bad[0] if bad else 'unknown'} does not copy ({err}). "
+            "Keep such objects outside the model, or give its class a __deepcopy__"
+        ) from err
     except RuntimeError as err:
         if "deepcopy" not in str(err):
             raise

@@ -105,22 +105,36 @@ class PerSampleRecorder:
                 raise
 
     def _check_mean(self) -> None:
-        """Refuse a loss whose per-sample terms do not average to its batch mean at w*
-        (a class ``weight`` or ``ignore_index``: a weighted mean): every recorded row
-        would be on another scale than the loss the chains sampled. Once per posterior."""
+        """Refuse a loss whose per-sample terms do not average to its batch value (a class
+        ``weight`` or ``ignore_index``: a weighted mean): every recorded row would be on
+        another scale than the loss the chains sampled. On one batch at w*, both under the
+        same private random state (a model that draws in its forward draws alike); a loss
+        that differs between two seeds is not checked. Once per posterior."""
+        from slt import _globals
+
         post = self.posterior
         if post.per_sample_checked:
             return
-        mean = float(self.losses(post.reference).mean())
-        if not math.isclose(mean, post.init_loss, rel_tol=1e-4, abs_tol=1e-6):
-            raise ValueError(
-                f"per-sample losses: at w* their mean is {mean:.6g}, but loss_fn's batch "
-                f"means give L_n(w*) = {post.init_loss:.6g}, so loss_fn is not the plain mean "
-                "of per-sample terms (a criterion with a class weight or an ignore_index is a "
-                "weighted mean). Write loss_fn as the plain mean of per-sample NLL terms, "
-                "e.g. lambda model, b: F.cross_entropy(model(b[0]), b[1], weight=w, "
-                "reduction='none').mean(), or record only the loss (record='loss')"
-            )
+        batch = (post.full_data if post.full_data is not None
+                 else next(iter(post.batches.complete_pass())))  # fmt: skip
+
+        def value(fn, seed: int) -> float:
+            with _globals.private(seed), torch.no_grad(), plain_attention(enabled=post.attention):
+                return float(fn(post.reference, batch).double().mean())
+
+        whole = value(post.loss_fn, 0)
+        if whole == value(post.loss_fn, 1):  # deterministic: the two must agree
+            parts = value(self.per_sample, 0)
+            if not math.isclose(parts, whole, rel_tol=1e-4, abs_tol=1e-7):
+                raise ValueError(
+                    f"per-sample losses: on a batch at w* their mean is {parts:.6g}, but "
+                    f"loss_fn gives {whole:.6g}, so loss_fn is not the plain mean of "
+                    "per-sample terms (a criterion with a class weight or an ignore_index is "
+                    "a weighted mean). Write loss_fn as the plain mean of per-sample NLL "
+                    "terms, e.g. lambda model, b: F.cross_entropy(model(b[0]), b[1], "
+                    "weight=w, reduction='none').mean(), or record only the loss "
+                    "(record='loss')"
+                )
         post.per_sample_checked = True
 
     def losses(self, module: torch.nn.Module | None = None) -> np.ndarray:
