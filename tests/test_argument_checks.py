@@ -196,3 +196,19 @@ def test_baselines_and_curves_name_a_bad_dtype_or_potential():
         slt.evidence_curves(potential=5, ns=(50, 100), progress=False)
     with pytest.raises(ValueError, match="seed must be an integer"):
         slt.laplace(case.model, case.loader(), case.loss_fn, seed=-1)
+
+
+def test_evidence_inputs_found_by_a_new_user():
+    # each was a bare or misleading error, or silence
+    case = zoo.potential((0, 1), n=100)  # k = 0 made the Hessian NaN: "no curvature ... flat"
+    loader = torch.utils.data.DataLoader(case.dataset, batch_size=100)
+    small = dict(num_chains=2, num_draws=20, num_burnin=5, progress=False)
+    res = slt.wbic(case.model, loader, case.loss_fn, prior_std=1.0, **small)
+    assert math.isfinite(res.wbic)
+    with pytest.raises(ValueError, match="test_loader: yielded no batches"):
+        slt.waic(case.model, loader, case.loss_fn, test_loader=[], **small)
+    with pytest.raises(ValueError, match=r"prior_std=None \(a flat prior\): F_n .* needs a proper"):
+        slt.free_energy(case.model, loader, case.loss_fn, prior_std=None, progress=False)
+    with pytest.warns(UserWarning, match="n = 1000, but one pass of the loader holds 100 samples"):
+        res = slt.wbic(case.model, loader, case.loss_fn, n=1000, **small)
+    assert any("holds 100 samples" in w for w in res.warnings)

@@ -128,6 +128,20 @@ def test_not_a_minimum_is_reported():
     res = laplace(model, [data], neg)
     assert res.num_negative == 2 and math.isnan(res.free_energy)
     assert any("not a minimum" in w for w in res.warnings)
+    assert "F ≈ nan" in str(res) and "[nan" not in str(res)  # printed "in [nan, nan]"
+
+
+def test_bic_warns_away_from_a_minimum():
+    # bic printed ‖∇L_n‖ and nothing else, where laplace warned
+    model, data, loss_fn, *_ = _regression(prior_std=1e6)
+    at_min = bic(model, [data], loss_fn)
+    assert at_min.warnings == () and at_min.descent < 1e-6
+    with torch.no_grad():
+        model.weight.add_(0.05)
+    off = bic(model, [data], loss_fn)
+    # the quadratic model is exact here: the fall is n L_n(ŵ) - n L_n(ŵ_min)
+    assert off.descent == pytest.approx(off.nll - at_min.nll, rel=0.05)
+    assert off.descent > 0.5 and "ŵ is not a minimum of L_n" in str(off)
 
 
 def test_results_are_frozen_and_print_the_diagnosis():

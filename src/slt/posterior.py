@@ -333,6 +333,7 @@ class Posterior(Tables):
         # n: the samples L_n(w*) was taken over, one complete pass (the subset a sampler
         # picks, every sample when the loader drops a short last batch)
         self.n = _checks.integer("n", n if n is not None else counted, minimum=2)
+        self.num_samples = counted  # in one pass of the loader (n may be given otherwise)
         self.nbeta = (
             _checks.real("nbeta", nbeta, minimum=0, strict=True)
             if nbeta is not None

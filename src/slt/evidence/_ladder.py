@@ -96,8 +96,8 @@ class Rung:
 
 def sampler_notes(rungs: Sequence[Rung], sampler: str) -> list[str]:
     """Warnings every ladder gives: chains that never moved on a rung (their draws one
-    value: ESS and MCSE are NaN, and a mean over them says nothing), and MALA accepting
-    under 20% of its proposals."""
+    value: ESS and MCSE are NaN, and a mean over them says nothing), fewer than
+    :data:`MIN_CHAINS` chains, and MALA accepting under 20% of its proposals."""
     notes = []
     still = [(rung.beta, np.flatnonzero(rung._diagnostics.constant)) for rung in rungs]
     still = [f"at β = {beta:.3g} chain(s) {', '.join(map(str, c))}" for beta, c in still if c.size]
@@ -107,6 +107,13 @@ def sampler_notes(rungs: Sequence[Rung], sampler: str) -> list[str]:
             "proposal rejected, or steps too small to change the loss), so they say nothing "
             "about the posterior; " + ("lower step_scale" if sampler == "mala" else "raise it")
         )
+    chains = rungs[0]._diagnostics.diverged.size if rungs else MIN_CHAINS
+    if chains < MIN_CHAINS:
+        notes.append(
+            f"only {chains} chains: chains stuck alike in one part of a singular posterior "
+            "agree with each other, so neither R̂ nor the error bar sees it (a²b⁴ at 2 × 50 "
+            f"draws read 15 error bars low, unwarned); use num_chains >= {MIN_CHAINS}"
+        )
     low = [r.beta for r in rungs if sampler == "mala" and r.acceptance < MIN_MALA_ACCEPTANCE]
     if low:
         notes.append(
@@ -115,6 +122,9 @@ def sampler_notes(rungs: Sequence[Rung], sampler: str) -> list[str]:
         )
     return notes
 
+
+MIN_CHAINS = 4
+"""Fewer chains than this get a warning from every ladder (the defaults run 8)."""
 
 MIN_MALA_ACCEPTANCE = 0.2
 """Below this MALA acceptance a ladder's chains barely move (as :func:`slt.estimate_llc`)."""
@@ -164,6 +174,13 @@ class GlobalPosterior:
         self.num_params = self.center_posterior.num_params
         self._center_q: float | None = None
         self.warnings: list[str] = list(self.center_posterior.warnings)
+        samples = self.center_posterior.num_samples
+        if self.n != samples:  # waic refuses it (its per-sample terms need n of them)
+            self.warnings.append(
+                f"n = {self.n}, but one pass of the loader holds {samples} samples: n L_n "
+                f"counts their mean loss {self.n / samples:.3g} times over, so the free "
+                f"energies are those of a data set of {self.n} such samples"
+            )
 
     def _posterior(self, model, *, n, nbeta) -> Posterior:
         return build_posterior(
@@ -221,6 +238,12 @@ class GlobalPosterior:
         return top_hessian_eigenvalue(posterior, self._probe_batch(posterior), iters=10)
 
     def step_size(self, nbeta: float, q: float) -> float:
+        if not math.isfinite(q):  # a NaN Hessian-vector product (0 · inf in the model)
+            raise ValueError(
+                f"the top Hessian eigenvalue of L_n came out {q} at the chains' starting "
+                "points, which sets the step size: the model's second derivatives are not "
+                "finite there (a power w**0 at w = 0 gives 0 · inf); write the model so they are"
+            )
         precision = nbeta * q + self.precision
         if not precision > 0:
             raise ValueError(

@@ -39,13 +39,18 @@ class BICResult(ToDict):
     grad_norm: float  # ‖∇L_n(ŵ)‖: BIC assumes ŵ minimizes L_n
     num_params: int
     n: int
+    # n L_n's fall along -∇L_n to the minimum of its quadratic model there, ½ n ‖g‖⁴/gᵀHg
+    # (inf where the curvature along g is not positive): > 0.5 nats, ŵ is not a minimum
+    descent: float = 0.0
+    warnings: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return (
+        lines = [
             f"BIC = {self.bic:.8g}  (n L_n(ŵ) {self.nll:.8g} + (d/2) log n {self.penalty:.6g}; "
-            f"d {self.num_params}, n {self.n})\n  ‖∇L_n(ŵ)‖ = {self.grad_norm:.2g} "
-            "(ŵ should minimize L_n)"
-        )
+            f"d {self.num_params}, n {self.n})",
+            f"  ‖∇L_n(ŵ)‖ = {self.grad_norm:.2g} (ŵ should minimize L_n)",
+        ]
+        return "\n".join(lines + [f"  warning: {w}" for w in self.warnings])
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,11 @@ class LaplaceResult(ToDict):
 
     def __str__(self) -> str:
         d, p = self.num_params, self.prior_precision
-        span = (f"{self.free_energy:.8g}" if self.free_energy == self.free_energy_upper
+        # a range only where the eigenvalues left out leave one (NaN never equals NaN)
+        same = self.free_energy == self.free_energy_upper or (
+            math.isnan(self.free_energy) and math.isnan(self.free_energy_upper)
+        )
+        span = (f"{self.free_energy:.8g}" if same
                 else f"in [{self.free_energy:.8g}, {self.free_energy_upper:.8g}]")  # fmt: skip
         lo, hi = self.lambda_bracket
         lines = [
@@ -157,8 +166,21 @@ def bic(
     0.0
     """
     with _globals.private(0):  # what the model draws (an always-on dropout) is not the caller's
-        flat, n, _, loss, g = _setup(model, loader, loss_fn, n, dtype)
+        flat, n, w, loss, g = _setup(model, loader, loss_fn, n, dtype)
+        square = float(g @ g)
+        curvature = float(g @ flat.hvp(w, g)) if square > 0 else 0.0
     penalty = 0.5 * flat.dim * math.log(n)
+    if square == 0:
+        descent = 0.0
+    else:
+        descent = 0.5 * n * square**2 / curvature if curvature > 0 else math.inf
+    notes = []
+    if descent > BIC_DESCENT:
+        notes.append(
+            f"ŵ is not a minimum of L_n: along -∇L_n, n L_n falls by about {descent:.3g} "
+            "nats (to the minimum of its quadratic model on that line; inf: the curvature "
+            "there is not positive), and BIC with it; fit ŵ to the minimum first"
+        )
     return BICResult(
         bic=n * loss + penalty,
         nll=n * loss,
@@ -167,7 +189,13 @@ def bic(
         grad_norm=float(g.norm()),
         num_params=flat.dim,
         n=n,
+        descent=descent,
+        warnings=tuple(notes),
     )
+
+
+BIC_DESCENT = 0.5
+"""Nats of n L_n that a step along -∇L_n would gain, above which bic warns."""
 
 
 def laplace(

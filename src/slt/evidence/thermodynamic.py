@@ -213,6 +213,11 @@ def free_energy(
     ((6,), True)
     """
     t0 = time.perf_counter()
+    if prior_std is None:  # wbic and waic take None (flat); here the integral needs a prior
+        raise ValueError(
+            "prior_std=None (a flat prior): F_n = -log ∫ exp(-n L_n) φ needs a proper prior φ, "
+            "whose integral is 1 (a flat one has none); give prior_std > 0"
+        )
     prior_std = _checks.real("prior_std", prior_std, minimum=0, strict=True)
     num_chains = _checks.integer("num_chains", num_chains, minimum=2)
     num_draws = _checks.integer("num_draws", num_draws, minimum=4)

@@ -194,6 +194,10 @@ def waic(
             "chain; V_n and ν need at least two: take record_every < num_draws"
         )
     seed = _checks.seed(seed)
+    if test_loader is not None:  # checked before any sampling (it was torch.cat's error after)
+        held_out = BatchStream(test_loader, torch.device("cpu"))
+        if next(iter(held_out.complete_pass()), None) is None:
+            raise ValueError("test_loader: yielded no batches (is the held-out set empty?)")
     with _globals.private(seed):  # what user code draws from it repeats with seed
         gp = GlobalPosterior(model, loader, loss_fn, n=n, prior_std=prior_std,
                              prior_mean=prior_mean, sampler=sampler,

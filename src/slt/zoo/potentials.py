@@ -26,9 +26,14 @@ class Monomial(torch.nn.Module):
         super().__init__()
         self.k = exponents(k)
         self.w = torch.nn.Parameter(torch.full((len(self.k),), float(init)))
+        # factors with k_j = 0 are 1 and left out: d(w^0)/dw = 0 · w^-1 is NaN at w = 0
+        self._used = None if all(self.k) else [j for j, kj in enumerate(self.k) if kj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.prod(self.w ** torch.tensor(self.k, dtype=self.w.dtype)) * x
+        if self._used is None:
+            return torch.prod(self.w ** torch.tensor(self.k, dtype=self.w.dtype)) * x
+        k = torch.tensor([self.k[j] for j in self._used], dtype=self.w.dtype)
+        return torch.prod(self.w[self._used] ** k) * x
 
 
 def exponents(k: Sequence[int]) -> tuple[int, ...]:
