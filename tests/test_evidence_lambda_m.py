@@ -79,6 +79,20 @@ def test_accepts_an_nbeta_sweep_and_drops_failed_points():
     assert any("left out" in w for w in res.warnings)
 
 
+def test_a_sweeps_warnings_come_along_and_too_close_a_fit_is_said():
+    # the fit dropped the sweep's warnings (every point had ESS 25, R̂ 1.10), and exact
+    # agreement of correlated points (one seed at every nβ) passed for precision
+    rng = np.random.default_rng(0)
+    llc = 0.7 - X + 0.01 * rng.standard_normal(len(X))  # scatter as the errors say
+    sweep = NbetaSweep(nbeta=NBETA, llc=llc, llc_std=np.full(len(X), 0.01),
+                       step_size=np.full(len(X), 1e-4), n=1000, results=(),
+                       warnings=("at nβ = 30: R̂ = 1.097 > 1.05",))  # fmt: skip
+    res = estimate_lambda_m(sweep, order=1)
+    assert res.warnings == ("sweep: at nβ = 30: R̂ = 1.097 > 1.05",)
+    exact = estimate_lambda_m(NBETA, 0.7 - X, np.full(len(X), 0.01), order=1)
+    assert any("closer to the fit than their errors allow" in w for w in exact.warnings)
+
+
 def test_result_is_frozen_and_prints_lambda_m_and_the_integers():
     res = estimate_lambda_m(NBETA, 0.5 - X + 0.01 * np.sin(NBETA), np.full(len(X), 0.01))
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -86,6 +86,10 @@ def _wls(design: np.ndarray, y: np.ndarray, weights: np.ndarray):
     return coef, cov, float(np.sum((b - a @ coef) ** 2))
 
 
+TOO_CLOSE = 0.01
+"""A weighted fit whose χ² falls below this quantile of its χ² law is warned of."""
+
+
 def estimate_lambda_m(
     nbeta,
     llc=None,
@@ -146,7 +150,9 @@ def estimate_lambda_m(
     >>> round(res.lam, 6), round(res.m, 6), res.m_int
     (1.5, 3.0, 3)
     """
-    if llc is None and hasattr(nbeta, "llc"):
+    carried: tuple[str, ...] = ()
+    if llc is None and hasattr(nbeta, "llc"):  # a sweep: its points' warnings come along
+        carried = tuple(f"sweep: {w}" for w in getattr(nbeta, "warnings", ()))
         nbeta, llc, llc_std = nbeta.nbeta, nbeta.llc, nbeta.llc_std
     if llc is None:
         raise ValueError("estimate_lambda_m: pass llc (λ̂ at each nβ), or an NbetaSweep")
@@ -162,7 +168,7 @@ def estimate_lambda_m(
                          f"{nb.shape}, {y.shape}, {None if se is None else se.shape}")  # fmt: skip
     if np.any(~np.isfinite(nb)) or np.any(nb <= 1):
         raise ValueError(f"nbeta must be finite and > 1 (x = 1/log nβ), got {nb.tolist()}")
-    warnings = []
+    warnings = list(carried)
     keep = np.isfinite(y) & (np.isfinite(se) if se is not None else True)
     if not keep.all():
         warnings.append(f"{int((~keep).sum())} points with non-finite λ̂ or error left out")
@@ -201,6 +207,13 @@ def estimate_lambda_m(
             scale, inflated = chi2 / dof, True
             warnings.append(f"χ²/dof = {chi2 / dof:.3g} > 1: the points scatter about the fit "
                             "more than their errors say; standard errors scaled up")  # fmt: skip
+        elif dof > 0 and stats.chi2.cdf(chi2, dof) < TOO_CLOSE:
+            warnings.append(
+                f"χ² = {chi2:.3g} on {dof} dof: the points lie closer to the fit than their "
+                f"errors allow (P = {stats.chi2.cdf(chi2, dof):.2g}), as correlated points do "
+                "(llc_vs_nbeta runs every nβ from one seed); the errors of λ and m assume "
+                "independent points and may be too small"
+            )
     cov = cov * scale
     m, m_std = 1 + coef[1], math.sqrt(cov[1, 1])
     lo, hi = m - q * m_std, m + q * m_std
