@@ -144,10 +144,10 @@ def test_module_specs_checkpoint_and_settings(user, tmp_path):
         ("--data", "{file}:not_a_model", "not a map-style torch Dataset"),
         ("--loss", "hinge", 'expected "gaussian", "cross_entropy"'),
         ("--step-size", "fast", 'expected a number or "auto"'),
-        ("--step-size", "-1", "step_size must be a finite number > 0"),
+        ("--step-size", "-1", "--step-size must be a finite number > 0"),  # was step_size
         ("--microbatch", "big", 'expected an integer >= 1, "auto" or "none", got \'big\''),
         ("--microbatch", "0", 'expected an integer >= 1, "auto" or "none", got \'0\''),
-        ("--sampler", "hmc", "sampler must be one of"),
+        ("--sampler", "hmc", "--sampler must be one of"),
         ("--checkpoint", "nowhere.pt", "does not exist"),
     ],
 )
@@ -298,7 +298,9 @@ def test_microbatch_runs_and_is_recorded(user, tmp_path):
     assert slt.load(out).microbatch == 8
     ran = invoke(*spec, "--microbatch", "5", *TINY)  # 96 samples, batches of 32
     assert ran.exit_code == 2
-    assert "microbatch must divide the number of samples (96) and the batch size (32)" in ran.output
+    assert (
+        "--microbatch must divide the number of samples (96) and the batch size (32)" in ran.output
+    )
     for word in ("none", "auto"):  # the small model has its per-sample table: no micro-batches
         ran = invoke(*spec, "--microbatch", word, "--out", str(out), *TINY)
         assert ran.exit_code == 0, ran.output
@@ -331,3 +333,43 @@ def test_a_model_file_that_fails_to_load_is_named(user, tmp_path):
     ran = invoke("--model", f"{broken}:make", "--data", f"{user[1]}:dataset", *TINY)
     text = " ".join(ran.output.replace("│", " ").split())
     assert ran.exit_code == 2 and "raised SyntaxError" in text and "--model" in text
+
+
+RAGGED = """
+import torch
+
+class Ragged(torch.utils.data.Dataset):  # the third sample is longer: the second batch fails
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        width = 3 if i == 6 else 2
+        return torch.ones(width), torch.ones(1)
+
+def make_model():
+    return torch.nn.Linear(2, 1)
+"""
+
+
+def test_errors_a_new_user_met_are_one_line(user, tmp_path):
+    # each was a meaningless error, a traceback, or an option named in Python's words
+    name, file = user
+    (tmp_path / "data.pt").write_bytes(b"")
+    ran = invoke("--model", f"{file}:make_model", "--data", "./data.pt:x", *TINY)
+    assert ran.exit_code == 2
+    assert "is not a Python file" in " ".join(ran.output.split())  # was 'NoneType' ... 'loader'
+    (tmp_path / "ragged.py").write_text(RAGGED)
+    ran = invoke("--model", "ragged.py:make_model", "--data", "ragged.py:Ragged",
+                 "--batch-size", "4", *TINY)  # fmt: skip
+    assert ran.exit_code == 1 and "Traceback" not in ran.output
+    assert "Error: RuntimeError: stack expects each tensor to be equal size" in ran.output
+    ran = invoke("--model", f"{file}:make_model", "--data", f"{file}:dataset", "--nbeta", "-3",
+                 *TINY)  # fmt: skip
+    assert ran.exit_code == 2 and "--nbeta must be" in ran.output
+
+
+def test_help_fits_eighty_columns():
+    # rich's table cut option text at 80 columns (the width when piped): --control-varia…
+    ran = CliRunner().invoke(app, ["llc", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert ran.exit_code == 0 and "…" not in ran.output
+    assert '"pkg.module:factory" or' in ran.output and "--control-variate <str>" in ran.output

@@ -765,3 +765,20 @@ def test_a_model_instead_of_a_factory_and_a_bad_device_are_named_before_any_job(
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device='cuda', but this PyTorch has no CUDA"):
             llc_trajectory(ckpts, h.linear, h.loader(), h.nll, device="cuda", **TINY)
+
+
+def test_cli_says_library_warnings_and_shape_errors_in_one_line(cli, tmp_path):
+    # the steps warning leaked as a raw Python warning with its source line and advised
+    # steps=, an option the command lacks; a shape mismatch printed torch's lines and tabs
+    _save_linears(tmp_path / "dup", ["a_step5.pt", "b_step5.pt"])
+    out = cli("trajectory", "dup", *SPECS, *CLI_TINY, "--results", "d.jsonl")
+    assert out.exit_code == 0, out.output
+    assert "warning: checkpoint names give no distinct step number" in out.output
+    assert "rename the files to set them" in out.output and "steps=" not in out.output
+    assert "UserWarning" not in out.output
+    (tmp_path / "wide").mkdir()
+    torch.save(torch.nn.Linear(4, 1).state_dict(), tmp_path / "wide" / "w_1.pt")
+    out = cli("trajectory", "wide", *SPECS, *CLI_TINY, "--results", "w.jsonl")
+    assert out.exit_code == 2
+    (line,) = [x for x in out.output.splitlines() if "does not fit the model" in x]
+    assert line.endswith("the shape in current model is torch.Size([1, 3]).")

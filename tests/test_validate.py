@@ -67,7 +67,7 @@ def test_microbatch_reaches_every_case(monkeypatch, tmp_path):
     assert table["rows"][0]["settings"]["microbatch"] == 16
     bad = runner.invoke(app, ["validate", "--no-progress", "--microbatch", "3"])
     assert bad.exit_code == 2
-    assert "microbatch must divide the number of samples (1024)" in bad.output
+    assert "--microbatch must divide the number of samples (1024)" in bad.output
     off = runner.invoke(app, ["validate", "--out", str(tmp_path), "--no-progress",
                               "--microbatch", "none"])  # fmt: skip
     assert off.exit_code == 0, off.output

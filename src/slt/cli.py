@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import typer
@@ -33,6 +36,7 @@ app = typer.Typer(
     help="slt: singular learning theory, measured on PyTorch models.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -42,7 +46,7 @@ def _root() -> None:
 
 
 _OUT = typer.Option(Path("validate-out"), help="Folder for table.json and validate.png.")
-_SEED = typer.Option(0, help="Seed of every chain.")
+_SEED = typer.Option(0, min=0, help="Seed of every chain.")
 _PROGRESS = typer.Option(True, help="Show a progress bar.")
 _VALIDATE_STEP = typer.Option(
     None, help='"auto" to calibrate every case\'s step size instead of using its recommended one.'
@@ -73,7 +77,7 @@ def validate(
                    microbatch=_parse_microbatch(microbatch),
                    progress=progress)  # fmt: skip
     except ValueError as err:  # e.g. a microbatch that does not divide a case's n
-        typer.echo(f"Error: {err}", err=True)
+        typer.echo(f"Error: {_in_option_words(err)}", err=True)
         raise typer.Exit(2) from err
     raise typer.Exit(0 if all(r.passed for r in rows) else 1)
 
@@ -152,6 +156,32 @@ def _compile_error(err: Exception) -> str:
     )
 
 
+# the library's argument names that are this command line's options (--step-size, ...)
+_OPTIONS = ("step_size", "nbeta", "localization", "control_variate", "chain_method",
+            "microbatch", "sampler", "num_chains", "num_draws", "num_burnin", "batch_size",
+            "prior_std", "num_rungs", "max_workers", "executor", "overwrite")  # fmt: skip
+
+
+def _in_option_words(err: BaseException) -> str:
+    """An error of the library in the command's words: each argument it names that is an
+    option of the command (step_size -> --step-size), on one line."""
+    text = " ".join(_compile_error(err).replace("overwrite=True", "--overwrite").split())
+    names = "|".join(_OPTIONS)
+    return re.sub(rf"(?<![\w.-])({names})(?![\w(])", lambda m: "--" + m[1].replace("_", "-"),
+                  text)  # fmt: skip
+
+
+def _failed(err: RuntimeError) -> NoReturn:
+    """A RuntimeError from torch or the user's code during the run (a batch after the
+    first that does not collate, a model that fails on some input): one line, exit 1."""
+    typer.echo(
+        f"Error: {type(err).__name__}: {' '.join(str(err).split())} (run the same in Python "
+        "for the traceback)",
+        err=True,
+    )
+    raise typer.Exit(1) from err
+
+
 @app.command()
 def llc(
     model: str = _MODEL,
@@ -215,11 +245,13 @@ def llc(
             progress=progress,
         )
     except (ValueError, TypeError, slt.DivergenceError) as err:
-        typer.echo(f"Error: {_compile_error(err)}", err=True)
+        typer.echo(f"Error: {_in_option_words(err)}", err=True)
         raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
     except CompileError as err:
-        typer.echo(f"Error: {_compile_error(err)}", err=True)
+        typer.echo(f"Error: {_in_option_words(err)}", err=True)
         raise typer.Exit(1) from err
+    except RuntimeError as err:
+        _failed(err)
     typer.echo(str(res))
     out.parent.mkdir(parents=True, exist_ok=True)
     io.save(res, out)
@@ -237,7 +269,7 @@ _RESULTS = typer.Option(
     help="JSON-lines results file, one row per finished checkpoint; rerunning resumes it.",
 )
 _EXECUTOR = typer.Option(
-    "serial", help='"serial", "process" (a spawn process pool) or "ray" (slt\\[ray]).'
+    "serial", help='"serial", "process" (a spawn process pool) or "ray" (slt[ray]).'
 )
 _WORKERS = typer.Option(None, min=1, help="Processes for --executor process (default: CPUs).")
 _OVERWRITE = typer.Option(False, help="Discard a results file written with other settings.")
@@ -295,22 +327,28 @@ def trajectory(
     # the results file records which --data (and its file's contents) the rows came from
     loader.slt_data_spec = f"--data {_absolute(data)} [{spec_digest(_absolute(data))}]"
     try:
-        traj = llc_trajectory(
-            folder, factory, loader, _LossSpec(loss, sigma), results=results,
-            executor=executor, max_workers=max_workers, overwrite=overwrite,
-            progress=progress, nbeta=nbeta, localization=localization, step_size=step,
-            num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
-            sampler=sampler, control_variate=control_variate, seed=seed,
-            chain_method=_chain_method(chain_method, compile, sampler), compile=compile,
-            microbatch=_parse_microbatch(microbatch),
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:  # said below, in one line each
+            warnings.simplefilter("always")
+            traj = llc_trajectory(
+                folder, factory, loader, _LossSpec(loss, sigma), results=results,
+                executor=executor, max_workers=max_workers, overwrite=overwrite,
+                progress=progress, nbeta=nbeta, localization=localization, step_size=step,
+                num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+                sampler=sampler, control_variate=control_variate, seed=seed,
+                chain_method=_chain_method(chain_method, compile, sampler), compile=compile,
+                microbatch=_parse_microbatch(microbatch),
+            )  # fmt: skip
     except (ValueError, TypeError, ImportError, FileNotFoundError, slt.DivergenceError,
             CompileError) as err:  # fmt: skip
-        text = _compile_error(err).replace("overwrite=True", "--overwrite")
-        typer.echo(f"Error: {text}", err=True)
+        typer.echo(f"Error: {_in_option_words(err)}", err=True)
         # as `slt llc`: what the sampling could not do exits 1, a bad option or input 2
         failed = isinstance(err, (slt.DivergenceError, CompileError))
         raise typer.Exit(1 if failed else 2) from err
+    except RuntimeError as err:
+        _failed(err)
+    for w in caught:  # the library's advice in the command's words (it has no --steps)
+        text = str(w.message).replace("pass steps= to set them", "rename the files to set them")
+        typer.echo(f"warning: {' '.join(text.split())}", err=True)
     typer.echo(str(traj))
     if not np.isfinite(traj.llc).any():  # as `slt llc` exits 1 when every chain diverged
         typer.echo(f"Error: no λ̂ at any of the {len(traj.steps)} checkpoints", err=True)
@@ -409,8 +447,17 @@ def evidence(
             log=typer.echo,
         )  # fmt: skip
     except (ValueError, TypeError, slt.DivergenceError) as err:
-        typer.echo(f"Error: {err}", err=True)
+        text = _in_option_words(err)  # and the zoo's exponents k, the sizes ns
+        text = re.sub(
+            r"^k(?:\[(\d+)\])?(?= )",
+            lambda m: "--potential" + (f" entry {m[1]}" if m[1] else ""),
+            text,
+        )
+        text = re.sub(r"^ns(?= )", "--ns", text)
+        typer.echo(f"Error: {text}", err=True)
         raise typer.Exit(1 if isinstance(err, slt.DivergenceError) else 2) from err
+    except RuntimeError as err:
+        _failed(err)
     typer.echo("\n" + str(curves))
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(_json.dumps(curves.to_dict(), indent=1))

@@ -125,6 +125,13 @@ def _resolve(spec: str, option: str):
         if not file.is_file():
             what = "is a folder, not a file" if file.is_dir() else "does not exist"
             raise typer.BadParameter(f"file {where} {what}", param_hint=option)
+        if file.suffix != ".py":  # data.pt: torch's data is loaded by code in a .py file
+            raise typer.BadParameter(
+                f"{where} is not a Python file: {option} names an object in a .py file or "
+                "a module (path/to/file.py:attr); to use saved tensors, write a .py file "
+                "whose function loads them into a Dataset (e.g. TensorDataset(*torch.load(...)))",
+                param_hint=option,
+            )
         name = "_slt_cli_" + "".join(c if c.isalnum() else "_" for c in str(file))
         # --model and --data from one file share one module; process-pool workers load it
         # too and Ray tasks get it by value, so a Dataset class defined in the file unpickles
@@ -323,9 +330,10 @@ def _load_checkpoint(model, path: Path) -> None:
         )
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except RuntimeError as err:  # torch's message spans lines: one line here
         raise typer.BadParameter(
-            f"{path} does not fit the model: {err}", param_hint="--checkpoint"
+            f"{path} does not fit the model: {' '.join(str(err).split())}",
+            param_hint="--checkpoint",
         ) from None
 
 

@@ -406,7 +406,10 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {label!r} does not fit the model: {err}") from None
+        # torch's message spans lines (one per tensor): one line for the table and the file
+        raise ValueError(
+            f"checkpoint {label!r} does not fit the model: {' '.join(str(err).split())}"
+        ) from None
 
 
 # estimate_llc's options whose default is not what a file written before they existed ran:
