@@ -373,3 +373,14 @@ def test_help_fits_eighty_columns():
     ran = CliRunner().invoke(app, ["llc", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert ran.exit_code == 0 and "…" not in ran.output
     assert '"pkg.module:factory" or' in ran.output and "--control-variate <str>" in ran.output
+
+
+def test_an_option_that_would_be_ignored_is_refused(user):
+    # --sigma with another loss (and trajectory's --max-workers without a pool) did nothing
+    _, file = user
+    ran = invoke("--model", f"{file}:make_model", "--data", f"{file}:dataset",
+                 "--loss", "cross_entropy", "--sigma", "2", *TINY)  # fmt: skip
+    assert ran.exit_code == 2 and "--sigma is σ of --loss gaussian" in ran.output
+    args = ["trajectory", ".", "--model", f"{file}:make_model", "--data", f"{file}:dataset"]
+    ran = CliRunner().invoke(app, [*args, "--max-workers", "2", *TINY])
+    assert ran.exit_code == 2 and "--max-workers sizes --executor process's pool" in ran.output

@@ -171,6 +171,24 @@ def _in_option_words(err: BaseException) -> str:
                   text)  # fmt: skip
 
 
+def _unused(ctx: typer.Context, loss: str, executor: str) -> None:
+    """Refuse an option given that the others make moot (it was silently ignored)."""
+    given = {name for name in ("sigma", "max_workers")
+             if ctx.get_parameter_source(name) is not None
+             and ctx.get_parameter_source(name).name != "DEFAULT"}  # fmt: skip
+    if "sigma" in given and loss != "gaussian":
+        raise typer.BadParameter(
+            f"--sigma is σ of --loss gaussian; with --loss {loss} it would be ignored: drop it",
+            param_hint="--sigma",
+        )
+    if "max_workers" in given and executor != "process":
+        raise typer.BadParameter(
+            f"--max-workers sizes --executor process's pool; with --executor {executor} it "
+            "would be ignored: drop it",
+            param_hint="--max-workers",
+        )
+
+
 def _failed(err: RuntimeError) -> NoReturn:
     """A RuntimeError from torch or the user's code during the run (a batch after the
     first that does not collate, a model that fails on some input): one line, exit 1."""
@@ -184,6 +202,7 @@ def _failed(err: RuntimeError) -> NoReturn:
 
 @app.command()
 def llc(
+    ctx: typer.Context,
     model: str = _MODEL,
     data: str = _DATA,
     checkpoint: Path | None = _CHECKPOINT,
@@ -217,6 +236,7 @@ def llc(
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1) from err
     step = _parse_step_size(step_size)
+    _unused(ctx, loss, executor="serial")
     _output_file(out, "--out", make_folder=True)
     net = _build(model, "--model", _is_module, "a torch.nn.Module")
     dataset = _build(data, "--data", _is_dataset, "a map-style torch Dataset (with __len__)")
@@ -280,6 +300,7 @@ _PLOT = typer.Option(
 
 @app.command()
 def trajectory(
+    ctx: typer.Context,
     folder: Path = _FOLDER,
     model: str = _MODEL,
     data: str = _DATA,
@@ -312,6 +333,7 @@ def trajectory(
     from slt.trajectory import llc_trajectory
 
     step = _parse_step_size(step_size)
+    _unused(ctx, loss, executor)
     _output_file(results, "--results")
     if plot is None:  # beside the results; never the results file itself (--results r.png)
         plot = results.with_suffix(".png")
