@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from scipy.signal import lfilter
 
@@ -378,3 +379,14 @@ def test_plain_sgld_estimates_get_the_epoch_mcse():
                            control_variate="none", progress=False)  # fmt: skip
     want = diagnose(res.llc_trace, epoch=(16, 12)).mcse
     assert res.mcse == want < diagnose(res.llc_trace).mcse / 2
+
+
+def test_a_loss_that_does_not_depend_on_the_parameters_is_suggested():
+    # cross-entropy over one output is 0 at every w: the warning blamed only the step size
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    res = slt.estimate_llc(torch.nn.Linear(2, 1), loader, slt.supervised(F.cross_entropy),
+                           num_chains=2, num_draws=20, num_burnin=5, progress=False)  # fmt: skip
+    assert res.llc == 0
+    assert any("cross-entropy over one output is 0 everywhere" in w for w in res.warnings)

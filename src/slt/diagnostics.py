@@ -290,9 +290,10 @@ def warnings_for(
         still = ", ".join(str(c) for c in np.flatnonzero(diag.constant))
         out.append(
             f"chain(s) {still} never moved: their λ̂ trace is constant (every MALA proposal "
-            "rejected, or steps too small to change the loss), so they sampled nothing and "
-            "say nothing about the posterior; use a smaller step size for MALA, a larger one "
-            "otherwise"
+            "rejected, steps too small to change the loss, or a loss that does not depend on "
+            "the parameters: cross-entropy over one output is 0 everywhere), so they sampled "
+            "nothing and say nothing about the posterior; use a smaller step size for MALA, "
+            "a larger one otherwise, and check that loss_fn varies with the model"
         )
     if diag.num_usable == 1:
         out.append(
