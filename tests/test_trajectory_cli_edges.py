@@ -50,6 +50,25 @@ def test_reused_rows_take_this_runs_steps_and_names_sort_naturally(tmp_path):
     np.testing.assert_array_equal(again.llc[:3], first.llc)
 
 
+def test_steps_come_from_step_numbers_not_metrics_in_the_name(tmp_path):
+    # Lightning's "{epoch}-{step}-{val_loss:.2f}": the last number was the metric's
+    # decimals (steps 91, 8, 5: training in reverse, unwarned)
+    folder = tmp_path / "ck"
+    names = ["epoch=0-step=0-val_loss=0.91.ckpt", "epoch=3-step=150-val_loss=0.08.ckpt",
+             "epoch=6-step=300-val_loss=0.05.ckpt"]  # fmt: skip
+    _save_linears(folder, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jobs = make_jobs(folder)
+    assert sorted(j.step for j in jobs) == [0, 150, 300]
+    assert {j.step: j.label for j in jobs}[0] == names[0]
+    _save_linears(tmp_path / "plain", ["ckpt_10.pt", "ckpt-12.pth.tar", "global_step300.bin"])
+    assert sorted(j.step for j in make_jobs(tmp_path / "plain")) == [10, 12, 300]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"\.pth\.tar, in any case\) in"):
+        make_jobs(tmp_path / "empty")
+
+
 def test_shared_numbers_fall_back_to_natural_order(tmp_path):
     folder = tmp_path / "ck"
     _save_linears(folder, ["run2_step100.pt", "run10_step100.pt", "run1_step100.pt"])

@@ -53,7 +53,8 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
         found = (str(p) for p in folder.iterdir() if is_checkpoint_name(p.name))
         sources: list = sorted(found, key=natural_key)
         if not sources:
-            raise ValueError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
+            suffixes = ", ".join((*CHECKPOINT_SUFFIXES, ".pth.tar"))
+            raise ValueError(f"no checkpoint files ({suffixes}, in any case) in {folder}")
         keys = None
     elif isinstance(checkpoints, Mapping):
         keys, sources = list(checkpoints.keys()), list(checkpoints.values())
@@ -95,13 +96,24 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+_STEP = re.compile(r"(?<![a-z])(?:global_)?steps?[=_-]?(\d+)", re.IGNORECASE)
+# a whole number that is not a part of a decimal (a metric in the name: val_loss=0.05)
+_WHOLE = re.compile(r"(?<!\d)(?<!\d\.)\d+(?!\d)(?!\.\d)")
+
+
+def step_of_name(stem: str) -> int | None:
+    """The step a checkpoint's name gives: the last number after "step" (``step=300``,
+    ``step_300``, ``global_step300``), else the last whole number that is not part of a
+    decimal; None if there is none. Lightning's ``epoch=3-step=150-val_loss=0.08`` is 150
+    (the last number, 8, put training out of order)."""
+    found = _STEP.findall(stem) or _WHOLE.findall(stem)
+    return int(found[-1]) if found else None
+
+
 def _steps_from_names(sources: list) -> list[int]:
-    """The last number in each file name; else 0, 1, 2, ... in the order given (a folder's
-    files in natural order), with a warning that says why."""
-    numbers = []
-    for s in sources:
-        found = re.findall(r"\d+", Path(s).stem) if isinstance(s, str) else []
-        numbers.append(int(found[-1]) if found else None)
+    """Each file name's step (:func:`step_of_name`); else 0, 1, 2, ... in the order given
+    (a folder's files in natural order), with a warning that says why."""
+    numbers = [step_of_name(Path(s).stem) if isinstance(s, str) else None for s in sources]
     if None not in numbers and len(set(numbers)) == len(numbers):
         return numbers
     if any(isinstance(s, str) for s in sources):  # state dicts alone are steps 0, 1, ...

@@ -280,9 +280,9 @@ def llc(
 
 _FOLDER = typer.Argument(
     ..., exists=True, file_okay=False,
-    help="Folder of checkpoints (*.pt, *.pth, *.bin, *.ckpt, *.safetensors); the step of each "
-    "is the last number in its name. Read with weights_only=True: files that would run code "
-    "are refused.",
+    help="Folder of checkpoints (*.pt, *.pth, *.bin, *.ckpt, *.safetensors, *.pth.tar); the "
+    "step of each is the number after 'step' in its name (step=300, step_300), else its last "
+    "whole number. Read with weights_only=True: files that would run code are refused.",
 )  # fmt: skip
 _RESULTS = typer.Option(
     Path("trajectory.jsonl"),
