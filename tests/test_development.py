@@ -331,3 +331,20 @@ def test_cli_trajectory_outputs_and_failures(tmp_path, monkeypatch):
     # no λ̂ at any checkpoint: exit 1, as `slt llc` when every chain diverges
     code, text = run("--results", "u.jsonl", "--step-size", "1e6")
     assert code == 1 and "no λ̂ at any of the 2 checkpoints" in text
+
+
+def test_a_candidate_that_wins_between_grid_points_makes_its_own_crossings():
+    # with 8 points a -> c was reported at n = 316.7, where F_b = 92.1 < F_a = F_c = 100.8
+    cands = {"a": {"loss": 0.30, "llc": 1.0}, "b": {"loss": 0.20, "llc": 5.0},
+             "c": {"loss": 0.10, "llc": 12.0}}  # fmt: skip
+    coarse = phase_diagram(cands, np.geomspace(10, 1e4, 8))
+    fine = phase_diagram(cands, np.geomspace(10, 1e4, 2000))
+    for d in (coarse, fine):
+        assert [(c.before, c.after) for c in d.crossings] == [("a", "b"), ("b", "c")]
+        for c in d.crossings:  # each is a root of its own pair, where the pair is lowest
+            a, b = (d.candidates[d.names.index(x)] for x in (c.before, c.after))
+            assert float(a.free_energy(c.n)) == pytest.approx(float(b.free_energy(c.n)))
+            assert min(float(x.free_energy(c.n)) for x in d.candidates) == pytest.approx(
+                float(a.free_energy(c.n))
+            )
+    assert [round(c.n, 1) for c in coarse.crossings] == [214.8, 423.4]

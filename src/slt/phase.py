@@ -153,9 +153,8 @@ def phase_diagram(candidates, n) -> PhaseDiagram:
     free = np.stack([c.free_energy(n) for c in cands])
     dominant = np.argmin(free, axis=0)
     crossings = []
-    for k in np.flatnonzero(dominant[1:] != dominant[:-1]):
-        a, b = cands[dominant[k]], cands[dominant[k + 1]]
-        at = _crossing(a, b, n[k], n[k + 1])
+    for at, i, j in _envelope(cands, n[0], n[-1]):
+        a, b = cands[i], cands[j]
         se = 2 * math.hypot(a.llc_std, b.llc_std)
         # F_a - F_b rises through 0 at ``at``; lowering λ_b by se moves this root down until
         # it meets the pair's previous root (the two then vanish), raising it moves it up
@@ -187,6 +186,21 @@ LOWEST_N = math.e * (1 + 1e-9)
 
 SEARCH_ABOVE = 1e6
 """A crossing's range is searched up to this many times the largest n of the grid."""
+
+
+def _envelope(cands: list[Candidate], lo: float, hi: float) -> list[tuple[float, int, int]]:
+    """Where the candidate of least F changes over [lo, hi]: (n, before, after), ascending.
+    Every change is a root of some pair's F_a - F_b, so the roots of all pairs cut [lo, hi]
+    into pieces with one winner each (a winner between two points of the caller's grid was
+    missed when crossings were looked for only where the grid's winner changed)."""
+    cuts = sorted({r for i in range(len(cands)) for j in range(i + 1, len(cands))
+                   for r in _roots(cands[i], cands[j], lo, hi) if lo < r < hi})  # fmt: skip
+    edges = [lo, *cuts, hi]
+    winners = []
+    for start, end in zip(edges[:-1], edges[1:]):
+        mid = math.sqrt(start * end)
+        winners.append(int(np.argmin([float(c.free_energy(mid)) for c in cands])))
+    return [(cut, a, b) for cut, a, b in zip(cuts, winners[:-1], winners[1:]) if a != b]
 
 
 def _shift(c: Candidate, delta: float) -> Candidate:
