@@ -20,6 +20,7 @@ from torch.utils.data import (
     RandomSampler,
     SubsetRandomSampler,
     TensorDataset,
+    WeightedRandomSampler,
 )
 
 import slt
@@ -229,3 +230,32 @@ def test_a_model_that_edits_its_input_does_not_edit_a_list_of_batches(one_batch)
     options = {"sampler": "mala"} if one_batch else {}
     slt.estimate_llc(InPlace(model), batches, slt.gaussian_nll(0.5), **(KW | options))
     assert torch.equal(x, x0)
+
+
+def test_loaders_that_resample_or_yield_single_samples_are_refused():
+    # L_n(w*) over "one pass" of a resampling sampler was one random resample (λ̂ 3.0
+    # against 1.5), and single samples counted x's features as n (1,536 for 512)
+    model, x, y = regression()
+    data = TensorDataset(x, y)
+    loss_fn = slt.gaussian_nll(0.5)
+    for sampler in (RandomSampler(data, replacement=True), RandomSampler(data, num_samples=100),
+                    WeightedRandomSampler(torch.ones(len(data)), len(data))):  # fmt: skip
+        with pytest.raises(ValueError, match="does not draw every sample once per epoch"):
+            slt.estimate_llc(model, DataLoader(data, batch_size=32, sampler=sampler), loss_fn,
+                             **KW)  # fmt: skip
+    whole = WeightedRandomSampler(torch.ones(len(data)), len(data), replacement=False)
+    BatchStream(DataLoader(data, batch_size=32, sampler=whole), CPU)  # every sample once: fine
+    for single in (DataLoader(data, batch_size=None), [(x[i], y[i]) for i in range(len(x))]):
+        with pytest.raises(ValueError, match=r"leading dimensions \[1, 3\]"):
+            slt.estimate_llc(model, single, loss_fn, **KW)
+
+
+def test_a_batch_sampler_that_drops_its_last_batch_still_gives_L_n_over_every_sample():
+    # batch_sampler=BatchSampler(..., drop_last=True): the pass at w* dropped it (n 448)
+    model, x, y = regression(250)
+    data = TensorDataset(x, y)
+    for inner in (RandomSampler(data), torch.utils.data.SequentialSampler(data)):
+        loader = DataLoader(data, batch_sampler=BatchSampler(inner, 64, drop_last=True))
+        res = slt.estimate_llc(model, loader, slt.gaussian_nll(0.5), **KW)
+        assert res.n == 250
+        assert res.init_loss == pytest.approx(full_loss(model, x, y), rel=1e-6)

@@ -202,7 +202,12 @@ def test_global_rng_is_untouched(kind):
 
 def test_global_rng_is_untouched_with_a_custom_sampler():
     x, y = make_tensors()
-    sampler = WeightedRandomSampler(torch.ones(N), N, generator=torch.Generator().manual_seed(1))
+    sampler = WeightedRandomSampler(
+        torch.ones(N),
+        N,
+        replacement=False,  # each sample once
+        generator=torch.Generator().manual_seed(1),
+    )
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, sampler=sampler)
     model = make_net().eval()
     torch.manual_seed(1234)

@@ -27,6 +27,7 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
     TensorDataset,
+    WeightedRandomSampler,
 )
 
 
@@ -46,7 +47,35 @@ def copied_to(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int:
-    """The number of samples in ``batch``: the leading dimension of its first tensor."""
+    """The number of samples in ``batch``: the leading dimension of its first tensor, which
+    its other tensors (of at least one dimension) must share: single samples (a
+    ``DataLoader(batch_size=None)``, a list of ``(x_i, y_i)``) counted x's features."""
+    size = _leading(batch)
+    if not isinstance(batch, torch.Tensor):
+        others = {t.shape[0] for t in _tensors(batch) if t.dim() > 0}
+        if len(others) > 1:
+            raise ValueError(
+                f"loader: a batch's tensors have leading dimensions {sorted(others)}; batches "
+                "need a leading sample dimension that all their tensors share (single "
+                "samples, as DataLoader(batch_size=None) or a list of (x_i, y_i) yields, have "
+                "none): batch them, e.g. DataLoader(dataset, batch_size=..., shuffle=True)"
+            )
+    return size
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from _tensors(value)
+
+
+def _leading(batch: Any) -> int:
+    """The leading dimension of ``batch``'s first tensor."""
     if isinstance(batch, torch.Tensor):
         if batch.dim() == 0:
             raise ValueError("loader: a batch is a 0-d tensor; batches need a sample dimension")
@@ -55,7 +84,7 @@ def batch_size(batch: Any) -> int:
     if isinstance(items, Iterable) and not isinstance(batch, (str, bytes)):
         for item in items:
             try:
-                return batch_size(item)
+                return _leading(item)
             except TypeError:
                 continue
     raise TypeError(f"loader: cannot find a tensor in a batch of type {type(batch).__name__}")
@@ -117,9 +146,14 @@ def _private_loader(loader: DataLoader, seed: int, shuffle: bool | None, drop_la
         sampler = copy.copy(sampler)
         sampler.generator = torch.Generator().manual_seed(seed + 1)
         changed = True
-    if type(batches) is BatchSampler and batches.sampler is loader.sampler:
-        if changed or batches.drop_last != drop_last:
-            batches = BatchSampler(sampler, batches.batch_size, drop_last)
+    if type(batches) is BatchSampler:  # the loader's own, or given as batch_sampler=
+        inner = sampler if batches.sampler is loader.sampler else batches.sampler
+        if inner is batches.sampler and inner is not loader.sampler and _held_generator(inner):
+            inner = copy.copy(inner)
+            inner.generator = torch.Generator().manual_seed(seed + 1)
+            changed = True
+        if changed or batches.drop_last != drop_last:  # the pass at w* keeps a short batch
+            batches = BatchSampler(inner, batches.batch_size, drop_last)
             changed = True
     elif _held_generator(batches):
         batches = copy.copy(batches)
@@ -137,6 +171,28 @@ def _private_loader(loader: DataLoader, seed: int, shuffle: bool | None, drop_la
         return DataLoader(loader.dataset, batch_size=None, sampler=sampler, generator=own,
                           **common)  # fmt: skip
     return DataLoader(loader.dataset, batch_sampler=batches, generator=own, **common)
+
+
+def _check_sampler(loader: DataLoader) -> None:
+    """Refuse a sampler that does not draw every sample once an epoch (with replacement, or
+    ``num_samples`` other than the dataset's size): L_n(w*) over "one pass" would be one
+    random resample, and the control variate centred on it (λ̂ 3.0 against 1.5)."""
+    batches = loader.batch_sampler
+    for sampler in (loader.sampler, getattr(batches, "sampler", None)):
+        if isinstance(sampler, RandomSampler):
+            size = len(sampler.data_source)
+            resamples = sampler.replacement or (sampler._num_samples not in (None, size))
+        elif isinstance(sampler, WeightedRandomSampler):
+            resamples = sampler.replacement or sampler.num_samples != len(sampler.weights)
+        else:
+            continue
+        if resamples:
+            raise ValueError(
+                f"loader: its sampler ({type(sampler).__name__}, replacement="
+                f"{sampler.replacement}) does not draw every sample once per epoch, so L_n(w*) "
+                "over one pass would be a random resample and λ̂ biased; use shuffle=True "
+                "(every sample once an epoch), or a SubsetRandomSampler for a subset"
+            )
 
 
 def _shuffles(loader: DataLoader) -> bool | None:
@@ -186,6 +242,8 @@ class BatchStream:
             raise TypeError(
                 "loader: got a one-shot iterator; pass a re-iterable such as a DataLoader or a list"
             )
+        if isinstance(loader, DataLoader):
+            _check_sampler(loader)
         self.loader = loader
         self.device = device
         self.shuffle = _shuffles(loader) if isinstance(loader, DataLoader) else None
@@ -207,7 +265,11 @@ class BatchStream:
         Fast path only; ``size`` must divide the number of samples and the batch size.
         Returns the (n/size, size) partition."""
         if self.tensors is None:
-            raise ValueError("micro-batches need a DataLoader over a TensorDataset")
+            raise ValueError(
+                "microbatch: micro-batches need a DataLoader over a TensorDataset with its own "
+                "sampler (shuffle=True or False, no sampler= or batch_sampler=) and the default "
+                "collate; use microbatch=None for this loader"
+            )
         n, bs = self.tensors[0].shape[0], self.loader.batch_size
         if n % size or bs % size:
             raise ValueError(f"microbatch must divide the number of samples ({n}) and the "
