@@ -192,10 +192,10 @@ def main() -> None:
                                **{**LLC_SETTINGS, "num_draws": 1000})  # fmt: skip
         with torch.no_grad():
             loss = nll(model, (test, test)).item()
-        entry = dict(loss=loss, llc=res.llc, llc_std=res.llc_std, train_loss=res.init_loss,
+        entry = dict(loss=loss, llc=res.llc, llc_std=res.se, train_loss=res.init_loss,
                      warnings=len(res.warnings))  # fmt: skip
         # λ̂ is defined at a local minimum; at a saddle the chains descend and λ̂ ≤ 0
-        (candidates if res.llc > 2 * res.llc_std else saddles)[f"{k}-gon"] = entry
+        (candidates if res.llc > 2 * res.se else saddles)[f"{k}-gon"] = entry
     diagram = phase_diagram(candidates, np.geomspace(10, 3000, 400))
     done = time.perf_counter()
 

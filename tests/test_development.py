@@ -211,6 +211,16 @@ def test_phase_plot_shades_a_removed_end_to_the_edge():
     left = band.get_x()
     assert left == pytest.approx(10) and left + band.get_width() == pytest.approx(c.n_high)
     assert "λ̂ ± 2 se: none to" in str(d)
+    assert "(m−1) log log n" in fig.axes[0].get_title()
+    # a crossing at small n: its label was at the top, under the legend (upper left), so
+    # the TMS plot showed only "7 →6-gon" of "n≈84.7 3-gon→6-gon"
+    early = phase_diagram({"simple": {"loss": 0.30, "llc": 1.0},
+                           "complex": {"loss": 0.10, "llc": 3.0}}, n)  # fmt: skip
+    fig = plot_phase_diagram(early)
+    fig.canvas.draw()
+    (label,) = [t for t in fig.axes[0].texts if "n≈" in t.get_text()]
+    legend = fig.axes[0].get_legend().get_window_extent()
+    assert not label.get_window_extent().overlaps(legend)
 
 
 def test_plots(tmp_path):

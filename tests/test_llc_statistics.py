@@ -111,3 +111,13 @@ def test_rmsprop_sgld_holds_its_preconditioner_after_the_burn_in_and_hits_the_ta
                            localization=gamma, control_variate="none", num_chains=32,
                            num_burnin=2000, num_draws=8000, seed=12, progress=False)  # fmt: skip
     assert abs(res.llc - exact) <= 4 * res.llc_std + bias * exact
+
+
+def test_se_is_the_larger_of_the_two_error_bars():
+    case = slt.zoo.regular(3, n=256)
+    res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=3,
+                           num_draws=50, num_burnin=10, progress=False)  # fmt: skip
+    assert res.se == max(res.llc_std, res.mcse)
+    one = slt.estimate_llc(case.model, case.loader(), case.loss_fn, num_chains=1,
+                           num_draws=50, num_burnin=10, progress=False)  # fmt: skip
+    assert math.isnan(one.llc_std) and one.se == one.mcse

@@ -158,7 +158,7 @@ def test_trajectory_plot_sorts_steps_and_marks_what_has_no_number(plt):
     line = ax.lines[0]
     assert list(line.get_xdata()) == [0, 10, 30]  # training order, the NaN left out
     labels = [x.get_label() for x in ax.lines]
-    assert "no λ̂ (every chain diverged)" in labels and "no standard error" in labels
+    assert "no λ̂ (see the table's error)" in labels and "no standard error" in labels
 
 
 def test_trajectory_se_is_nan_where_there_is_no_mcse():

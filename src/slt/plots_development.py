@@ -75,8 +75,8 @@ def plot_trajectory(
         ax_llc.plot(steps[nose], llc[nose], "s", mfc="none", mec="C1", ms=7,
                     label="no standard error")  # fmt: skip
     _clip_to_clean(ax_llc, steps, llc, se * band, warned)
-    if (~known).any():  # every chain diverged there: an x at the bottom edge, not nothing
-        mark_missing(ax_llc, steps[~known], "no λ̂ (every chain diverged)")
+    if (~known).any():  # no λ̂ there (its row's error says why): an x at the bottom edge
+        mark_missing(ax_llc, steps[~known], "no λ̂ (see the table's error)")
     ax_loss.plot(steps, loss, "o-", color="C3", ms=3, lw=1.2, label="L_n(w*)")
     if transitions is not None:
         for axis in (ax_llc, ax_loss):
@@ -150,10 +150,12 @@ def plot_phase_diagram(diagram, *, ax: Axes | None = None,
         lo = np.nan_to_num(cross.n_low, nan=diagram.n[0])
         hi = np.nan_to_num(cross.n_high, nan=diagram.n[-1])
         ax.axvspan(lo, hi, color="k", alpha=0.08, lw=0)
-        ax.text(cross.n, top * 0.95, f" n≈{cross.n:.3g}\n {cross.before}→{cross.after}",
-                fontsize=7, va="top")  # fmt: skip
+        # mid-height on a light box: at the top the legend hid it (only "7 →6-gon" showed)
+        ax.text(cross.n, top * 0.55, f" n≈{cross.n:.3g}\n {cross.before}→{cross.after}",
+                fontsize=7, va="center",
+                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8))  # fmt: skip
     ax.set(xscale="log", ylim=(-0.02 * top, top), xlabel="sample size n",
-           ylabel="F_i(n) − min_j F_j(n)",
-           title="Phase diagram: F ≈ nL + λ̂ log n")  # fmt: skip
+           ylabel="F_i(n) − min_j F_j(n)")  # fmt: skip
+    ax.set_title("Phase diagram\nF ≈ nL + λ̂ log n − (m−1) log log n", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     return fig

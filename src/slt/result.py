@@ -58,6 +58,14 @@ class LLCResult:
     params: tuple[str, ...] | None = None
 
     @property
+    def se(self) -> float:
+        """The cautious error bar of ``llc``: the larger of ``llc_std`` and ``mcse``
+        (``mcse`` alone with one chain; NaN where there is no MCSE), as ``Trajectory.se``."""
+        if math.isnan(self.mcse):
+            return math.nan
+        return self.mcse if math.isnan(self.llc_std) else max(self.llc_std, self.mcse)
+
+    @property
     def llc_trace(self) -> np.ndarray:
         """(chain, draw) per-draw λ̂ = nβ (L_B(w_t) - L_B(w*))."""
         return self.nbeta * (self.trace - self.trace_at_center)

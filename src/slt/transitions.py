@@ -72,7 +72,8 @@ class Transitions:
 
     def __str__(self) -> str:
         names = list(self.levels)
-        lines = [f"{len(self.stages)} stages (change points: " + "; ".join(
+        count = len(self.stages)
+        lines = [f"{count} stage{'' if count == 1 else 's'} (change points: " + "; ".join(
             f"{k} at {', '.join(map(str, v)) or 'none'}" for k, v in self.change_points.items()
         ) + ")"]  # fmt: skip
         lines.append(f"{'stage':>5} {'steps':>17} " + " ".join(f"{k:>12}" for k in names))
@@ -81,6 +82,8 @@ class Transitions:
             lines.append(f"{i + 1:>5} {f'{a}-{b}':>17} {values}")
         if self.dropped:
             lines.append(f"left out (non-finite): steps {', '.join(map(str, self.dropped))}")
+        # what the stages are and are not (a jump inside λ̂'s error bars is still cut)
+        lines.append("a segmentation, not a test: read each jump against λ̂'s error bars")
         return "\n".join(lines)
 
 
