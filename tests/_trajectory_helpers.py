@@ -62,3 +62,10 @@ def dies_on_positive_bias(model, batch):
     if float(model.bias) > 0:
         os._exit(3)
     return nll(model, batch)
+
+
+def picky_nll(model, batch):
+    """``nll``, refusing a model whose first weight is 123 (a failure at run time)."""
+    if float(model.weight.detach().flatten()[0]) == 123.0:
+        raise ValueError("picky_nll refuses this checkpoint")
+    return nll(model, batch)

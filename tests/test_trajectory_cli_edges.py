@@ -539,7 +539,9 @@ def test_a_process_pool_keeps_the_rows_of_jobs_running_when_another_fails(tmp_pa
     counter = tmp_path / "calls"
     good, corrupt = tmp_path / "step_0.pt", tmp_path / "step_10.pt"
     torch.save(h.linear().state_dict(), good)
-    corrupt.write_bytes(b"not a checkpoint")
+    poisoned = h.linear().state_dict()  # it loads; the loss refuses it when its turn comes
+    poisoned["weight"].fill_(123.0)
+    torch.save(poisoned, corrupt)
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(HERE)!r})
@@ -547,7 +549,7 @@ def test_a_process_pool_keeps_the_rows_of_jobs_running_when_another_fails(tmp_pa
         from slt.trajectory import llc_trajectory
         try:
             llc_trajectory([{str(good)!r}, {str(corrupt)!r}], h.counting_linear, h.loader(),
-                           h.nll, results={str(tmp_path / "r.jsonl")!r}, executor="process",
+                           h.picky_nll, results={str(tmp_path / "r.jsonl")!r}, executor="process",
                            max_workers=2, num_chains=2, num_draws=20, num_burnin=5,
                            progress=False)
         except ValueError as err:
@@ -800,4 +802,25 @@ def test_cli_says_library_warnings_and_shape_errors_in_one_line(cli, tmp_path):
     out = cli("trajectory", "wide", *SPECS, *CLI_TINY, "--results", "w.jsonl")
     assert out.exit_code == 2
     (line,) = [x for x in out.output.splitlines() if "does not fit the model" in x]
-    assert line.endswith("the shape in current model is torch.Size([1, 3]).")
+    assert line.endswith("shapes differ: weight (1, 4) (model (1, 3))")
+
+
+def test_a_bad_checkpoint_stops_the_run_before_any_sampling(tmp_path):
+    # a garbage file, or one of another model (an optimizer.pt beside the weights), stopped
+    # the run only when its turn came, after the others had sampled
+    folder, results = tmp_path / "ck", tmp_path / "r.jsonl"
+    _save_linears(folder, ["step_0.pt", "step_50.pt"])
+    calls = []
+
+    def counting_nll(model, batch):
+        calls.append(1)
+        return h.nll(model, batch)
+
+    (folder / "step_99.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="step_99.pt"):
+        llc_trajectory(folder, h.linear, h.loader(), counting_nll, results=results, **TINY)
+    (folder / "step_99.pt").unlink()
+    torch.save(torch.nn.Linear(4, 1).state_dict(), folder / "step_99.pt")
+    with pytest.raises(ValueError, match=r"'step_99.pt' does not fit the model: shapes differ"):
+        llc_trajectory(folder, h.linear, h.loader(), counting_nll, results=results, **TINY)
+    assert not calls and not results.exists()

@@ -18,8 +18,9 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-def load_state_dict(path: str | os.PathLike) -> StateDict:
-    """The state dict stored at ``path``, on the CPU, read without unpickling code.
+def load_state_dict(path: str | os.PathLike, *, lazy: bool = False) -> StateDict:
+    """The state dict stored at ``path``, on the CPU, read without unpickling code
+    (``lazy``: a torch file memory-mapped, its tensors read only when used).
 
     ``path`` ending in ``.safetensors`` is read with the ``safetensors`` package; any
     other file with ``torch.load(path, weights_only=True, map_location="cpu")``. A file
@@ -42,7 +43,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     content = (
-        _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
+        _read_safetensors(path)
+        if path.suffix.lower() == ".safetensors"
+        else _read_torch(path, lazy=lazy)
     )
     if _is_state_dict(content):
         return dict(content)
@@ -60,7 +63,12 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     )
 
 
-def _read_torch(path: Path):
+def _read_torch(path: Path, lazy: bool = False):
+    if lazy:  # memory-mapped: names and shapes without reading the numbers (zip files)
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except Exception:  # noqa: BLE001 - a legacy file: read it whole, errors named below
+            pass
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:

@@ -278,6 +278,7 @@ def llc_trajectory(
         else:
             todo.append(job)
     num_reused = len(rows)
+    _check_fits(model_factory, todo)  # a file that cannot run stops the run before any sampling
     bar = _progress_bar(len(jobs), num_reused, progress)
 
     def finished(job: Job, row: dict) -> None:
@@ -297,6 +298,29 @@ def llc_trajectory(
             bar.close()
     ordered = [rows[job.label] for job in jobs]
     return _trajectory(ordered, identity, settings_hash, results, len(todo), num_reused)
+
+
+def _check_fits(model_factory: Callable[[], torch.nn.Module], jobs: list[Job]) -> None:
+    """Read every checkpoint to be computed (a torch file memory-mapped: names and shapes,
+    not the numbers) and check it fits the model, before any sampling: an unreadable file
+    or one of another model (an ``optimizer.pt`` beside the weights) stopped the run only
+    when its turn came, after the others had sampled."""
+    from slt.checkpoints import load_state_dict
+
+    if not jobs:
+        return
+    outer = _globals.current()
+    try:  # as in run_job: its initialization is not drawn from the caller's generator
+        model = model_factory()
+    finally:
+        _globals.restore(outer)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model_factory() returned {type(model).__name__}, not an nn.Module")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for job in jobs:
+        state = (load_state_dict(job.source, lazy=True) if isinstance(job.source, str)
+                 else job.source)  # fmt: skip
+        load_into(model, state, job.label, shapes_only=True, expected=shapes)
 
 
 def _check_device(device, executor: str) -> None:
@@ -393,9 +417,12 @@ def full_loss(model: torch.nn.Module, loader: Iterable, loss_fn: Callable) -> fl
     return mean_loss(model, BatchStream(loader, device), loss_fn)
 
 
-def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:
-    """``model.load_state_dict(state, strict=True)`` with the differing keys named."""
-    expected = model.state_dict()
+def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
+              shapes_only: bool = False, expected: Mapping | None = None) -> None:  # fmt: skip
+    """``model.load_state_dict(state, strict=True)`` with the differing keys named;
+    ``shapes_only``: check the names and shapes (``expected``: name -> shape) and load
+    nothing."""
+    expected = model.state_dict() if expected is None else expected
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -403,6 +430,17 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str) -> None:
             f"checkpoint {label!r} does not fit model_factory()'s model: missing keys "
             f"{_few(missing)}; unexpected keys {_few(unexpected)}"
         )
+    if shapes_only:
+        wrong = [
+            f"{k} {tuple(state[k].shape)} (model {tuple(shape)})"
+            for k, shape in expected.items()
+            if isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"checkpoint {label!r} does not fit the model: shapes differ: {_few(wrong)}"
+            )
+        return
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
