@@ -345,7 +345,10 @@ class BatchStream:
         loader = self.loader
         if isinstance(loader, DataLoader):
             drop_last = loader.drop_last and not complete
-            loader = _private_loader(loader, seed, self.shuffle, drop_last)
+            # a complete pass (at w*, a per-sample record) in the dataset's order: the sum
+            # does not care, and a record's columns are then the dataset's samples
+            shuffle = False if complete and self.shuffle else self.shuffle
+            loader = _private_loader(loader, seed, shuffle, drop_last)
         # What the loader draws from torch's global generator (a sampler's order, the
         # workers' base seed, a random augmentation) it draws from a state of its own,
         # seeded from ``generator`` and carried from batch to batch. (numpy's and Python's
@@ -365,8 +368,9 @@ class BatchStream:
             yield copied_to(batch, self.device)
 
     def complete_pass(self) -> Iterator[Any]:
-        """Every sample once, in the loader's order (a fixed one if it shuffles), short last
-        batch included: the passes over the data at w*."""
+        """Every sample once, short last batch included: the passes over the data at w*.
+        In the dataset's order for a ``DataLoader`` with a standard sampler (shuffled or
+        not), else in the loader's (a fixed one if it shuffles)."""
         return self.epoch(torch.Generator().manual_seed(0), complete=True)
 
     def full_batch(self) -> Any:

@@ -170,7 +170,10 @@ class PerSampleRecorder:
     @property
     def in_dataset_order(self) -> bool:
         """Whether the sample axis is the dataset's order (else one pass of the loader's)."""
-        return self.posterior.full_data is not None or self.posterior.batches.tensors is not None
+        batches = self.posterior.batches
+        # the complete pass of a DataLoader with a standard sampler is in the dataset's order
+        return (self.posterior.full_data is not None or batches.tensors is not None
+                or batches.shuffle is not None)  # fmt: skip
 
     def __call__(self, chain: int, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:
