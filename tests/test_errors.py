@@ -103,6 +103,14 @@ def test_a_criterion_passed_as_loss_fn_gets_a_note():
         assert any("slt.supervised(F.cross_entropy)" in note for note in info.value.__notes__)
 
 
+def test_float64_data_into_a_float32_model_gets_a_note():
+    data = TensorDataset(*(t.double() for t in make_data().tensors))
+    with pytest.raises(RuntimeError) as info:
+        run(loader=DataLoader(data, batch_size=BATCH))
+    assert any("model's parameters are torch.float32, the batch's floating tensors "
+               "torch.float64" in note for note in info.value.__notes__)  # fmt: skip
+
+
 def test_llc_vs_nbeta_refuses_nbeta_and_diagnose_no_chains():
     with pytest.raises(TypeError, match=r"takes no nbeta= \(got 10\): pass nbetas=\[10, ...\]"):
         slt.llc_vs_nbeta(make_model(), DataLoader(make_data(), batch_size=BATCH),

@@ -164,6 +164,15 @@ def _copied(model: torch.nn.Module) -> torch.nn.Module:
         ) from err
 
 
+def _tensors_of(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    items = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(items, (list, tuple)) or isinstance(batch, dict):
+        return [t for item in items for t in _tensors_of(item)]
+    return []
+
+
 def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
     """Raise unless ``loss`` is a floating 0-d (or one-element) tensor."""
     if not isinstance(loss, torch.Tensor):
@@ -425,6 +434,16 @@ class Posterior(Tables):
                         "slt calls loss_fn(model, batch) with the model and one batch of the "
                         "loader; for a criterion of (output, target) such as F.cross_entropy, "
                         "pass slt.supervised(F.cross_entropy)"
+                    )
+                raise
+            except RuntimeError as err:  # float64 data into a float32 model: torch names no
+                if self._attention is None and "dtype" in str(err):  # which is which
+                    kinds = sorted({str(t.dtype) for t in _tensors_of(batch)
+                                    if t.is_floating_point()})  # fmt: skip
+                    err.add_note(
+                        f"the model's parameters are {self.dtype}, the batch's floating "
+                        f"tensors {', '.join(kinds) or 'none'}: convert one to the other "
+                        "(model.double(), or the data to float32)"
                     )
                 raise
         if self._attention is None:
