@@ -182,3 +182,10 @@ def test_batchnorm_without_running_statistics_is_not_warned_as_train_mode():
     batch_stats = torch.nn.BatchNorm1d(4, track_running_stats=False)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4), batch_stats).train()
     assert _train_mode_layers(kept) == ["1"] and _train_mode_layers(plain) == []
+
+
+def test_a_parametrized_weight_given_as_params_names_its_originals():
+    layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))
+    model = torch.nn.Sequential(layer, torch.nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"select those \(0\.parametrizations\.weight\.original0"):
+        _selected(model, [model[0].weight], (3, 1))

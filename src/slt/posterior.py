@@ -74,11 +74,18 @@ def names_of(model: torch.nn.Module, params: Any) -> Any:
               for p in (x.parameters() if isinstance(x, torch.nn.Module) else [x])}  # fmt: skip
     names = [n for n, p in model.named_parameters() if id(p) in wanted]
     if not names:
+        originals = [n for n, _ in model.named_parameters() if ".parametrizations." in n]
+        hint = (f"; a parametrized weight is computed from its originals: select those "
+                f"({_few_names(originals)}) or the submodule" if originals else "")  # fmt: skip
         raise ValueError(
             "params: the modules or parameters given are not parameters of model (pass "
-            "them from the model itself, or names such as 'head.*')"
+            f"them from the model itself, or names such as 'head.*'){hint}"
         )
     return names
+
+
+def _few_names(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection,
