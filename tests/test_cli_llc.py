@@ -355,9 +355,10 @@ def test_errors_a_new_user_met_are_one_line(user, tmp_path):
     # each was a meaningless error, a traceback, or an option named in Python's words
     name, file = user
     (tmp_path / "data.pt").write_bytes(b"")
-    ran = invoke("--model", f"{file}:make_model", "--data", "./data.pt:x", *TINY)
-    assert ran.exit_code == 2
-    assert "is not a Python file" in " ".join(ran.output.split())  # was 'NoneType' ... 'loader'
+    for spec in ("./data.pt:x", "data.pt:x"):  # the bare name was "no module named 'data'"
+        ran = invoke("--model", f"{file}:make_model", "--data", spec, *TINY)
+        assert ran.exit_code == 2
+        assert "is not a Python file" in " ".join(ran.output.split())  # was 'NoneType' ...
     (tmp_path / "ragged.py").write_text(RAGGED)
     ran = invoke("--model", "ragged.py:make_model", "--data", "ragged.py:Ragged",
                  "--batch-size", "4", *TINY)  # fmt: skip

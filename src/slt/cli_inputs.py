@@ -95,8 +95,9 @@ def _parse_microbatch(text: str) -> int | str | None:
 
 
 def _is_file(where: str) -> bool:
-    """Whether the part of a spec before its last ":" names a file, not a module."""
-    return where.endswith(".py") or "/" in where or os.sep in where
+    """Whether the part of a spec before its last ":" names a file, not a module (a name
+    with a path, a .py suffix, or an existing file such as data.pt)."""
+    return where.endswith(".py") or "/" in where or os.sep in where or Path(where).is_file()
 
 
 def _absolute(spec: str) -> str:
