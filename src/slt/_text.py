@@ -23,3 +23,15 @@ def right(text: str, width: int) -> str:
 def left(text: str, width: int) -> str:
     """``text`` left-aligned in ``width`` columns."""
     return text + " " * max(width - columns(text), 0)
+
+
+def few(items: list[str], limit: int = 8) -> str:
+    """The first ``limit`` of ``items`` joined, with how many more; "(none)" if empty.
+
+    >>> few(["a", "b", "c"], 2)
+    'a, b and 1 more'
+    """
+    if not items:
+        return "(none)"
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

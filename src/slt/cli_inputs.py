@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from slt._text import few
+
 
 class _ModelSpec:
     """A picklable zero-argument model factory for a --model spec (resolved where called)."""
@@ -325,8 +327,8 @@ def _load_checkpoint(model, path: Path) -> None:
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise typer.BadParameter(
-            f"{path} does not fit the model: missing keys {_few(missing)}; "
-            f"unexpected keys {_few(unexpected)}",
+            f"{path} does not fit the model: missing keys {few(missing)}; "
+            f"unexpected keys {few(unexpected)}",
             param_hint="--checkpoint",
         )
     try:
@@ -336,10 +338,3 @@ def _load_checkpoint(model, path: Path) -> None:
             f"{path} does not fit the model: {' '.join(str(err).split())}",
             param_hint="--checkpoint",
         ) from None
-
-
-def _few(keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return "(none)"
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more

@@ -52,7 +52,7 @@ def batch_size(batch: Any) -> int:
     ``DataLoader(batch_size=None)``, a list of ``(x_i, y_i)``) counted x's features."""
     size = _leading(batch)
     if not isinstance(batch, torch.Tensor):
-        others = {t.shape[0] for t in _tensors(batch) if t.dim() > 0}
+        others = {t.shape[0] for t in tensors_in(batch) if t.dim() > 0}
         if len(others) > 1:
             raise ValueError(
                 f"loader: a batch's tensors have leading dimensions {sorted(others)}; batches "
@@ -63,15 +63,16 @@ def batch_size(batch: Any) -> int:
     return size
 
 
-def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+def tensors_in(batch: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) batch: a tensor, or lists, tuples and dicts of them."""
     if isinstance(batch, torch.Tensor):
         yield batch
     elif isinstance(batch, dict):
         for value in batch.values():
-            yield from _tensors(value)
+            yield from tensors_in(value)
     elif isinstance(batch, (list, tuple)):
         for value in batch:
-            yield from _tensors(value)
+            yield from tensors_in(value)
 
 
 def _leading(batch: Any) -> int:

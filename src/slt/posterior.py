@@ -24,8 +24,9 @@ import torch
 
 from slt import _checks, attention
 from slt._checks import finite_loss_at_center
+from slt._text import few
 from slt.attention import has_attention, plain_attention
-from slt.data import BatchStream, batch_size
+from slt.data import BatchStream, batch_size, tensors_in
 from slt.losses import LossFn, scalar
 from slt.passes import ChainPass, fixed_tensors, gradients_of
 from slt.tables import Tables
@@ -76,16 +77,12 @@ def names_of(model: torch.nn.Module, params: Any) -> Any:
     if not names:
         originals = [n for n, _ in model.named_parameters() if ".parametrizations." in n]
         hint = (f"; a parametrized weight is computed from its originals: select those "
-                f"({_few_names(originals)}) or the submodule" if originals else "")  # fmt: skip
+                f"({few(originals, 3)}) or the submodule" if originals else "")  # fmt: skip
         raise ValueError(
             "params: the modules or parameters given are not parameters of model (pass "
             f"them from the model itself, or names such as 'head.*'){hint}"
         )
     return names
-
-
-def _few_names(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def select_parameters(trainable: dict[str, torch.Tensor], params: ParamSelection,
@@ -169,15 +166,6 @@ def _copied(model: torch.nn.Module) -> torch.nn.Module:
             f"autograd ({', '.join(held[:4]) or 'an attribute'}); detach them, or for weight "
             "norm use torch.nn.utils.parametrizations.weight_norm"
         ) from err
-
-
-def _tensors_of(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    items = batch.values() if isinstance(batch, dict) else batch
-    if isinstance(items, (list, tuple)) or isinstance(batch, dict):
-        return [t for item in items for t in _tensors_of(item)]
-    return []
 
 
 def check_scalar_loss(loss: Any, *, where: str) -> torch.Tensor:
@@ -445,7 +433,7 @@ class Posterior(Tables):
                 raise
             except RuntimeError as err:  # float64 data into a float32 model: torch names no
                 if self._attention is None and "dtype" in str(err):  # which is which
-                    kinds = sorted({str(t.dtype) for t in _tensors_of(batch)
+                    kinds = sorted({str(t.dtype) for t in tensors_in(batch)
                                     if t.is_floating_point()})  # fmt: skip
                     err.add_note(
                         f"the model's parameters are {self.dtype}, the batch's floating "

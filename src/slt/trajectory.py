@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from slt import _globals, executors
-from slt._text import right
+from slt._text import few, right
 from slt.checkpoint_jobs import (  # noqa: F401  (make_jobs and Job are public here too)
     CHECKPOINT_SUFFIXES,
     Job,
@@ -428,7 +428,7 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {label!r} does not fit model_factory()'s model: missing keys "
-            f"{_few(missing)}; unexpected keys {_few(unexpected)}"
+            f"{few(missing)}; unexpected keys {few(unexpected)}"
         )
     if shapes_only:
         wrong = [
@@ -438,7 +438,7 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
         ]
         if wrong:
             raise ValueError(
-                f"checkpoint {label!r} does not fit the model: shapes differ: {_few(wrong)}"
+                f"checkpoint {label!r} does not fit the model: shapes differ: {few(wrong)}"
             )
         return
     try:
@@ -482,13 +482,6 @@ def _progress_bar(total: int, initial: int, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="checkpoints", unit="ckpt")
-
-
-def _few(keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return "(none)"
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _trajectory(rows, identity, settings_hash, path, num_computed, num_reused) -> Trajectory:
