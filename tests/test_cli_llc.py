@@ -385,3 +385,14 @@ def test_an_option_that_would_be_ignored_is_refused(user):
     args = ["trajectory", ".", "--model", f"{file}:make_model", "--data", f"{file}:dataset"]
     ran = CliRunner().invoke(app, [*args, "--max-workers", "2", *TINY])
     assert ran.exit_code == 2 and "--max-workers sizes --executor process's pool" in ran.output
+
+
+def test_the_summarys_warnings_name_options(user):
+    # its advice said num_burnin, num_draws, localization: the library's names
+    _, file = user
+    ran = invoke("--model", f"{file}:make_model", "--data", f"{file}:dataset", *TINY)
+    assert ran.exit_code == 0, ran.output
+    warned = [line for line in ran.output.splitlines() if "warning:" in line]
+    assert warned and any("--num-draws" in line for line in warned)
+    assert not any("num_draws" in line or "num_burnin" in line for line in warned)
+    assert "step_size 0.0001" in ran.output  # the settings line keeps the result's own names

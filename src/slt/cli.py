@@ -162,13 +162,25 @@ _OPTIONS = ("step_size", "nbeta", "localization", "control_variate", "chain_meth
             "prior_std", "num_rungs", "max_workers", "executor", "overwrite")  # fmt: skip
 
 
-def _in_option_words(err: BaseException) -> str:
-    """An error of the library in the command's words: each argument it names that is an
-    option of the command (step_size -> --step-size), on one line."""
-    text = " ".join(_compile_error(err).replace("overwrite=True", "--overwrite").split())
+def _options_in(text: str) -> str:
+    """``text`` with each library argument that is an option of the command in the
+    command's words (step_size -> --step-size)."""
     names = "|".join(_OPTIONS)
     return re.sub(rf"(?<![\w.-])({names})(?![\w(])", lambda m: "--" + m[1].replace("_", "-"),
                   text)  # fmt: skip
+
+
+def _in_option_words(err: BaseException) -> str:
+    """An error of the library in the command's words, on one line."""
+    return _options_in(
+        " ".join(_compile_error(err).replace("overwrite=True", "--overwrite").split())
+    )
+
+
+def _with_option_warnings(summary: str) -> str:
+    """A result's printout with its warning lines' advice in the command's words."""
+    return "\n".join(_options_in(line) if line.lstrip().startswith("warning:") else line
+                     for line in summary.splitlines())  # fmt: skip
 
 
 def _unused(ctx: typer.Context, loss: str, executor: str) -> None:
@@ -272,7 +284,7 @@ def llc(
         raise typer.Exit(1) from err
     except RuntimeError as err:
         _failed(err)
-    typer.echo(str(res))
+    typer.echo(_with_option_warnings(str(res)))
     out.parent.mkdir(parents=True, exist_ok=True)
     io.save(res, out)
     typer.echo(f"saved to {out}")
