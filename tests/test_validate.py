@@ -55,6 +55,23 @@ def test_cli_exit_status(monkeypatch, tmp_path):
     assert bad.exit_code == 1 and "NO" in bad.output
 
 
+def test_only_runs_the_families_named(monkeypatch, tmp_path):
+    # a quick check for a user: `slt validate` had no subset (8 cases, 30-70 s)
+    seen = []
+
+    def run(cases, **kwargs):
+        seen.append([c.name for c in cases])
+        return []
+
+    monkeypatch.setattr(validate_mod, "validate", run)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", "--out", str(tmp_path), "--only", "regular,tanh"])
+    assert ok.exit_code == 0, ok.output
+    assert seen == [["regular(10,1)", "regular(20,3)", "tanh(H=1)"]]
+    bad = runner.invoke(app, ["validate", "--out", str(tmp_path), "--only", "mlp"])
+    assert bad.exit_code == 2 and "expected families among deep_linear" in bad.output
+
+
 def test_microbatch_reaches_every_case(monkeypatch, tmp_path):
     runner = CliRunner()
     monkeypatch.setattr(validate_mod, "default_cases", lambda: [_tiny()])

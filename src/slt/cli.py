@@ -61,19 +61,39 @@ _VALIDATE_MICROBATCH = typer.Option(
 )
 
 
+_ONLY = typer.Option(
+    None, help="Only these families of cases, comma-separated: regular, reduced_rank, "
+    "deep_linear, potential, tanh (a quick check: regular takes seconds).",
+)  # fmt: skip
+
+
 @app.command()
 def validate(
     out: Path = _OUT, seed: int = _SEED, step_size: str | None = _VALIDATE_STEP,
-    microbatch: str = _VALIDATE_MICROBATCH, progress: bool = _PROGRESS,
+    microbatch: str = _VALIDATE_MICROBATCH, only: str | None = _ONLY,
+    progress: bool = _PROGRESS,
 ) -> None:  # fmt: skip
     """Estimate λ on models whose answer is known and print the table; exit 1 on a miss."""
+    from slt.validate import default_cases
     from slt.validate import validate as run
 
     if step_size not in (None, "auto"):
         raise typer.BadParameter(f'--step-size must be "auto" or absent, got {step_size!r}')
+    cases = None
+    if only is not None:
+        cases = default_cases()
+        families = sorted({c.family for c in cases})
+        wanted = [w for w in only.replace(" ", "").split(",") if w]
+        unknown = [w for w in wanted if w not in families]
+        if not wanted or unknown:
+            raise typer.BadParameter(
+                f"expected families among {', '.join(families)}, got {only!r}",
+                param_hint="--only",
+            )
+        cases = [c for c in cases if c.family in wanted]
     _output_folder(out, "--out")
     try:
-        rows = run(out=out, seed=seed, step_size=step_size,
+        rows = run(cases, out=out, seed=seed, step_size=step_size,
                    microbatch=_parse_microbatch(microbatch),
                    progress=progress)  # fmt: skip
     except ValueError as err:  # e.g. a microbatch that does not divide a case's n
