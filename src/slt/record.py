@@ -137,12 +137,10 @@ class PerSampleRecorder:
                 )
         post.per_sample_checked = True
 
-    def losses(self, module: torch.nn.Module | None = None) -> np.ndarray:
-        """ℓ_i at ``module``'s parameters (default: the chain's) for every sample, (n,)
-        float64: in the dataset's order where the sample indices are known (a
-        ``DataLoader`` over a ``TensorDataset``: :attr:`in_dataset_order`), else in the
-        order of one pass of the loader (a fixed one if it shuffles)."""
-        module = self.posterior.module if module is None else module
+    def losses(self) -> np.ndarray:
+        """ℓ_i at the current chain parameters for every sample, (n,) float64: in the
+        dataset's order where :attr:`in_dataset_order`, else in the order of one pass of
+        the loader (a fixed one if it shuffles)."""
         out, where = [], []
         batches = (
             [(self.posterior.full_data, None)]
@@ -153,7 +151,7 @@ class PerSampleRecorder:
         # attention as the sampled loss computes it (not PyTorch's no-grad fast path)
         with torch.no_grad(), plain_attention(enabled=self.posterior.attention):
             for batch, index in batches:
-                out.append(self.per_sample(module, batch).double().cpu())
+                out.append(self.per_sample(self.posterior.module, batch).double().cpu())
                 where.append(index)
         values = torch.cat(out)
         if values.shape[0] != self.mean.shape[1]:
