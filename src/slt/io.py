@@ -153,9 +153,7 @@ def save(result, path: str | os.PathLike) -> None:
     # a name of its own for every save (threads of one process, a name near the length limit)
     tmp = None
     try:
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".slt-", suffix=".tmp")
-        os.close(handle)
-        tmp = Path(tmp)
+        tmp = temporary_beside(path)
         xr.DataTree.from_dict(tree).to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
         os.replace(tmp, path)
     except OSError as err:
@@ -163,6 +161,14 @@ def save(result, path: str | os.PathLike) -> None:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file in ``path``'s folder to write into and move to ``path``: a name of
+    its own for every call (threads of one process; ``path``'s name near the length limit)."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".slt-", suffix=".tmp")
+    os.close(handle)
+    return Path(tmp)
 
 
 def _target(path) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from slt.attention import plain_attention
+from slt.io import temporary_beside
 from slt.losses import per_sample
 from slt.posterior import Posterior
 
@@ -79,10 +79,7 @@ class PerSampleRecorder:
 
             rows = -(-num_draws // every) if num_draws else None
             self.path = Path(path)
-            # a name of its own (threads of one process; a name near the length limit)
-            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".slt-", suffix=".tmp")
-            os.close(handle)
-            self.tmp = Path(tmp)
+            self.tmp = temporary_beside(self.path)
             try:
                 self.file = h5py.File(self.tmp, "w")
             except BaseException:

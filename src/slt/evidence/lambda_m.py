@@ -207,10 +207,10 @@ def estimate_lambda_m(
             scale, inflated = chi2 / dof, True
             warnings.append(f"χ²/dof = {chi2 / dof:.3g} > 1: the points scatter about the fit "
                             "more than their errors say; standard errors scaled up")  # fmt: skip
-        elif dof > 0 and stats.chi2.cdf(chi2, dof) < TOO_CLOSE:
+        elif dof > 0 and (low := stats.chi2.cdf(chi2, dof)) < TOO_CLOSE:
             warnings.append(
                 f"χ² = {chi2:.3g} on {dof} dof: the points lie closer to the fit than their "
-                f"errors allow (P = {stats.chi2.cdf(chi2, dof):.2g}), as correlated points do "
+                f"errors allow (P = {low:.2g}), as correlated points do "
                 "(llc_vs_nbeta runs every nβ from one seed); the errors of λ and m assume "
                 "independent points and may be too small"
             )
