@@ -92,7 +92,9 @@ def test_tanh_quadrature_converges_in_the_grid():
     assert fine == pytest.approx(coarse, rel=1e-3)
 
 
-@pytest.mark.parametrize("case", [zoo.regular(10), zoo.reduced_rank(5, 4, 3, 2)], ids=str)
+@pytest.mark.parametrize(
+    "case", [zoo.regular(10), zoo.reduced_rank(5, 4, 3, 2)], ids=lambda case: case.name
+)
 def test_zoo_accuracy_fast_subset(case):
     res = slt.estimate_llc(case.model, case.loader(), case.loss_fn, progress=False,
                            **case.settings.estimate_kwargs())  # fmt: skip
