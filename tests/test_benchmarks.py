@@ -1,6 +1,6 @@
 """benchmarks/bench_llc.py runs end to end (its --smoke mode) and its memory child reports.
 
-Skipped without devinterp (``pip install -e ".[bench]"``). The numbers of a smoke run mean
+Skipped without devinterp (in the test extra and the bench extra). The numbers of a smoke run mean
 nothing (12 steps, one repeat); these tests check that every row runs and is reported.
 """
 
