@@ -176,6 +176,19 @@ def test_checkpoint_errors(user, tmp_path):
     assert ran.exit_code == 2 and "refusing" in ran.output and not marker.exists()
 
 
+def test_a_checkpoint_under_a_wrappers_prefix_loads_as_the_bare_model(user, tmp_path):
+    # a LightningModule's checkpoint: {"state_dict": {"model.weight": ...}, "epoch": ...}
+    _, file = user
+    lightning = {"state_dict": {"model.weight": torch.full((1, 2), 0.5)}, "epoch": 3}
+    ckpt, out = tmp_path / "epoch=3-step=90.ckpt", tmp_path / "llc.nc"
+    torch.save(lightning, ckpt)
+    ran = invoke("--model", f"{file}:make_model", "--data", f"{file}:dataset",
+                 "--checkpoint", ckpt, "--out", out, *TINY)  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    back, want = slt.load(out), _direct(weight=0.5)
+    assert back.init_loss == want.init_loss and back.llc == want.llc
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -52,10 +52,15 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
             raise FileNotFoundError(f"checkpoints={str(folder)!r} is not a folder")
         found = (str(p) for p in folder.iterdir() if is_checkpoint_name(p.name))
         sources: list = sorted(found, key=natural_key)
+        keys = None
+        if not sources:  # a Hugging Face Trainer's output_dir: checkpoint-<step>/ folders
+            keys, sources = trainer_checkpoints(folder)
         if not sources:
             suffixes = ", ".join((*CHECKPOINT_SUFFIXES, ".pth.tar"))
-            raise ValueError(f"no checkpoint files ({suffixes}, in any case) in {folder}")
-        keys = None
+            raise ValueError(
+                f"no checkpoint files ({suffixes}, in any case) and no checkpoint-<step> "
+                f"folders in {folder}"
+            )
     elif isinstance(checkpoints, Mapping):
         keys, sources = list(checkpoints.keys()), list(checkpoints.values())
     elif isinstance(checkpoints, Sequence):
@@ -89,6 +94,35 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
         for label, step, s in zip(labels, steps, sources)
     ]
     return sorted(jobs, key=lambda j: j.step)
+
+
+# the weights a Hugging Face Trainer saves in each checkpoint-<step>/ folder, by preference
+TRAINER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_TRAINER_FOLDER = re.compile(r"checkpoint-(\d+)")
+
+
+def trainer_checkpoints(folder: Path) -> tuple[list[int], list[str]]:
+    """The steps and weight files of the ``checkpoint-<step>/`` folders in ``folder`` (a
+    Hugging Face ``Trainer``'s ``output_dir``), in step order; empty lists if it has none.
+    A checkpoint folder without a single weights file (sharded, or weights elsewhere) is
+    refused by name: skipping it would leave a hole in the trajectory."""
+    found = []
+    for sub in folder.iterdir():
+        match = _TRAINER_FOLDER.fullmatch(sub.name)
+        if not match or not sub.is_dir():
+            continue
+        weights = [sub / name for name in TRAINER_WEIGHTS if (sub / name).is_file()]
+        if not weights:
+            sharded = sorted(p.name for p in sub.glob("*.index.json"))
+            why = f"sharded weights ({sharded[0]})" if sharded else "no weights file"
+            raise ValueError(
+                f"checkpoint folder {sub} holds {why}; slt reads one of "
+                f"{', '.join(TRAINER_WEIGHTS)} per folder: pass checkpoints= a mapping from "
+                "step to state dict for sharded weights"
+            )
+        found.append((int(match.group(1)), str(weights[0])))
+    found.sort()
+    return [step for step, _ in found], [path for _, path in found]
 
 
 def natural_key(name: str) -> list:
@@ -137,6 +171,9 @@ def _labels(sources: list, steps: list[int]) -> list[str]:
     names = [Path(s).name if isinstance(s, str) else None for s in sources]
     if None not in names and len(set(names)) == len(names):
         return names
+    folders = [str(Path(*Path(s).parts[-2:])) if isinstance(s, str) else None for s in sources]
+    if None not in folders and len(set(folders)) == len(folders):  # checkpoint-500/model.bin
+        return folders
     labels = [s if isinstance(s, str) else f"step {step}" for s, step in zip(sources, steps)]
     if len(set(labels)) < len(labels):  # one file at two steps: the step tells them apart
         labels = [f"{label} (step {step})" for label, step in zip(labels, steps)]

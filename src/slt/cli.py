@@ -117,7 +117,8 @@ _CHECKPOINT = typer.Option(
     exists=True,
     dir_okay=False,
     help="Weights at w*: .safetensors, or a torch.save state dict (read with "
-    "weights_only=True; files that would run code are refused). Loaded with strict=True.",
+    "weights_only=True; files that would run code are refused). Loaded with strict=True, "
+    "after a wrapper's key prefix (model., module., _orig_mod.) where that makes the keys fit.",
 )
 _LOSS = typer.Option(
     "gaussian",
@@ -314,7 +315,9 @@ _FOLDER = typer.Argument(
     ..., exists=True, file_okay=False,
     help="Folder of checkpoints (*.pt, *.pth, *.bin, *.ckpt, *.safetensors, *.pth.tar); the "
     "step of each is the number after 'step' in its name (step=300, step_300), else its last "
-    "whole number. Read with weights_only=True: files that would run code are refused.",
+    "whole number. Without such files, a Hugging Face Trainer's output folder: the weights in "
+    "each checkpoint-<step>/ folder. Read with weights_only=True: files that would run code "
+    "are refused.",
 )  # fmt: skip
 _RESULTS = typer.Option(
     Path("trajectory.jsonl"),

@@ -423,6 +423,7 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
     ``shapes_only``: check the names and shapes (``expected``: name -> shape) and load
     nothing."""
     expected = model.state_dict() if expected is None else expected
+    state = without_wrapper_prefix(state, expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -448,6 +449,29 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
         raise ValueError(
             f"checkpoint {label!r} does not fit the model: {' '.join(str(err).split())}"
         ) from None
+
+
+# what wrappers put before every key of the model they hold: a LightningModule's attribute
+# (commonly "model."), DistributedDataParallel's "module.", torch.compile's "_orig_mod."
+WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")
+
+
+def without_wrapper_prefix(state: Mapping, expected: Mapping) -> Mapping:
+    """``state`` with the prefixes of :data:`WRAPPER_PREFIXES` taken off every key, one
+    after another (``module._orig_mod.``), where that makes its keys the model's exactly;
+    else ``state`` as it is (its keys then named as they are by :func:`load_into`)."""
+    keys = set(expected)
+    if set(state) == keys:
+        return state
+    names = list(state)
+    while names:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in names)), None)
+        if prefix is None:
+            return state
+        names = [k.removeprefix(prefix) for k in names]
+        if set(names) == keys and len(names) == len(state):
+            return dict(zip(names, state.values()))
+    return state
 
 
 # estimate_llc's options whose default is not what a file written before they existed ran:

@@ -1,0 +1,105 @@
+"""Checkpoints as training frameworks write them: a Hugging Face Trainer's
+``checkpoint-<step>/`` folders, and weights under a wrapper's prefix (Lightning's
+``model.``, DDP's ``module.``, torch.compile's ``_orig_mod.``)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slt.trajectory import llc_trajectory, make_jobs
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _trajectory_helpers as h  # noqa: E402
+
+SETTINGS = dict(num_chains=2, num_draws=40, num_burnin=10, step_size=1e-3, seed=3,
+                progress=False)  # fmt: skip
+
+
+def trainer_output(folder, states, *, bin_at=()):
+    """A Trainer's output_dir: checkpoint-<step>/ with model.safetensors (pytorch_model.bin
+    at the steps in ``bin_at``) beside the optimizer state, and files that are not weights."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    (folder / "runs").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    for step, state in states.items():
+        sub = folder / f"checkpoint-{step}"
+        sub.mkdir()
+        (sub / "trainer_state.json").write_text("{}")
+        torch.save({"state": {}}, sub / "optimizer.pt")
+        if step in bin_at:
+            torch.save(state, sub / "pytorch_model.bin")
+        else:
+            safetensors_torch.save_file(state, str(sub / "model.safetensors"))
+
+
+def states(folder, num):
+    """``num`` state dicts along gradient descent (the helpers' checkpoints, saved in
+    ``folder`` and read back)."""
+    folder.mkdir()
+    return [torch.load(p, weights_only=True) for p in h.checkpoints(folder, num=num)]
+
+
+def test_a_trainer_output_dir_is_read_by_checkpoint_folder_in_step_order(tmp_path):
+    path = states(tmp_path / "states", 3)
+    out = tmp_path / "out"
+    trainer_output(out, {1000: path[2], 50: path[0], 500: path[1]}, bin_at=(500,))
+    jobs = make_jobs(out)
+    assert [j.step for j in jobs] == [50, 500, 1000]  # by value: 1000 is not before 50
+    assert [j.label for j in jobs] == [
+        str(Path("checkpoint-50", "model.safetensors")),
+        str(Path("checkpoint-500", "pytorch_model.bin")),
+        str(Path("checkpoint-1000", "model.safetensors")),
+    ]
+    traj = llc_trajectory(out, h.linear, h.loader(), h.nll, **SETTINGS)
+    same = llc_trajectory({50: path[0], 500: path[1], 1000: path[2]}, h.linear, h.loader(),
+                          h.nll, **SETTINGS)  # fmt: skip
+    np.testing.assert_array_equal(traj.steps, [50, 500, 1000])
+    np.testing.assert_array_equal(traj.llc, same.llc)
+
+
+def test_a_checkpoint_folder_without_one_weights_file_is_refused_by_name(tmp_path):
+    out = tmp_path / "out"
+    trainer_output(out, {10: states(tmp_path / "states", 1)[0]})
+    sharded = out / "checkpoint-20"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"checkpoint-20 holds sharded weights"):
+        make_jobs(out)
+    (sharded / "model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-20 holds no weights file"):
+        make_jobs(out)
+
+
+def test_an_empty_folder_names_both_layouts(tmp_path):
+    with pytest.raises(ValueError, match=r"no checkpoint files .* and no checkpoint-<step>"):
+        make_jobs(tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "module.", "_orig_mod.", "module._orig_mod."])
+def test_weights_under_a_wrappers_prefix_load_as_the_bare_models(tmp_path, prefix):
+    path = states(tmp_path / "states", 2)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    wrapped = {
+        10 * i: {"state_dict": {prefix + k: v for k, v in sd.items()}, "epoch": i}
+        for i, sd in enumerate(path)
+    }
+    for step, content in wrapped.items():
+        torch.save(content, ckpts / f"epoch={step // 10}-step={step}.ckpt")
+    traj = llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **SETTINGS)
+    bare = llc_trajectory({0: path[0], 10: path[1]}, h.linear, h.loader(), h.nll, **SETTINGS)
+    np.testing.assert_array_equal(traj.steps, [0, 10])
+    np.testing.assert_array_equal(traj.llc, bare.llc)
+
+
+def test_a_prefix_that_does_not_make_the_models_keys_is_named_not_taken(tmp_path):
+    sd = states(tmp_path / "states", 1)[0]
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    extra = {**{"model." + k: v for k, v in sd.items()}, "loss_fn.pos_weight": torch.ones(1)}
+    torch.save({"state_dict": extra}, ckpts / "step=5.ckpt")
+    with pytest.raises(ValueError, match=r"missing keys .*weight.*unexpected keys .*model\."):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **SETTINGS)
