@@ -97,3 +97,23 @@ def test_devinterps_default_localization_is_none_where_slts_is_one():
     theirs = devinterp_path("sgld", localization=default)
     torch.testing.assert_close(slt_path(sgld, localization=0.0), theirs)
     assert (slt_path(sgld, localization=1.0)[-1] - theirs[-1]).abs().max() > 1e-4
+
+
+def test_the_readme_table_gives_devinterps_own_defaults():
+    from devinterp.optim import SGMCMC
+    from devinterp.slt.config import SAMPLING_METHODS
+    from devinterp.slt.sampling import sample
+
+    defaults = {k: p.default for k, p in inspect.signature(sample).parameters.items()}
+    assert {k: defaults[k] for k in (
+        "num_chains", "num_draws", "num_burnin_steps", "batch_size", "init_seed",
+        "num_init_loss_batches", "match_sampling_input_ids_across_chains", "localization",
+        "sampling_method",
+    )} == {
+        "num_chains": 4, "num_draws": 200, "num_burnin_steps": 0, "batch_size": 32,
+        "init_seed": 100, "num_init_loss_batches": 32,
+        "match_sampling_input_ids_across_chains": True, "localization": 0.0,
+        "sampling_method": "sgmcmc_sgld",
+    }  # fmt: skip
+    assert set(SAMPLING_METHODS) == {"sgmcmc_sgld", "rmsprop_sgld"}
+    assert inspect.signature(SGMCMC.sgld).parameters["nbeta"].default == 1.0
