@@ -103,3 +103,79 @@ def test_a_prefix_that_does_not_make_the_models_keys_is_named_not_taken(tmp_path
     torch.save({"state_dict": extra}, ckpts / "step=5.ckpt")
     with pytest.raises(ValueError, match=r"missing keys .*weight.*unexpected keys .*model\."):
         llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **SETTINGS)
+
+
+def test_the_final_save_beside_the_checkpoint_folders_is_left_out_and_said(tmp_path):
+    # trainer.train(); trainer.save_model(): model.safetensors and training_args.bin land in
+    # output_dir itself, beside the checkpoint folders (read as one step-0 point, or refused)
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = states(tmp_path / "states", 3)
+    out = tmp_path / "out"
+    trainer_output(out, {10: path[0], 20: path[1]})
+    safetensors_torch.save_file(path[2], str(out / "model.safetensors"))
+    torch.save({"lr": 0.1}, out / "training_args.bin")
+    with pytest.warns(UserWarning, match=r"final save model\.safetensors beside them is left"):
+        jobs = make_jobs(out)
+    assert [j.step for j in jobs] == [10, 20]
+    torch.save(path[2], out / "step_30.pt")  # a checkpoint file of another layout
+    with pytest.raises(ValueError, match=r"checkpoint-<step> folders and other .*step_30\.pt"):
+        make_jobs(out)
+
+
+def test_trainer_labels_do_not_change_when_checkpoints_come_or_go(tmp_path):
+    # a label that depended on the other checkpoints (bare "model.safetensors" while alone)
+    # recomputed a checkpoint on the rerun, or refused it as changed
+    path = states(tmp_path / "states", 2)
+    out, results = tmp_path / "out", tmp_path / "r.jsonl"
+    trainer_output(out, {10: path[0]})
+    first = llc_trajectory(out, h.linear, h.loader(), h.nll, results=results, **SETTINGS)
+    assert list(first.labels) == [str(Path("checkpoint-10", "model.safetensors"))]
+    pytest.importorskip("safetensors.torch").save_file(path[1], str(_folder(out, 20)))
+    again = llc_trajectory(out, h.linear, h.loader(), h.nll, results=results, **SETTINGS)
+    assert (again.num_reused, again.num_computed) == (1, 1)
+    assert again.llc[0] == first.llc[0]
+
+
+def _folder(out, step):
+    (out / f"checkpoint-{step}").mkdir()
+    return out / f"checkpoint-{step}" / "model.safetensors"
+
+
+def test_two_checkpoint_folders_of_one_step_are_named(tmp_path):
+    out = tmp_path / "out"
+    sd = states(tmp_path / "states", 1)[0]
+    trainer_output(out, {500: sd})
+    (out / "checkpoint-0500").mkdir()
+    torch.save(sd, out / "checkpoint-0500" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"same step: checkpoint-0500, checkpoint-500"):
+        make_jobs(out)
+
+
+class Tied(torch.nn.Module):
+    """Two layers sharing one weight, as a language model's embedding and output head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 3, bias=False)
+        self.dec = torch.nn.Linear(3, 3, bias=False)
+        self.dec.weight = self.enc.weight
+        self.head = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+def test_a_tied_weight_the_file_leaves_out_is_read_from_its_twin(tmp_path):
+    # save_pretrained stores a tied weight once (GPT-2's lm_head.weight is left out)
+    torch.manual_seed(0)
+    full = Tied().state_dict()
+    assert full["enc.weight"].data_ptr() == full["dec.weight"].data_ptr()
+    saved = {k: v.clone() for k, v in full.items() if k != "dec.weight"}
+    traj = llc_trajectory({5: saved}, Tied, h.loader(), h.nll, **SETTINGS)
+    whole = llc_trajectory({5: {k: v.clone() for k, v in full.items()}}, Tied, h.loader(),
+                           h.nll, **SETTINGS)  # fmt: skip
+    np.testing.assert_array_equal(traj.llc, whole.llc)
+    np.testing.assert_array_equal(traj.loss, whole.loss)
+    untied = {k: v for k, v in saved.items() if k != "head.bias"}  # not tied: still missing
+    with pytest.raises(ValueError, match=r"missing keys head\.bias;"):
+        llc_trajectory({5: untied}, Tied, h.loader(), h.nll, **SETTINGS)

@@ -46,15 +46,18 @@ class Job:
 
 def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
     """One :class:`Job` per checkpoint, in order of training step."""
+    trainer = False  # a Trainer's output_dir: labelled checkpoint-<step>/<file> whatever else
     if isinstance(checkpoints, str | os.PathLike):
         folder = Path(checkpoints)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoints={str(folder)!r} is not a folder")
-        found = (str(p) for p in folder.iterdir() if is_checkpoint_name(p.name))
-        sources: list = sorted(found, key=natural_key)
-        keys = None
-        if not sources:  # a Hugging Face Trainer's output_dir: checkpoint-<step>/ folders
-            keys, sources = trainer_checkpoints(folder)
+        keys, sources = trainer_checkpoints(folder)  # a Trainer's checkpoint-<step>/ folders
+        if sources:
+            trainer = True
+            _beside_trainer_folders(folder, keys)
+        else:
+            found = (str(p) for p in folder.iterdir() if is_checkpoint_name(p.name))
+            keys, sources = None, sorted(found, key=natural_key)
         if not sources:
             suffixes = ", ".join((*CHECKPOINT_SUFFIXES, ".pth.tar"))
             raise ValueError(
@@ -86,7 +89,11 @@ def make_jobs(checkpoints, steps: Sequence[int] | None = None) -> list[Job]:
         raise ValueError(f"steps has {len(steps)} entries for {len(sources)} checkpoints")
     if len(set(steps)) != len(steps):
         raise ValueError(f"steps must be distinct, got {steps}")
-    labels = _labels(sources, steps)
+    # a Trainer's jobs are labelled by their folder always: a label that changed with the
+    # folder's other checkpoints would not match the results file's rows on a rerun
+    labels = (
+        [str(Path(*Path(s).parts[-2:])) for s in sources] if trainer else _labels(sources, steps)
+    )
     # a path goes to the job absolute: a worker (a Ray cluster started elsewhere) may run in
     # another folder
     jobs = [
@@ -118,11 +125,40 @@ def trainer_checkpoints(folder: Path) -> tuple[list[int], list[str]]:
             raise ValueError(
                 f"checkpoint folder {sub} holds {why}; slt reads one of "
                 f"{', '.join(TRAINER_WEIGHTS)} per folder: pass checkpoints= a mapping from "
-                "step to state dict for sharded weights"
+                "step to state dict (or to a file) for other layouts"
             )
         found.append((int(match.group(1)), str(weights[0])))
     found.sort()
-    return [step for step, _ in found], [path for _, path in found]
+    steps = [step for step, _ in found]
+    twice = sorted({Path(p).parent.name for k, p in found if steps.count(k) > 1})
+    if twice:
+        raise ValueError(f"checkpoint folders give the same step: {', '.join(twice)} in {folder}")
+    return steps, [path for _, path in found]
+
+
+# what a Trainer's save_model() writes beside the checkpoint-<step>/ folders: the final model
+TRAINER_FINAL = (*TRAINER_WEIGHTS, "training_args.bin")
+
+
+def _beside_trainer_folders(folder: Path, steps: list[int]) -> None:
+    """Refuse checkpoint files beside a Trainer's checkpoint folders, but for its final
+    save (``trainer.save_model()``), which is said to be left out (no step in its name)."""
+    files = sorted(p.name for p in folder.iterdir() if is_checkpoint_name(p.name))
+    other = [name for name in files if name not in TRAINER_FINAL]
+    if other:
+        raise ValueError(
+            f"{folder} holds checkpoint-<step> folders and other checkpoint files "
+            f"({_few(other)}); pass checkpoints= a list or a {{step: path}} mapping of the ones "
+            "to estimate"
+        )
+    final = [name for name in TRAINER_WEIGHTS if name in files]
+    if final:
+        warnings.warn(
+            f"{folder}: read as a Hugging Face Trainer's output_dir, its checkpoint folders at "
+            f"steps {_few([str(k) for k in steps])}; the final save {final[0]} beside them is "
+            "left out (no step in its name): pass a {step: path} mapping to include it",
+            stacklevel=3,
+        )
 
 
 def natural_key(name: str) -> list:

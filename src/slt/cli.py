@@ -315,9 +315,9 @@ _FOLDER = typer.Argument(
     ..., exists=True, file_okay=False,
     help="Folder of checkpoints (*.pt, *.pth, *.bin, *.ckpt, *.safetensors, *.pth.tar); the "
     "step of each is the number after 'step' in its name (step=300, step_300), else its last "
-    "whole number. Without such files, a Hugging Face Trainer's output folder: the weights in "
-    "each checkpoint-<step>/ folder. Read with weights_only=True: files that would run code "
-    "are refused.",
+    "whole number. A Hugging Face Trainer's output folder: the weights in each "
+    "checkpoint-<step>/ folder. Read with weights_only=True: files that would run code are "
+    "refused.",
 )  # fmt: skip
 _RESULTS = typer.Option(
     Path("trajectory.jsonl"),

@@ -315,17 +315,17 @@ def _plot_file(path: Path, option: str) -> Path:
 
 
 def _load_checkpoint(model, path: Path) -> None:
-    """Load ``path`` into ``model`` with strict=True (a wrapper's key prefix taken off as
+    """Load ``path`` into ``model`` with strict=True (keyed as the model's as
     :func:`slt.trajectory.load_into` does); a clear error when the keys differ."""
     from slt.checkpoints import load_state_dict
-    from slt.trajectory import without_wrapper_prefix
+    from slt.trajectory import as_model_keys
 
     try:
         state = load_state_dict(path)
     except (ValueError, ImportError) as err:
         raise typer.BadParameter(str(err), param_hint="--checkpoint") from None
     expected = model.state_dict()
-    state = without_wrapper_prefix(state, expected)
+    state = as_model_keys(state, expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -422,8 +422,9 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
     """``model.load_state_dict(state, strict=True)`` with the differing keys named;
     ``shapes_only``: check the names and shapes (``expected``: name -> shape) and load
     nothing."""
-    expected = model.state_dict() if expected is None else expected
-    state = without_wrapper_prefix(state, expected)
+    model_state = model.state_dict()
+    state = as_model_keys(state, model_state)
+    expected = model_state if expected is None else expected
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -472,6 +473,30 @@ def without_wrapper_prefix(state: Mapping, expected: Mapping) -> Mapping:
         if set(names) == keys and len(names) == len(state):
             return dict(zip(names, state.values()))
     return state
+
+
+def as_model_keys(state: Mapping, model_state: Mapping) -> Mapping:
+    """``state`` keyed as ``model_state`` (the model's ``state_dict()``) where that is
+    unambiguous: a wrapper's prefix taken off (:func:`without_wrapper_prefix`), and a
+    tied weight the file leaves out (Hugging Face's ``save_pretrained`` saves GPT-2's
+    ``lm_head.weight``, the embedding's, once) filled from the key it is tied to in the model."""
+    state = without_wrapper_prefix(state, model_state)
+    missing = [k for k in model_state if k not in state]
+    if not missing:
+        return state
+    groups: dict[tuple, list[str]] = {}  # the model's keys by the memory they view
+    for key, value in model_state.items():
+        if isinstance(value, torch.Tensor) and value.numel() > 0 and value.device.type != "meta":
+            view = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                    tuple(value.shape), value.stride(), value.dtype)  # fmt: skip
+            groups.setdefault(view, []).append(key)
+    tied = {k: group for group in groups.values() if len(group) > 1 for k in group}
+    filled = dict(state)
+    for key in missing:
+        source = next((k for k in tied.get(key, ()) if k in state), None)
+        if source is not None:
+            filled[key] = state[source]
+    return filled
 
 
 # estimate_llc's options whose default is not what a file written before they existed ran:
