@@ -110,3 +110,12 @@ def test_devinterp_llc_row_runs_on_the_models_device_where_cuda_is_there(monkeyp
     case = cases.build("regular")
     llc = run_devinterp_llc(case, Run(2, 2, 10, 1), seed=0, nbeta=100.0)
     assert llc.shape == (2,) and next(case.model.parameters()).device.type == "cpu"
+
+
+def test_the_language_model_translation_runs():
+    # benchmarks/devinterp_lm.py: the README's devinterp table on sequences (numbers of a
+    # smoke run mean nothing; every row must be there and finite)
+    cmd = [sys.executable, str(BENCH / "devinterp_lm.py"), "--smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count(" ± ") == 4 and "7× hotter" in proc.stdout
