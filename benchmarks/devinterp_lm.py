@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     nbeta = SEQUENCES / math.log(SEQUENCES)  # slt's default: n = sequences
     n_beta = (LENGTH - 1) * nbeta  # devinterp's, on its per-token mean
     theirs = run_devinterp(model, ids, settings, n_beta)
-    ours = run_slt(model, ids, settings, lambda m, b: token_nll(m, b[0]).sum(1).mean())
+    ours = run_slt(model, ids, settings, slt.next_token_nll())  # the per-sequence sum
     hot = run_slt(model, ids, settings, lambda m, b: token_nll(m, b[0]).mean())
     runs = settings["num_chains"], settings["num_burnin"], settings["num_draws"]
     print(f"bigram LM, d = 72, n = {SEQUENCES} sequences of {LENGTH} tokens; "

@@ -5,7 +5,7 @@ import importlib
 from slt.calibrate import CalibrationResult, calibrate
 from slt.chains import DivergenceError
 from slt.llc import LLCResult, estimate_llc
-from slt.losses import gaussian_nll, supervised
+from slt.losses import gaussian_nll, next_token_nll, supervised
 from slt.nbeta import NbetaSweep, llc_vs_nbeta
 from slt.plots import plot_trace  # matplotlib is imported only when a plot is drawn
 
@@ -75,6 +75,7 @@ __all__ = [
     "laplace",
     "llc_vs_nbeta",
     "load",
+    "next_token_nll",
     "plot_trace",
     "quadrature_free_energy",
     "supervised",

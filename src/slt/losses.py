@@ -268,3 +268,89 @@ class gaussian_nll:  # noqa: N801 -- used like a function: slt.gaussian_nll(sigm
 
     def __repr__(self) -> str:
         return f"gaussian_nll(sigma={self.sigma:g})"
+
+
+class next_token_nll:  # noqa: N801 -- used like a function: slt.next_token_nll()
+    """``loss_fn`` for a language model, where a sample is a sequence: each sequence's
+    next-token NLL **summed** over its positions, the batch mean of that.
+
+    That is the per-sample NLL slt's nβ = n / log n (n sequences) is for. The per-token
+    mean (``F.cross_entropy``'s default) is that NLL divided by the positions, and behaves
+    like nβ that many times smaller: a hotter posterior (README, "Coming from devinterp").
+
+    A batch is a ``(batch, length)`` tensor of token ids, a tuple or list whose first item
+    is one (a ``TensorDataset`` of ids), or a dict with ``"input_ids"``; the model maps ids
+    to logits ``(batch, length, vocabulary)``, as a tensor or as an output with ``.logits``
+    or ``["logits"]`` (Hugging Face's causal LMs). Targets equal to ``ignore_index`` (a
+    right-padded sequence's pad id) add nothing. A module-level class, so it pickles.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(5, 5))
+    >>> _ = torch.nn.init.zeros_(model[0].weight)  # uniform next-token distribution
+    >>> ids = torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]])
+    >>> round(next_token_nll()(model, ids).item(), 4)  # 3 positions × log 5
+    4.8283
+    """
+
+    def __init__(self, ignore_index: int | None = None):
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            raise TypeError(
+                f"next_token_nll: ignore_index must be an int or None, got {ignore_index!r}"
+            )
+        self.ignore_index = ignore_index
+
+    def per_sample(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        ids = _token_ids(batch)
+        logits = _logits(model(ids))
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(
+                f"slt.next_token_nll: the model's logits must be (batch, length, vocabulary) "
+                f"for ids of shape {tuple(ids.shape)}, got {tuple(logits.shape)}"
+            )
+        targets = ids[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, reduction="none",
+            ignore_index=-100 if self.ignore_index is None else self.ignore_index,
+        )  # fmt: skip
+        return losses.sum(1)
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return self.per_sample(model, batch).mean()
+
+    def __repr__(self) -> str:
+        return f"next_token_nll(ignore_index={self.ignore_index})"
+
+
+def _token_ids(batch: Any) -> torch.Tensor:
+    """The ``(batch, length)`` integer ids in ``batch``, or a ``TypeError`` saying what it was."""
+    ids = batch
+    if isinstance(batch, dict):
+        ids = batch.get("input_ids")
+    elif isinstance(batch, tuple | list) and batch:
+        ids = batch[0]
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()
+            and not ids.is_complex()):  # fmt: skip
+        what = (f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
+                else f"{type(batch).__name__} {batch!r:.80}")  # fmt: skip
+        raise TypeError(
+            "slt.next_token_nll takes batches of integer token ids, (batch, length): a tensor, "
+            f"a tuple or list starting with one, or a dict with 'input_ids'; got {what}"
+        )
+    return ids
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """A model's logits: the output itself, its ``.logits`` or its ``["logits"]``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"slt.next_token_nll needs a model that returns logits (a tensor, or an output "
+            f"with .logits or ['logits']), got {type(out).__name__}"
+        )
+    return logits
