@@ -65,7 +65,9 @@ def test_steps_come_from_step_numbers_not_metrics_in_the_name(tmp_path):
     _save_linears(tmp_path / "plain", ["ckpt_10.pt", "ckpt-12.pth.tar", "global_step300.bin"])
     assert sorted(j.step for j in make_jobs(tmp_path / "plain")) == [10, 12, 300]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"\.pth\.tar, in any case\) in"):
+    with pytest.raises(
+        ValueError, match=r"\.pth\.tar, in any case\) and no checkpoint-<step> folders in"
+    ):
         make_jobs(tmp_path / "empty")
 
 
