@@ -207,9 +207,6 @@ def _labels(sources: list, steps: list[int]) -> list[str]:
     names = [Path(s).name if isinstance(s, str) else None for s in sources]
     if None not in names and len(set(names)) == len(names):
         return names
-    folders = [str(Path(*Path(s).parts[-2:])) if isinstance(s, str) else None for s in sources]
-    if None not in folders and len(set(folders)) == len(folders):  # checkpoint-500/model.bin
-        return folders
     labels = [s if isinstance(s, str) else f"step {step}" for s, step in zip(sources, steps)]
     if len(set(labels)) < len(labels):  # one file at two steps: the step tells them apart
         labels = [f"{label} (step {step})" for label, step in zip(labels, steps)]
