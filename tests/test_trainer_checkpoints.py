@@ -179,3 +179,16 @@ def test_a_tied_weight_the_file_leaves_out_is_read_from_its_twin(tmp_path):
     untied = {k: v for k, v in saved.items() if k != "head.bias"}  # not tied: still missing
     with pytest.raises(ValueError, match=r"missing keys head\.bias;"):
         llc_trajectory({5: untied}, Tied, h.loader(), h.nll, **SETTINGS)
+
+
+def test_a_wrappers_prefix_and_a_left_out_tied_weight_together(tmp_path):
+    # a Lightning checkpoint of a model with tied weights, saved without the twin
+    torch.manual_seed(0)
+    full = Tied().state_dict()
+    saved = {"model." + k: v.clone() for k, v in full.items() if k != "dec.weight"}
+    traj = llc_trajectory({5: saved}, Tied, h.loader(), h.nll, **SETTINGS)
+    whole = llc_trajectory({5: {k: v.clone() for k, v in full.items()}}, Tied, h.loader(),
+                           h.nll, **SETTINGS)  # fmt: skip
+    np.testing.assert_array_equal(traj.llc, whole.llc)
+    with pytest.raises(ValueError, match=r"missing keys .*; unexpected keys \(none\)"):
+        llc_trajectory({5: {}}, Tied, h.loader(), h.nll, **SETTINGS)  # an empty state dict

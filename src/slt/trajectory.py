@@ -457,46 +457,40 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
-def without_wrapper_prefix(state: Mapping, expected: Mapping) -> Mapping:
-    """``state`` with the prefixes of :data:`WRAPPER_PREFIXES` taken off every key, one
-    after another (``module._orig_mod.``), where that makes its keys the model's exactly;
-    else ``state`` as it is (its keys then named as they are by :func:`load_into`)."""
-    keys = set(expected)
-    if set(state) == keys:
-        return state
-    names = list(state)
-    while names:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in names)), None)
-        if prefix is None:
-            return state
-        names = [k.removeprefix(prefix) for k in names]
-        if set(names) == keys and len(names) == len(state):
-            return dict(zip(names, state.values()))
-    return state
-
-
 def as_model_keys(state: Mapping, model_state: Mapping) -> Mapping:
-    """``state`` keyed as ``model_state`` (the model's ``state_dict()``) where that is
-    unambiguous: a wrapper's prefix taken off (:func:`without_wrapper_prefix`), and a
-    tied weight the file leaves out (Hugging Face's ``save_pretrained`` saves GPT-2's
-    ``lm_head.weight``, the embedding's, once) filled from the key it is tied to in the model."""
-    state = without_wrapper_prefix(state, model_state)
-    missing = [k for k in model_state if k not in state]
-    if not missing:
-        return state
-    groups: dict[tuple, list[str]] = {}  # the model's keys by the memory they view
+    """``state`` keyed as ``model_state`` (the model's ``state_dict()``) where that gives
+    exactly the model's keys: the prefixes of :data:`WRAPPER_PREFIXES` that every key
+    carries taken off, one after another (``module._orig_mod.``), and a tied weight the file
+    leaves out (``save_pretrained`` saves GPT-2's ``lm_head.weight``, the embedding's, once)
+    read from the key it shares memory with in the model. Otherwise ``state`` with only its
+    tied weights filled, the keys that still differ named by :func:`load_into`."""
+    keys = set(model_state)
+    tied = _tied_keys(model_state)
+    names, as_given = list(state), None
+    while True:
+        filled = dict(zip(names, state.values()))
+        for key in keys.difference(filled):
+            source = next((k for k in tied.get(key, ()) if k in filled), None)
+            if source is not None:
+                filled[key] = filled[source]
+        as_given = filled if as_given is None else as_given  # no prefix taken off
+        if set(filled) == keys and len(set(names)) == len(names):
+            return filled
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in names)), None)
+        if prefix is None or not names:
+            return as_given  # the keys that still differ are then named by load_into
+        names = [k.removeprefix(prefix) for k in names]
+
+
+def _tied_keys(model_state: Mapping) -> dict[str, list[str]]:
+    """Each key of ``model_state`` that views the same memory as another, to all of them."""
+    groups: dict[tuple, list[str]] = {}
     for key, value in model_state.items():
         if isinstance(value, torch.Tensor) and value.numel() > 0 and value.device.type != "meta":
             view = (value.untyped_storage().data_ptr(), value.storage_offset(),
                     tuple(value.shape), value.stride(), value.dtype)  # fmt: skip
             groups.setdefault(view, []).append(key)
-    tied = {k: group for group in groups.values() if len(group) > 1 for k in group}
-    filled = dict(state)
-    for key in missing:
-        source = next((k for k in tied.get(key, ()) if k in state), None)
-        if source is not None:
-            filled[key] = state[source]
-    return filled
+    return {k: group for group in groups.values() if len(group) > 1 for k in group}
 
 
 # estimate_llc's options whose default is not what a file written before they existed ran:
