@@ -192,3 +192,18 @@ def test_a_wrappers_prefix_and_a_left_out_tied_weight_together(tmp_path):
     np.testing.assert_array_equal(traj.llc, whole.llc)
     with pytest.raises(ValueError, match=r"missing keys .*; unexpected keys \(none\)"):
         llc_trajectory({5: {}}, Tied, h.loader(), h.nll, **SETTINGS)  # an empty state dict
+
+
+def test_a_prefix_slt_does_not_know_is_named_with_the_way_to_load_it(tmp_path):
+    # lightning-hydra-template's LightningModule keeps its network as self.net
+    sd = states(tmp_path / "states", 1)[0]
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.save({"state_dict": {"net." + k: v for k, v in sd.items()}}, ckpts / "step=5.ckpt")
+    hint = r"keys carry the prefix 'net\.': pass the state dict with it taken off, \{k\.remo"
+    with pytest.raises(ValueError, match=hint):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **SETTINGS)
+    mixed = {**{"net." + k: v for k, v in sd.items()}, "criterion.w": torch.ones(1)}
+    torch.save({"state_dict": mixed}, ckpts / "step=5.ckpt")  # two prefixes: no guess
+    with pytest.raises(ValueError, match=r"unexpected keys [^(]*$"):
+        llc_trajectory(ckpts, h.linear, h.loader(), h.nll, **SETTINGS)

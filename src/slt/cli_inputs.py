@@ -10,8 +10,6 @@ from pathlib import Path
 
 import typer
 
-from slt._text import few
-
 
 class _ModelSpec:
     """A picklable zero-argument model factory for a --model spec (resolved where called)."""
@@ -315,29 +313,12 @@ def _plot_file(path: Path, option: str) -> Path:
 
 
 def _load_checkpoint(model, path: Path) -> None:
-    """Load ``path`` into ``model`` with strict=True (keyed as the model's as
-    :func:`slt.trajectory.load_into` does); a clear error when the keys differ."""
+    """Load ``path`` into ``model`` as :func:`slt.trajectory.load_into` does (strict, keyed
+    as the model's); a clear error when it does not fit."""
     from slt.checkpoints import load_state_dict
-    from slt.trajectory import as_model_keys
+    from slt.trajectory import load_into
 
     try:
-        state = load_state_dict(path)
+        load_into(model, load_state_dict(path), str(path))
     except (ValueError, ImportError) as err:
         raise typer.BadParameter(str(err), param_hint="--checkpoint") from None
-    expected = model.state_dict()
-    state = as_model_keys(state, expected)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise typer.BadParameter(
-            f"{path} does not fit the model: missing keys {few(missing)}; "
-            f"unexpected keys {few(unexpected)}",
-            param_hint="--checkpoint",
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # torch's message spans lines: one line here
-        raise typer.BadParameter(
-            f"{path} does not fit the model: {' '.join(str(err).split())}",
-            param_hint="--checkpoint",
-        ) from None

@@ -429,8 +429,8 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {label!r} does not fit model_factory()'s model: missing keys "
-            f"{few(missing)}; unexpected keys {few(unexpected)}"
+            f"checkpoint {label!r} does not fit the model: missing keys {few(missing)}; "
+            f"unexpected keys {few(unexpected)}{_prefix_hint(unexpected, missing)}"
         )
     if shapes_only:
         wrong = [
@@ -480,6 +480,21 @@ def as_model_keys(state: Mapping, model_state: Mapping) -> Mapping:
         if prefix is None or not names:
             return as_given  # the keys that still differ are then named by load_into
         names = [k.removeprefix(prefix) for k in names]
+
+
+def _prefix_hint(unexpected: list[str], missing: list[str]) -> str:
+    """Where every unexpected key is a missing one under one more prefix (a wrapper's
+    attribute slt does not know, ``net.``), the words that say so and how to load it."""
+    heads = {k.partition(".")[0] for k in unexpected}
+    if len(heads) != 1 or not missing or not all("." in k for k in unexpected):
+        return ""
+    prefix = heads.pop() + "."
+    if not set(missing) <= {k.removeprefix(prefix) for k in unexpected}:
+        return ""
+    return (
+        f" (the checkpoint's keys carry the prefix {prefix!r}: pass the state dict with it "
+        f"taken off, {{k.removeprefix({prefix!r}): v for k, v in state.items()}})"
+    )
 
 
 def _tied_keys(model_state: Mapping) -> dict[str, list[str]]:
