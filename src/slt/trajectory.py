@@ -316,11 +316,10 @@ def _check_fits(model_factory: Callable[[], torch.nn.Module], jobs: list[Job]) -
         _globals.restore(outer)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model_factory() returned {type(model).__name__}, not an nn.Module")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for job in jobs:
         state = (load_state_dict(job.source, lazy=True) if isinstance(job.source, str)
                  else job.source)  # fmt: skip
-        load_into(model, state, job.label, shapes_only=True, expected=shapes)
+        load_into(model, state, job.label, shapes_only=True)
 
 
 def _check_device(device, executor: str) -> None:
@@ -418,13 +417,11 @@ def full_loss(model: torch.nn.Module, loader: Iterable, loss_fn: Callable) -> fl
 
 
 def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
-              shapes_only: bool = False, expected: Mapping | None = None) -> None:  # fmt: skip
+              shapes_only: bool = False) -> None:  # fmt: skip
     """``model.load_state_dict(state, strict=True)`` with the differing keys named;
-    ``shapes_only``: check the names and shapes (``expected``: name -> shape) and load
-    nothing."""
-    model_state = model.state_dict()
-    state = as_model_keys(state, model_state)
-    expected = model_state if expected is None else expected
+    ``shapes_only``: check the names and shapes against the model's and load nothing."""
+    expected = model.state_dict()
+    state = as_model_keys(state, expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -434,9 +431,9 @@ def load_into(model: torch.nn.Module, state: Mapping, label: str, *,
         )
     if shapes_only:
         wrong = [
-            f"{k} {tuple(state[k].shape)} (model {tuple(shape)})"
-            for k, shape in expected.items()
-            if isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(shape)
+            f"{k} {tuple(state[k].shape)} (model {tuple(value.shape)})"
+            for k, value in expected.items()
+            if isinstance(state[k], torch.Tensor) and state[k].shape != value.shape
         ]
         if wrong:
             raise ValueError(
